@@ -1,0 +1,48 @@
+"""Shared benchmark helpers: timing, the measured f32 matmul peak, model flags."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from gamejax.models import llama
+
+
+def add_model_flags(p: argparse.ArgumentParser, **defaults) -> None:
+  d = dict(vocab_size=512, d_model=512, d_ff=1376, n_layers=8, n_heads=8, n_kv_heads=8)
+  d.update(defaults)
+  for name, value in d.items():
+    p.add_argument(f"--{name}", type=int, default=value)
+
+
+def model_config(args) -> llama.LlamaConfig:
+  return llama.LlamaConfig(vocab_size=args.vocab_size, d_model=args.d_model, d_ff=args.d_ff,
+                           n_layers=args.n_layers, n_heads=args.n_heads,
+                           n_kv_heads=args.n_kv_heads)
+
+
+def time_calls(fn, n: int, warmup: int = 1) -> list[float]:
+  """Seconds of each of ``n`` calls of ``fn`` (which must block) after ``warmup`` calls."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(n):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return times
+
+
+def matmul_peak_flops(sizes=((2048, 512, 1376), (2048, 1376, 512), (1024, 1024, 1024))) -> float:
+  """The best f32 matmul throughput (FLOP/s) this process reaches on a few GEMM shapes."""
+  best = 0.0
+  for m, k, n in sizes:
+    a = jax.random.normal(jax.random.PRNGKey(0), (m, k), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (k, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    secs = statistics.median(time_calls(lambda: f(a, b).block_until_ready(), 7, warmup=2))
+    best = max(best, 2 * m * k * n / secs)
+  return best

@@ -1,0 +1,158 @@
+"""gin wiring at the edge: the configurables an experiment file may name, and parsing with errors
+that name the file, the line and the unknown name (with close matches).
+
+Configurables (use these names in ``.gin`` files):
+  ``Experiment``, ``Stage``, ``Optimizer``, ``Evaluation``, ``LlamaConfig`` -- run structure;
+  ``imitation``, ``weighted`` -- payoffs; ``arena``, ``local_text`` -- data sources.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import re
+import tokenize
+from typing import Sequence
+
+import gin
+
+from gamejax import run
+from gamejax.models.llama import LlamaConfig
+from gamejax.payoffs import imitation, weighted
+
+
+class ConfigError(ValueError):
+  """A gin file or binding that cannot be parsed or does not build an experiment."""
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+  """Registers gamejax's configurables with gin (idempotent)."""
+  global _REGISTERED
+  if _REGISTERED:
+    return
+  for obj in (run.Experiment, run.Stage, run.Optimizer, run.Evaluation, LlamaConfig):
+    gin.external_configurable(obj, name=obj.__name__, module="gamejax")
+  gin.external_configurable(imitation, name="imitation", module="gamejax")
+  gin.external_configurable(weighted, name="weighted", module="gamejax")
+  gin.external_configurable(arena, name="arena", module="gamejax")
+  gin.external_configurable(local_text, name="local_text", module="gamejax")
+  _REGISTERED = True
+
+
+def arena(min_digits: int = 1, max_digits: int = 3, ops: Sequence[str] = ("+", "-"),
+          players: Sequence = (("perfect", 1.0),), worked: bool = True, outcome_tag: bool = False,
+          num_train: int = 20000, num_test: int = 1000, seed: int = 0,
+          test_fraction: float = 0.1, too_long: str = "truncate") -> run.DataSpec:
+  """Records of the arithmetic arena: problems posed by the opponent, answered by ``players``
+  (scripted player specs with weights: ``[("perfect", 0.5), ("drop_carry:0", 0.5)]``)."""
+  params = dict(min_digits=min_digits, max_digits=max_digits, ops=tuple(ops),
+                players=tuple((str(p), float(w)) for p, w in players), worked=bool(worked),
+                outcome_tag=bool(outcome_tag), num_train=num_train, num_test=num_test, seed=seed,
+                test_fraction=test_fraction)
+  return run.DataSpec("arithmetic_arena", params, too_long)
+
+
+def local_text(path: str = gin.REQUIRED, split_paragraphs: bool = False,
+               test_fraction: float = 0.05, too_long: str = "truncate") -> run.DataSpec:
+  """A user's own folder of ``.txt`` / ``.jsonl`` files."""
+  params = dict(path=os.path.abspath(os.path.expanduser(path)), split_paragraphs=split_paragraphs,
+                test_fraction=test_fraction)
+  return run.DataSpec("local_text", params, too_long)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing with good errors.
+
+def _configurable_names() -> list[str]:
+  return sorted({sel.split(".")[-1] for sel in gin.config._REGISTRY.keys()})  # pylint: disable=protected-access
+
+
+def _parameter_names(configurable: str) -> list[str]:
+  try:
+    fn = gin.config._REGISTRY.get_match(configurable).wrapped  # pylint: disable=protected-access
+  except Exception:  # unknown configurable: nothing to suggest
+    return []
+  target = fn.__init__ if inspect.isclass(fn) else fn
+  return [p for p in inspect.signature(target).parameters if p not in ("self", "args", "kwargs")]
+
+
+def _suggest(name: str, candidates: Sequence[str]) -> str:
+  close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+  return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def explain(err: BaseException, where: str) -> ConfigError:
+  """A ConfigError naming ``where`` (a file or a flag), the line, and close matches."""
+  msg = str(err)
+  loc = re.search(r'In file "([^"]+)", line (\d+)', msg)
+  place = f"{loc.group(1)}:{loc.group(2)}" if loc else where
+  first = msg.strip().splitlines()[0] if msg.strip() else type(err).__name__
+  m = re.match(r"No configurable matching '([^']+)'", first)
+  if m:
+    name = m.group(1).split("/")[-1]
+    return ConfigError(f"{place}: unknown configurable '{name}'.{_suggest(name, _configurable_names())}")
+  m = re.match(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", first)
+  if m:
+    conf, param = m.groups()
+    return ConfigError(f"{place}: configurable '{conf}' has no parameter '{param}'."
+                       f"{_suggest(param, _parameter_names(conf))}")
+  if isinstance(err, SyntaxError) and err.lineno:
+    return ConfigError(f"{err.filename or where}:{err.lineno}: syntax error: {err.msg}"
+                       f"{' -> ' + err.text.strip() if err.text else ''}")
+  if isinstance(err, tokenize.TokenError):
+    line = err.args[1][0] if len(err.args) > 1 else "?"
+    return ConfigError(f"{where}:{line}: syntax error: {err.args[0]}")
+  m = re.search(r"in scope '([^']+)'", msg)
+  if "macro()" in msg and m:
+    return ConfigError(f"{where}: macro %{m.group(1)} is used but never defined")
+  m = re.search(r"Required bindings for `([^`]+)` not provided in config: \[([^\]]*)\]", msg)
+  if m:
+    return ConfigError(f"{where}: {m.group(1)} needs {m.group(2)} to be set (%gin.REQUIRED)")
+  return ConfigError(f"{place}: {type(err).__name__}: {first}")
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
+  """Parses ``gin_files`` then ``bindings`` (``KEY=VALUE``), raising ConfigError on any problem."""
+  register()
+  gin.clear_config()
+  if not gin_files:
+    raise ConfigError("no --gin_file given")
+  for path in gin_files:
+    if not os.path.isfile(path):
+      raise ConfigError(f"{path}: no such gin file")
+    here = os.path.dirname(os.path.abspath(path))
+    for d in (here, os.path.dirname(here), repo_experiments_dir()):   # includes resolve from these
+      gin.add_config_file_search_path(d)
+    try:
+      gin.parse_config_file(path)
+    except (Exception, SyntaxError) as e:  # gin raises ValueError, SyntaxError, TokenError, OSError
+      raise explain(e, path) from None
+  for binding in bindings:
+    try:
+      gin.parse_config(binding)
+    except (Exception, SyntaxError) as e:
+      raise explain(e, f"--gin.{binding}") from None
+
+
+def build_experiment(where: str = "the gin config") -> run.Experiment:
+  """Calls the configured ``Experiment`` (so every missing or unknown value surfaces now)."""
+  try:
+    exp = gin.get_configurable("gamejax.Experiment")()
+    exp.validate()
+  except ConfigError:
+    raise
+  except (Exception, SyntaxError) as e:
+    raise explain(e, where) from None
+  return exp
+
+
+def operative_config() -> str:
+  return gin.operative_config_str()
+
+
+def repo_experiments_dir() -> str:
+  """The ``experiments/`` folder shipped beside the package (for includes by relative path)."""
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")

@@ -1,0 +1,183 @@
+"""Packs variable-length transcripts into fixed ``[B, T]`` batches, resumable exactly.
+
+Epoch ``e`` visits the examples in the order ``np.random.default_rng([seed, e]).permutation(N)``
+(or ``0..N-1`` without shuffling). Examples are packed greedily, in that order, into rows: each
+gets the next segment id of its row (1, 2, ...) and positions from 0; an example that does not fit
+the rest of a row starts the next row (and, after the last row, the next batch). Packing runs on
+across epoch boundaries. The loader's position is just ``(epoch, index)``, so
+``set_state(get_state())`` on a fresh loader continues with exactly the same batches.
+
+>>> import numpy as np
+>>> src = [{"tokens": np.arange(1, n + 1), "players": np.full(n, 2)} for n in (3, 2, 4)]
+>>> batch = next(PackedLoader(src, batch_size=2, seq_len=6, seed=0, shuffle=False))
+>>> batch["segment_ids"].tolist()
+[[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0]]
+>>> batch["positions"].tolist()
+[[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 0]]
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from gamejax.data.errors import DataError
+import numpy as np
+
+TOO_LONG_MODES = ("truncate", "skip", "error")
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "players")
+_ORDER_KEYS = ("seed", "shuffle", "num_examples")  # state entries that must match on resume
+
+
+def _examples(source, indices: Sequence[int]) -> list:
+  getitems = getattr(source, "__getitems__", None)
+  if getitems is not None:
+    return list(getitems(list(indices)))
+  return [source[i] for i in indices]
+
+
+def _arrays(example, index: int) -> tuple[np.ndarray, np.ndarray]:
+  tokens = np.asarray(example["tokens"], np.int32)
+  players = np.asarray(example["players"], np.int32)
+  if tokens.ndim != 1 or tokens.shape != players.shape:
+    raise DataError(f"example {index} of the source: tokens {tokens.shape} and players "
+                     f"{players.shape} must be 1-D of the same length")
+  return tokens, players
+
+
+class PackedLoader:
+  """Infinite iterator of packed NumPy batches ``dict(tokens, positions, segment_ids, players)``.
+
+  Every field is ``int32[batch_size, seq_len]`` (the fields of ``gamejax.records.GameRecord``).
+  ``source``: anything with ``len()`` and ``[i]`` -> dict with "tokens" and "players" (bulk
+  ``__getitems__`` is used when present). Records longer than ``seq_len`` are cut to ``seq_len``
+  (``too_long="truncate"``), dropped ("skip") or raise ("error"); empty records are skipped.
+  ``stats`` counts examples packed, truncated and skipped. Decoded examples are cached in memory
+  when the source has at most ``cache_limit`` examples; otherwise ``fetch_size`` are read at once.
+  """
+
+  def __init__(self, source, batch_size: int, seq_len: int, seed: int, shuffle: bool = True,
+               too_long: str = "truncate", cache_limit: int = 200_000, fetch_size: int = 512):
+    if too_long not in TOO_LONG_MODES:
+      raise DataError(f"too_long={too_long!r} is not one of {TOO_LONG_MODES}")
+    if int(batch_size) < 1 or int(seq_len) < 1:
+      raise DataError(f"batch_size={batch_size} and seq_len={seq_len} must be >= 1")
+    self._num = len(source)
+    if self._num == 0:
+      raise DataError(f"data source {getattr(source, 'name', type(source).__name__)!r} has zero "
+                       "examples")
+    self.source = source
+    name = getattr(source, "name", None)
+    self._what = (f"data source {name!r}" if isinstance(name, str)
+                  else f"data source ({type(source).__name__} of {self._num} examples)")
+    self.batch_size, self.seq_len, self.seed = int(batch_size), int(seq_len), int(seed)
+    self.shuffle, self.too_long = bool(shuffle), too_long
+    self._keep_all = self._num <= cache_limit
+    self._fetch_size = max(1, int(fetch_size))
+    self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    self._order_epoch, self._order = -1, None
+    self._epoch, self._index, self._batches = 0, 0, 0
+    self._stats = {"examples": 0, "truncated": 0, "skipped": 0}
+
+  # -- position and order ------------------------------------------------------------------------
+
+  def order(self, epoch: int) -> np.ndarray:
+    """The example order of ``epoch``."""
+    if epoch != self._order_epoch:
+      if self.shuffle:
+        self._order = np.random.default_rng([self.seed, epoch]).permutation(self._num)
+      else:
+        self._order = np.arange(self._num)
+      self._order_epoch = epoch
+    return self._order
+
+  def _fetch(self, epoch: int, pos: int) -> tuple[np.ndarray, np.ndarray]:
+    order = self.order(epoch)
+    index = int(order[pos])
+    hit = self._cache.get(index)
+    if hit is not None:
+      return hit
+    if not self._keep_all:
+      self._cache.clear()
+    ahead = [int(i) for i in order[pos:pos + self._fetch_size]]
+    ahead = [i for i in dict.fromkeys(ahead) if i not in self._cache]
+    for i, ex in zip(ahead, _examples(self.source, ahead)):
+      self._cache[i] = _arrays(ex, i)
+    return self._cache[index]
+
+  # -- iteration ---------------------------------------------------------------------------------
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    b, t = self.batch_size, self.seq_len
+    out = {k: np.zeros((b, t), np.int32) for k in BATCH_KEYS}
+    epoch, pos = self._epoch, self._index
+    stats = dict(self._stats)
+    row, col, seg, skips_in_a_row = 0, 0, 0, 0
+    while row < b:
+      if pos >= self._num:
+        epoch, pos = epoch + 1, 0
+      tokens, players = self._fetch(epoch, pos)
+      n = len(tokens)
+      if n == 0 or (n > t and self.too_long == "skip"):
+        stats["skipped"] += 1
+        pos, skips_in_a_row = pos + 1, skips_in_a_row + 1
+        if skips_in_a_row >= 2 * self._num:  # a whole epoch and more, nothing packed
+          raise DataError(f"every example of {self._what} is skipped (empty, or longer than "
+                           f"seq_len={t} with too_long='skip')")
+        continue
+      truncated = n > t
+      if truncated:
+        if self.too_long == "error":
+          raise DataError(
+              f"example {int(self.order(epoch)[pos])} of {self._what} has {n} tokens, more than "
+              f"seq_len={t} (too_long='error'; use 'truncate' or 'skip')")
+        n = t
+      if col + n > t:  # does not fit the rest of this row: it starts the next one
+        row, col, seg = row + 1, 0, 0
+        continue
+      seg += 1
+      out["tokens"][row, col:col + n] = tokens[:n]
+      out["players"][row, col:col + n] = players[:n]
+      out["segment_ids"][row, col:col + n] = seg
+      out["positions"][row, col:col + n] = np.arange(n, dtype=np.int32)
+      col += n
+      pos, skips_in_a_row = pos + 1, 0
+      stats["examples"] += 1
+      stats["truncated"] += int(truncated)
+    self._epoch, self._index, self._stats = epoch, pos, stats
+    self._batches += 1
+    return out
+
+  # -- state -------------------------------------------------------------------------------------
+
+  @property
+  def stats(self) -> dict[str, int]:
+    """Counts so far (restored by ``set_state``): examples packed, truncated, skipped."""
+    return dict(self._stats)
+
+  @property
+  def epoch(self) -> int:
+    return self._epoch
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-serialisable position: epoch, index within its order, batches, stats, and settings."""
+    return {"epoch": self._epoch, "index": self._index, "batches": self._batches,
+            "stats": dict(self._stats), "seed": self.seed, "shuffle": self.shuffle,
+            "num_examples": self._num, "batch_size": self.batch_size, "seq_len": self.seq_len,
+            "too_long": self.too_long}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Continues from ``state`` (of ``get_state``); seed, shuffle and source size must match."""
+    mine = self.get_state()
+    bad = [f"{k}: state has {state.get(k)!r}, loader has {mine[k]!r}" for k in _ORDER_KEYS
+           if k in state and state[k] != mine[k]]
+    if bad:
+      raise DataError("loader state does not match this loader (" + "; ".join(bad) + ")")
+    epoch, index = int(state["epoch"]), int(state["index"])
+    if epoch < 0 or not 0 <= index <= self._num:
+      raise DataError(f"loader state has invalid position epoch={epoch}, index={index} "
+                       f"for {self._num} examples")
+    self._epoch, self._index = epoch, index
+    self._batches = int(state.get("batches", 0))
+    self._stats = {k: int(state.get("stats", {}).get(k, 0)) for k in self._stats}

@@ -1,0 +1,40 @@
+"""Combinators: payoffs compose like ``optax.chain``.
+
+``weighted({"sft": (1.0, imitation(("agent",))), "lm": (0.1, imitation(("opponent",)))})`` is a
+payoff whose value is the weighted sum of its parts and whose metrics are each part's metrics under
+the part's name (``sft/loss``, ``lm/loss``, ...), plus each part's value (``sft/payoff``).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+
+from gamejax.payoffs.base import Payoff, Play
+
+
+def weighted(parts: Mapping[str, tuple[float, Payoff]]) -> Payoff:
+  """The weighted sum of named payoffs; every part sees the same play with its own folded key."""
+  if not parts:
+    raise ValueError("weighted() needs at least one named payoff")
+  items = sorted(parts.items())
+
+  def payoff(params, play: Play):
+    total, metrics = 0.0, {}
+    for i, (name, (weight, part)) in enumerate(items):
+      value, part_metrics = part(params, play._replace(rng=jax.random.fold_in(play.rng, i)))
+      total = total + weight * value
+      metrics[f"{name}/payoff"] = value
+      metrics.update({f"{name}/{k}": v for k, v in part_metrics.items()})
+    metrics["loss"] = -total
+    return total, metrics
+
+  return payoff
+
+
+def scaled(weight: float, part: Payoff) -> Payoff:
+  """``weight`` times a payoff, metrics unchanged."""
+  def payoff(params, play: Play):
+    value, metrics = part(params, play)
+    return weight * value, metrics
+  return payoff

@@ -1,0 +1,46 @@
+"""Imitation: the payoff of predicting the moves of chosen players from the game record.
+
+``imitation(players=("agent", "opponent"))`` is pre-training (every token of the record);
+``imitation(players=("agent",))`` is SFT (the agent's moves given the opponent's).
+
+>>> pretrain, sft = imitation(("agent", "opponent")), imitation(("agent",))
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from gamejax import records
+from gamejax.payoffs.base import Payoff, Play
+
+
+def token_log_likelihood(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+  """``float32[B, T]``: log p(target) under ``logits`` (stable log-softmax in float32)."""
+  chex.assert_rank([logits_BTV, targets_BT], [3, 2])
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  return picked_BT - logz_BT
+
+
+def imitation(players: Sequence[str] = ("agent",)) -> Payoff:
+  """Mean log-likelihood of the tokens moved by ``players`` (the payoff of imitating them)."""
+  ids = records.player_ids(players)
+
+  def payoff(params, play: Play):
+    moves = play.moves
+    logits_BTV = play.apply(params, moves.tokens, moves.positions, moves.segment_ids)
+    weights_BT = records.next_token_weights(moves, ids)
+    targets_BT = records.next_tokens(moves)
+    loglik_BT = token_log_likelihood(logits_BTV, targets_BT)
+    n = jnp.maximum(weights_BT.sum(), 1.0)
+    value = (loglik_BT * weights_BT).sum() / n
+    correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+    metrics = {"loss": -value, "token_accuracy": (correct_BT * weights_BT).sum() / n,
+               "tokens": weights_BT.sum()}
+    return value, metrics
+
+  return payoff

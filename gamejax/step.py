@@ -1,0 +1,138 @@
+"""The one compiled game step: play -> respond -> payoff -> gradient -> update, for every learner.
+
+``step(state, batches) -> (state, metrics)`` runs K game steps per host call with ``lax.scan``
+(``batches`` carry a leading K axis) and is jitted once, with explicit shardings over the mesh and
+the state donated. Nothing here names an algorithm: pre-training, SFT, RLHF and self-play differ
+only in the ``Game``'s ``play``/``respond`` functions and in each learner's payoff.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from gamejax import sharding
+from gamejax.payoffs.base import Payoff, Play
+from gamejax.records import GameRecord
+
+
+@flax.struct.dataclass
+class GameState:
+  params: dict            # learning players' params, by player name
+  opt_state: dict         # their optimizer states
+  frozen: dict            # frozen players (a reference, a judge), by name
+  rng: jax.Array
+  step: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Learner:
+  """A learning player: its pure model ``apply``, its payoff and its optimizer."""
+  apply: Callable[..., jax.Array]
+  payoff: Payoff
+  optimizer: optax.GradientTransformation
+
+
+def records_play(state: GameState, batch: Any, rng: jax.Array) -> GameRecord:
+  """The moves are the game records themselves (pre-training, SFT, offline preference games)."""
+  del state, rng
+  return batch if isinstance(batch, GameRecord) else GameRecord(**batch)
+
+
+def no_response(state: GameState, moves: GameRecord, rng: jax.Array) -> dict:
+  """The opponent is a data source: it does not judge."""
+  del state, moves, rng
+  return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Game:
+  """Who learns, how moves are made and how the opponent responds."""
+  learners: Mapping[str, Learner]
+  play: Callable[[GameState, Any, jax.Array], GameRecord] = records_play
+  respond: Callable[[GameState, GameRecord, jax.Array], dict] = no_response
+
+
+def init_state(game: Game, params: Mapping[str, Any], rng: jax.Array,
+               frozen: Mapping[str, Any] | None = None) -> GameState:
+  opt_state = {name: game.learners[name].optimizer.init(params[name]) for name in game.learners}
+  return GameState(params=dict(params), opt_state=opt_state, frozen=dict(frozen or {}),
+                   rng=rng, step=jnp.zeros((), jnp.int32))
+
+
+def game_step(game: Game, state: GameState, batch: Any) -> tuple[GameState, dict]:
+  """One game step (not jitted; ``make_step`` scans and compiles it)."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  k_play, k_respond, k_payoff = jax.random.split(rng, 3)
+  moves = game.play(state, batch, k_play)
+  judgments = game.respond(state, moves, k_respond)
+  params, opt_state, metrics = dict(state.params), dict(state.opt_state), {}
+  total_loss = 0.0
+  for i, (name, learner) in enumerate(sorted(game.learners.items())):
+    play = Play(learner.apply, moves, judgments, jax.random.fold_in(k_payoff, i))
+
+    def loss_fn(p, learner=learner, play=play):
+      value, m = learner.payoff(p, play)
+      return -value, m
+
+    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params[name])
+    finite = jnp.isfinite(loss) & all_finite(grads)
+    updates, new_opt = learner.optimizer.update(grads, state.opt_state[name], state.params[name])
+    new_params = optax.apply_updates(state.params[name], updates)
+    # A non-finite payoff or gradient never reaches the parameters: the update is skipped, counted.
+    params[name] = _select(finite, new_params, state.params[name])
+    opt_state[name] = _select(finite, new_opt, state.opt_state[name])
+    metrics.update({f"{name}/{k}": v for k, v in m.items()})
+    metrics[f"{name}/loss"] = loss
+    metrics[f"{name}/grad_norm"] = optax.tree.norm(grads)
+    metrics[f"{name}/skipped_nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    total_loss = total_loss + loss
+  metrics["loss"] = total_loss
+  new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+  return new_state, metrics
+
+
+def all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _select(pred, on_true, on_false):
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def scan_steps(game: Game, state: GameState, batches: Any) -> tuple[GameState, dict]:
+  """K game steps; ``batches`` has a leading K axis; metrics come back stacked ``[K]``."""
+  return jax.lax.scan(lambda s, b: game_step(game, s, b), state, batches)
+
+
+def game_state_shardings(mesh: jax.sharding.Mesh, abstract_state: GameState) -> GameState:
+  """FSDP shardings for params, optimizer and frozen players; the key and counter replicated."""
+  shard = lambda tree: sharding.state_shardings(mesh, tree)
+  rep = sharding.replicated(mesh)
+  return GameState(params=shard(abstract_state.params), opt_state=shard(abstract_state.opt_state),
+                   frozen=shard(abstract_state.frozen), rng=rep, step=rep)
+
+
+def make_step(game: Game, mesh: jax.sharding.Mesh, abstract_state: GameState,
+              on_trace: Callable[[], None] | None = None):
+  """The compiled ``step(state, batches) -> (state, metrics)`` with explicit shardings.
+
+  ``on_trace`` is called each time the step is traced (tests count compilations with it).
+  """
+  state_sharding = game_state_shardings(mesh, abstract_state)
+  batch_sharding = sharding.batch_sharding(mesh, leading=1)
+
+  def step(state, batches):
+    if on_trace is not None:
+      on_trace()
+    return scan_steps(game, state, batches)
+
+  jitted = jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  return jitted, state_sharding

@@ -1,0 +1,95 @@
+"""Imitation and the combinators against a hand-written NumPy per-token reference."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gamejax import records
+from gamejax.payoffs import Play, imitation, scaled, weighted
+
+
+def _bigram_apply(params, tokens, positions, segment_ids):
+  del positions, segment_ids
+  return params["table"][tokens]
+
+
+def _reference_loglik(table, tokens, players, segments, who):
+  """Per token: for t with t+1 in the same segment and moved by `who`, log softmax(table[x_t])[x_{t+1}]."""
+  total, n = 0.0, 0
+  B, T = tokens.shape
+  for b in range(B):
+    for t in range(T - 1):
+      if segments[b, t] == 0 or segments[b, t + 1] != segments[b, t]:
+        continue
+      if players[b, t + 1] not in who:
+        continue
+      logits = table[tokens[b, t]].astype(np.float64)
+      logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+      total += logp[tokens[b, t + 1]]
+      n += 1
+  return total / max(n, 1), n
+
+
+def _jitted(payoff):
+  """The payoff as the step calls it: under jit, with the model's apply closed over."""
+  return jax.jit(lambda p, moves: payoff(p, Play(_bigram_apply, moves, {}, jax.random.PRNGKey(0))))
+
+
+@pytest.fixture
+def packed():
+  rng = np.random.default_rng(0)
+  V = 11
+  tokens = rng.integers(3, V, (3, 12)).astype(np.int32)
+  segments = np.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12, [1] * 3 + [2] * 3 + [3] * 6], np.int32)
+  players = rng.integers(1, 3, (3, 12)).astype(np.int32) * (segments > 0)
+  positions = np.zeros_like(tokens)
+  for b in range(3):
+    for t in range(12):
+      positions[b, t] = 0 if t == 0 or segments[b, t] != segments[b, t - 1] else positions[b, t - 1] + 1
+  record = records.GameRecord(tokens=tokens, positions=positions, segment_ids=segments, players=players)
+  table = rng.normal(size=(V, V)).astype(np.float32)
+  return record, table
+
+
+@pytest.mark.parametrize("who", [("agent",), ("opponent",), ("agent", "opponent")])
+def test_imitation_matches_numpy_reference(packed, who):
+  record, table = packed
+  payoff = imitation(who)
+  value, metrics = _jitted(payoff)({"table": jnp.asarray(table)}, record)
+  ids = records.player_ids(who)
+  expected, n = _reference_loglik(table, np.asarray(record.tokens), np.asarray(record.players),
+                                  np.asarray(record.segment_ids), ids)
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], -expected, rtol=1e-5)
+  assert int(metrics["tokens"]) == n
+
+
+def test_imitation_gradient_matches_finite_differences(packed):
+  record, table = packed
+  payoff = imitation(("agent",))
+  play = Play(_bigram_apply, jax.tree.map(jnp.asarray, record), {}, jax.random.PRNGKey(0))
+  grad = jax.jit(jax.grad(lambda p: payoff(p, play)[0]))({"table": jnp.asarray(table)})["table"]
+  ids = records.player_ids(("agent",))
+  eps = 1e-3
+  args = (np.asarray(record.tokens), np.asarray(record.players), np.asarray(record.segment_ids), ids)
+  for (i, j) in [(3, 4), (5, 7), (10, 3)]:
+    up, down = table.astype(np.float64).copy(), table.astype(np.float64).copy()
+    up[i, j] += eps
+    down[i, j] -= eps
+    fd = (_reference_loglik(up, *args)[0] - _reference_loglik(down, *args)[0]) / (2 * eps)
+    np.testing.assert_allclose(grad[i, j], fd, atol=1e-4)
+
+
+def test_weighted_sums_parts_and_names_metrics(packed):
+  record, table = packed
+  play = Play(_bigram_apply, jax.tree.map(jnp.asarray, record), {}, jax.random.PRNGKey(0))
+  params = {"table": jnp.asarray(table)}
+  a, b = imitation(("agent",)), imitation(("opponent",))
+  combo = weighted({"sft": (1.0, a), "lm": (0.25, b)})
+  value, metrics = _jitted(combo)(params, record)
+  va, vb = a(params, play)[0], b(params, play)[0]
+  np.testing.assert_allclose(value, va + 0.25 * vb, rtol=1e-6)
+  assert {"sft/loss", "lm/loss", "sft/payoff", "lm/tokens", "loss"} <= set(metrics)
+  np.testing.assert_allclose(scaled(2.0, a)(params, play)[0], 2 * va, rtol=1e-6)
+  with pytest.raises(ValueError):
+    weighted({})

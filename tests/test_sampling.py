@@ -1,0 +1,176 @@
+"""Tests of gamejax.sampling: KV-cached generate vs. a naive loop over the full (uncached) forward."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gamejax import sampling
+from gamejax.models import llama
+
+CFG = llama.LlamaConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+                        init_std=0.3)
+N = 7
+PROMPTS = [np.array([1, 9, 4, 17, 5]), np.array([1, 30]), np.array([1]), np.array([1, 9, 4])]
+P = 5
+
+
+@pytest.fixture(autouse=True)
+def _strict_rank_promotion():
+  with jax.numpy_rank_promotion("raise"):
+    yield
+
+
+@pytest.fixture(scope="module")
+def params():
+  return llama.init_params(CFG, jax.random.key(0))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _full_forward(cfg, params, tokens_BT, lengths_B):
+  """Uncached forward on right-padded rows (one segment of ``lengths_B`` tokens each)."""
+  slots = jnp.arange(tokens_BT.shape[1])[None, :]
+  real = slots < lengths_B[:, None]
+  return llama.apply(cfg, params, tokens_BT, jnp.where(real, slots, 0), real.astype(jnp.int32))
+
+
+def _naive_greedy(params, prompts, n, eos_id):
+  """Re-runs the full forward on the whole sequence for every new token; argmax; stop at eos."""
+  out = []
+  width = max(len(p) for p in prompts) + n
+  for prompt in prompts:
+    seq = list(prompt)
+    new = []
+    for _ in range(n):
+      buf = np.zeros((1, width), np.int32)
+      buf[0, :len(seq)] = seq
+      logits = _full_forward(CFG, params, buf, np.array([len(seq)], np.int32))
+      token = int(np.argmax(logits[0, len(seq) - 1]))
+      seq.append(token)
+      new.append(token)
+      if token == eos_id:
+        break
+    out.append(new)
+  return out
+
+
+def _full_logprobs(params, prompts, tokens_BN):
+  """log_softmax of the full forward on prompt + generated tokens, at the generated tokens."""
+  width = P + N
+  buf = np.zeros((len(prompts), width), np.int32)
+  for b, prompt in enumerate(prompts):
+    buf[b, :len(prompt)] = prompt
+    buf[b, len(prompt):len(prompt) + N] = tokens_BN[b]
+  logp = jax.nn.log_softmax(
+      _full_forward(CFG, params, buf, np.full(len(prompts), width, np.int32)), axis=-1)
+  return np.stack([np.asarray(logp[b, len(p) - 1:len(p) - 1 + N])[np.arange(N), tokens_BN[b]]
+                   for b, p in enumerate(prompts)])
+
+
+def test_left_pad():
+  prompt_BP, lengths_B = sampling.left_pad([np.array([4, 5]), np.array([6])], 3)
+  np.testing.assert_array_equal(prompt_BP, [[0, 4, 5], [0, 0, 6]])
+  np.testing.assert_array_equal(lengths_B, [2, 1])
+  assert prompt_BP.dtype == np.int32 and lengths_B.dtype == np.int32
+  with pytest.raises(ValueError, match="prompt 1 has 4 tokens"):
+    sampling.left_pad([np.array([1]), np.array([1, 2, 3, 4])], 3)
+  with pytest.raises(ValueError, match="prompt 0 has 0 tokens"):
+    sampling.left_pad([np.array([], np.int32)], 3)
+
+
+def test_greedy_matches_naive_uncached_loop(params):
+  prompt_BP, lengths_B = sampling.left_pad(PROMPTS, P)
+  out = sampling.generate(CFG, params, prompt_BP, lengths_B, N, jax.random.key(0), eos_id=-1)
+  assert out["tokens"].dtype == jnp.int32 and out["tokens"].shape == (4, N)
+  assert out["lengths"].dtype == jnp.int32 and out["logprobs"].dtype == jnp.float32
+  want = np.array(_naive_greedy(params, PROMPTS, N, eos_id=-1))
+  np.testing.assert_array_equal(out["tokens"], want)
+  np.testing.assert_array_equal(out["lengths"], [N] * 4)
+  assert len({tuple(r) for r in want.tolist()}) > 1   # rows really differ
+  np.testing.assert_allclose(out["logprobs"], _full_logprobs(params, PROMPTS, want), atol=1e-4)
+
+
+def test_eos_stops_rows_and_pads(params):
+  prompt_BP, lengths_B = sampling.left_pad(PROMPTS, P)
+  free = np.asarray(sampling.generate(CFG, params, prompt_BP, lengths_B, N, jax.random.key(0),
+                                      eos_id=-1)["tokens"])
+  eos = int(free[0, 2])   # a token row 0 emits at step 2 becomes the end token
+  out = sampling.generate(CFG, params, prompt_BP, lengths_B, N, jax.random.key(0), eos_id=eos)
+  want = _naive_greedy(params, PROMPTS, N, eos_id=eos)
+  assert len(want[0]) <= 3 and want[0][-1] == eos
+  tokens = np.asarray(out["tokens"])
+  logprobs = np.asarray(out["logprobs"])
+  for b, w in enumerate(want):
+    assert out["lengths"][b] == len(w)
+    np.testing.assert_array_equal(tokens[b, :len(w)], w)
+    np.testing.assert_array_equal(tokens[b, len(w):], 0)
+    np.testing.assert_array_equal(logprobs[b, len(w):], 0.0)
+    assert np.all(logprobs[b, :len(w)] < 0)
+
+
+def test_all_rows_done_early(params):
+  prompt_BP, lengths_B = sampling.left_pad(PROMPTS, P)
+  first = np.asarray(sampling.generate(CFG, params, prompt_BP, lengths_B, 1, jax.random.key(0),
+                                       eos_id=-1)["tokens"])[:, 0]
+  # Row 0's first token as eos: rows whose first token is it end after one step.
+  out = sampling.generate(CFG, params, prompt_BP[first == first[0]], lengths_B[first == first[0]],
+                          N, jax.random.key(0), eos_id=int(first[0]))
+  np.testing.assert_array_equal(out["lengths"], 1)
+  np.testing.assert_array_equal(out["tokens"][:, 1:], 0)
+
+
+def test_sampled_logprobs_and_determinism(params):
+  prompt_BP, lengths_B = sampling.left_pad(PROMPTS, P)
+  fn = sampling.make_generate(CFG, N, temperature=1.5, eos_id=-1)
+  a = fn(params, prompt_BP, lengths_B, jax.random.key(1))
+  b = fn(params, prompt_BP, lengths_B, jax.random.key(1))
+  c = fn(params, prompt_BP, lengths_B, jax.random.key(2))
+  np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  assert not np.array_equal(a["tokens"], c["tokens"])
+  tokens = np.asarray(c["tokens"])
+  assert tokens.min() >= 0 and tokens.max() < CFG.vocab_size
+  np.testing.assert_allclose(c["logprobs"], _full_logprobs(params, PROMPTS, tokens), atol=1e-4)
+  cold = sampling.make_generate(CFG, N, temperature=1e-4, eos_id=-1)(
+      params, prompt_BP, lengths_B, jax.random.key(3))
+  greedy = sampling.generate(CFG, params, prompt_BP, lengths_B, N, jax.random.key(0), eos_id=-1)
+  np.testing.assert_array_equal(cold["tokens"], greedy["tokens"])
+
+
+def test_first_token_distribution_follows_softmax_over_temperature(params):
+  temperature, rows = 2.0, 4000
+  prompt_BP, lengths_B = sampling.left_pad([np.array([1, 9, 4])] * rows, 3)
+  out = sampling.generate(CFG, params, prompt_BP, lengths_B, 1, jax.random.key(5),
+                          temperature=temperature, eos_id=-1)
+  logits = np.asarray(_full_forward(CFG, params, prompt_BP[:1], np.array([3], np.int32)))[0, -1]
+  probs = np.exp(logits / temperature - np.max(logits / temperature))
+  probs /= probs.sum()
+  freq = np.bincount(np.asarray(out["tokens"])[:, 0], minlength=CFG.vocab_size) / rows
+  # Each frequency within 5 standard errors of its probability.
+  np.testing.assert_array_less(np.abs(freq - probs), 5 * np.sqrt(probs * (1 - probs) / rows) + 1e-3)
+
+
+def test_traces_once_for_same_shapes(params):
+  traces = []
+
+  @jax.jit
+  def counted(params, prompt_BP, lengths_B, rng):
+    traces.append(1)
+    return sampling.generate(CFG, params, prompt_BP, lengths_B, N, rng, temperature=0.7)
+
+  fn = sampling.make_generate(CFG, N, temperature=0.7)
+  for seed, prompts in enumerate([PROMPTS, PROMPTS[::-1]]):
+    prompt_BP, lengths_B = sampling.left_pad(prompts, P)
+    other = jax.tree_util.tree_map(lambda x: x * (1 + seed), params)
+    counted(other, prompt_BP, lengths_B, jax.random.key(seed))
+    fn(other, prompt_BP, lengths_B, jax.random.key(seed))
+  assert len(traces) == 1
+  assert fn._cache_size() == 1
+
+
+def test_bad_arguments_raise(params):
+  prompt_BP, lengths_B = sampling.left_pad(PROMPTS, P)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    sampling.make_generate(CFG, 0)
+  with pytest.raises(ValueError, match="temperature"):
+    sampling.generate(CFG, params, prompt_BP, lengths_B, N, jax.random.key(0), temperature=-1.0)

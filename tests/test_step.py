@@ -1,0 +1,111 @@
+"""The compiled game step: traces once, trains, guards NaNs, and shards without changing results."""
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gamejax import sharding, step as game_step
+from gamejax.models import llama
+from gamejax.payoffs import imitation
+
+TINY = llama.LlamaConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+
+
+def _batches(k, b, t, seed):
+  """Packed copy-task records: the agent repeats the opponent's 4 tokens."""
+  rng = np.random.default_rng(seed)
+  tokens = np.zeros((k, b, t), np.int32)
+  players = np.zeros((k, b, t), np.int32)
+  segments = np.zeros((k, b, t), np.int32)
+  positions = np.zeros((k, b, t), np.int32)
+  for i in range(k):
+    for r in range(b):
+      col, seg = 0, 1
+      while col + 9 <= t:
+        q = rng.integers(3, 32, 4)
+        tokens[i, r, col:col + 9] = np.concatenate([[1], q, q])
+        players[i, r, col:col + 5], players[i, r, col + 5:col + 9] = 2, 1
+        segments[i, r, col:col + 9] = seg
+        positions[i, r, col:col + 9] = np.arange(9)
+        col, seg = col + 9, seg + 1
+  return dict(tokens=tokens, positions=positions, segment_ids=segments, players=players)
+
+
+def _setup(mesh, payoff=None, lr=3e-3):
+  learner = game_step.Learner(functools.partial(llama.apply, TINY), payoff or imitation(("agent",)),
+                              optax.adam(lr))
+  game = game_step.Game(learners={"agent": learner})
+  params = llama.init_params(TINY, jax.random.PRNGKey(0))
+  state = game_step.init_state(game, {"agent": params}, jax.random.PRNGKey(1))
+  traces = []
+  fn, shardings = game_step.make_step(game, mesh, jax.eval_shape(lambda: state),
+                                      on_trace=lambda: traces.append(1))
+  return fn, jax.device_put(state, shardings), traces
+
+
+def test_step_traces_once_over_100_steps_and_learns():
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  fn, state, traces = _setup(mesh)
+  first = None
+  for call in range(25):                       # 25 calls x 4 scanned steps = 100 game steps
+    state, metrics = fn(state, _batches(4, 8, 36, call))
+    if first is None:
+      first = float(metrics["loss"][0])
+  assert int(state.step) == 100
+  assert len(traces) == 1
+  assert float(metrics["loss"][-1]) < 0.5 * first      # the copy task is being learnt
+
+
+def test_nonfinite_payoff_never_reaches_params():
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+
+  def nan_payoff(params, play):
+    value, m = imitation(("agent",))(params, play)
+    return value * jnp.nan, m
+
+  fn, state, _ = _setup(mesh, payoff=nan_payoff)
+  before = jax.device_get(state.params)
+  state, metrics = fn(state, _batches(2, 8, 36, 0))
+  after = jax.device_get(state.params)
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+  np.testing.assert_array_equal(metrics["agent/skipped_nonfinite"], [1.0, 1.0])
+  assert int(state.step) == 2
+
+
+SHARDED = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, %r)
+    import jax, numpy as np
+    from gamejax import sharding
+    import test_step as T
+    assert len(jax.devices()) == 8, jax.devices()
+    out = {}
+    for name, mesh in [("one", sharding.make_mesh(devices=jax.devices()[:1])),
+                       ("eight", sharding.make_mesh(data=2, fsdp=4))]:
+      fn, state, traces = T._setup(mesh)
+      for call in range(3):
+        state, metrics = fn(state, T._batches(2, 8, 36, call))
+      out[name] = (np.asarray(metrics["loss"]), jax.device_get(state.params))
+      if name == "eight":
+        specs = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
+        assert any("fsdp" in s for s in specs), specs
+    np.testing.assert_allclose(out["one"][0], out["eight"][0], rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 out["one"][1], out["eight"][1])
+    print("SHARDED_OK", out["one"][0])
+""")
+
+
+def test_eight_device_step_equals_one_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  here = os.path.dirname(os.path.abspath(__file__))
+  proc = subprocess.run([sys.executable, "-c", SHARDED % here], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "SHARDED_OK" in proc.stdout
