@@ -68,19 +68,20 @@ def train(args, bindings) -> int:
   exp = config.build_experiment(", ".join(args.gin_file))
   operative = config.operative_config()
   workdir = os.path.abspath(args.workdir)
+  if _holds_run(workdir) and not (args.overwrite or args.resume):
+    raise UsageError(f"{workdir} holds another run; pass --resume to continue it or "
+                     "--overwrite to replace it")
+  run.prepare_data(exp)                 # bad data fails here, before the workdir is touched
   if _holds_run(workdir):
     if args.overwrite:
       for f in RUN_FILES:
         path = os.path.join(workdir, f)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
-    elif args.resume:
+    else:
       old = os.path.join(workdir, "config.gin")
       if os.path.exists(old) and open(old).read() != operative:
         raise UsageError(f"--resume: {old} differs from the config given now; resume with the same "
                          "gin files and bindings, or use --overwrite")
-    else:
-      raise UsageError(f"{workdir} holds another run; pass --resume to continue it or "
-                       "--overwrite to replace it")
   elif args.resume:
     print(f"gamejax: {workdir} holds no run yet; starting one", file=sys.stderr)
   os.makedirs(workdir, exist_ok=True)

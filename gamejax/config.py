@@ -7,8 +7,10 @@ Configurables (use these names in ``.gin`` files):
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
+import logging
 import os
 import re
 import tokenize
@@ -33,7 +35,7 @@ def register() -> None:
   global _REGISTERED
   if _REGISTERED:
     return
-  for obj in (run.Experiment, run.Stage, run.Optimizer, run.Evaluation, LlamaConfig):
+  for obj in (run.Experiment, run.Stage, run.Optimizer, run.Evaluation, run.DataSpec, LlamaConfig):
     gin.external_configurable(obj, name=obj.__name__, module="gamejax")
   gin.external_configurable(imitation, name="imitation", module="gamejax")
   gin.external_configurable(weighted, name="weighted", module="gamejax")
@@ -45,13 +47,13 @@ def register() -> None:
 def arena(min_digits: int = 1, max_digits: int = 3, ops: Sequence[str] = ("+", "-"),
           players: Sequence = (("perfect", 1.0),), worked: bool = True, outcome_tag: bool = False,
           num_train: int = 20000, num_test: int = 1000, seed: int = 0,
-          test_fraction: float = 0.1, too_long: str = "truncate") -> run.DataSpec:
+          test_fraction: float = 0.1, pad: bool = True, too_long: str = "truncate") -> run.DataSpec:
   """Records of the arithmetic arena: problems posed by the opponent, answered by ``players``
   (scripted player specs with weights: ``[("perfect", 0.5), ("drop_carry:0", 0.5)]``)."""
   params = dict(min_digits=min_digits, max_digits=max_digits, ops=tuple(ops),
                 players=tuple((str(p), float(w)) for p, w in players), worked=bool(worked),
                 outcome_tag=bool(outcome_tag), num_train=num_train, num_test=num_test, seed=seed,
-                test_fraction=test_fraction)
+                test_fraction=test_fraction, pad=bool(pad))
   return run.DataSpec("arithmetic_arena", params, too_long)
 
 
@@ -67,7 +69,7 @@ def local_text(path: str = gin.REQUIRED, split_paragraphs: bool = False,
 # Parsing with good errors.
 
 def _configurable_names() -> list[str]:
-  return sorted({sel.split(".")[-1] for sel in gin.config._REGISTRY.keys()})  # pylint: disable=protected-access
+  return sorted({sel.split(".")[-1] for sel, _ in gin.config._REGISTRY.items()})  # pylint: disable=protected-access
 
 
 def _parameter_names(configurable: str) -> list[str]:
@@ -108,10 +110,23 @@ def explain(err: BaseException, where: str) -> ConfigError:
   m = re.search(r"in scope '([^']+)'", msg)
   if "macro()" in msg and m:
     return ConfigError(f"{where}: macro %{m.group(1)} is used but never defined")
+  m = re.match(r"(\S+) set to `%gin.REQUIRED` but not subsequently overridden", first)
+  if m:
+    return ConfigError(f"{where}: {m.group(1)} is %gin.REQUIRED and was never set")
   m = re.search(r"Required bindings for `([^`]+)` not provided in config: \[([^\]]*)\]", msg)
   if m:
     return ConfigError(f"{where}: {m.group(1)} needs {m.group(2)} to be set (%gin.REQUIRED)")
   return ConfigError(f"{place}: {type(err).__name__}: {first}")
+
+
+@contextlib.contextmanager
+def _quiet_gin():
+  """gin logs every search-path miss of an include at ERROR level; the include still resolves."""
+  logging.disable(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.disable(logging.NOTSET)
 
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
@@ -127,7 +142,8 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     for d in (here, os.path.dirname(here), repo_experiments_dir()):   # includes resolve from these
       gin.add_config_file_search_path(d)
     try:
-      gin.parse_config_file(path)
+      with _quiet_gin():
+        gin.parse_config_file(path)
     except (Exception, SyntaxError) as e:  # gin raises ValueError, SyntaxError, TokenError, OSError
       raise explain(e, path) from None
   for binding in bindings:
@@ -135,6 +151,10 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
       gin.parse_config(binding)
     except (Exception, SyntaxError) as e:
       raise explain(e, f"--gin.{binding}") from None
+  try:
+    gin.finalize()                      # runs gin's check that no %gin.REQUIRED is left unset
+  except (Exception, SyntaxError) as e:
+    raise explain(e, ", ".join(gin_files)) from None
 
 
 def build_experiment(where: str = "the gin config") -> run.Experiment:

@@ -9,6 +9,7 @@ final params to the next stage.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import math
@@ -97,7 +98,7 @@ class Experiment:
   model: llama.LlamaConfig
   evaluation: Evaluation | None = None
   seed: int = 0
-  data_dir: str = "~/.cache/gamejax/data"
+  data_dir: str | None = None          # None: $GAMEJAX_DATA_DIR or ~/.cache/gamejax/datasets
   mesh_data: int = -1
   mesh_fsdp: int = 1
   keep_checkpoints: int = 2
@@ -111,6 +112,12 @@ class Experiment:
     if self.model.vocab_size < VOCAB_SIZE:
       raise ExperimentError(f"LlamaConfig.vocab_size={self.model.vocab_size} is smaller than the "
                             f"byte tokenizer's {VOCAB_SIZE} ids")
+    specs = [s.data for s in self.stages] + ([self.evaluation.data] if self.evaluation else [])
+    for spec in specs:
+      if spec.name not in sources.SOURCES:
+        close = difflib.get_close_matches(spec.name, list(sources.SOURCES), n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ExperimentError(f"unknown dataset {spec.name!r}.{hint} Known: {sorted(sources.SOURCES)}")
     for s in self.stages:
       for field in ("steps", "batch_size", "seq_len", "steps_per_call", "checkpoint_every"):
         if getattr(s, field) <= 0:
@@ -176,7 +183,7 @@ def run_stage(exp: Experiment, index: int, init_params: Any, workdir: str, mesh,
   stage = exp.stages[index]
   cfg = exp.model
   sharding.check_batch_size(mesh, stage.batch_size)
-  data_dir = os.path.expanduser(exp.data_dir)
+  data_dir = sources.resolve_data_dir(exp.data_dir)
   source = stage.data.load("train", data_dir)
   loader = PackedLoader(source, stage.batch_size, stage.seq_len, seed=exp.seed * 1000 + index,
                         too_long=stage.data.too_long)
@@ -281,7 +288,7 @@ def load_eval_examples(exp: Experiment) -> list[dict] | None:
   ev = exp.evaluation
   if ev is None:
     return None
-  source = ev.data.load("test", os.path.expanduser(exp.data_dir))
+  source = ev.data.load("test", sources.resolve_data_dir(exp.data_dir))
   n = min(ev.num_examples, len(source))
   if n == 0:
     raise ExperimentError(f"Evaluation: the test split of {ev.data.name!r} is empty")
@@ -297,6 +304,15 @@ def evaluate(exp: Experiment, params: Any, examples: Sequence[dict]) -> dict:
 def reference_accuracies(exp: Experiment, examples: Sequence[dict]) -> dict:
   return {label: arena_eval.player_accuracy(spec, examples, seed=exp.seed)
           for label, spec in exp.evaluation.reference_players.items()}
+
+
+def prepare_data(exp: Experiment) -> None:
+  """Builds (once) and opens every split the experiment reads, so bad data fails before a run."""
+  data_dir = sources.resolve_data_dir(exp.data_dir)
+  for s in exp.stages:
+    s.data.load("train", data_dir)
+  if exp.evaluation is not None:
+    exp.evaluation.data.load("test", data_dir)
 
 
 def run_experiment(exp: Experiment, workdir: str, progress: bool = True,

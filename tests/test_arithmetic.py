@@ -297,8 +297,9 @@ def test_generate_examples_fields_and_consistency():
     assert ex["player"] in ("perfect", "drop_carry:0")
     assert not ar.is_test(p, ar.ArenaConfig())
     text = TOK.decode_until_eos(ex["tokens"][1:])
-    tag, question, reply = text[:2], text[2:2 + len(p.question)], text[2 + len(p.question):]
-    assert question == p.question
+    q = p.question_text(ar.ArenaConfig().width)    # operands zero-padded to max_digits
+    tag, question, reply = text[:2], text[2:2 + len(q)], text[2 + len(q):]
+    assert question == f"{p.a:03d}{p.op}{p.b:03d}="
     assert ar.grade(p, reply)[0] == bool(ex["outcome"]) == (tag == "W ")
     if ex["player"] == "perfect":
       assert ex["outcome"] == 1
@@ -324,8 +325,19 @@ def test_generate_examples_deterministic_and_split_disjoint():
   assert not keys & train
   zero = _collect(n=100, players=(("perfect", 0.0), ("slip:0.5", 2.0)), worked=False, tag=False)
   assert {e["player"] for _, e in zero} == {"slip:0.5"}
-  assert all(TOK.decode(e["tokens"][1:]).startswith(f"{e['a']}{e['op']}{e['b']}=")
+  assert all(TOK.decode(e["tokens"][1:]).startswith(f"{e['a']:03d}{e['op']}{e['b']:03d}=")
              for _, e in zero)
+
+
+def test_padded_layout_solves_every_column():
+  p = ar.Problem(7, 45, "+")
+  sol = ar.parse_player("perfect").solve(p, None, width=3)
+  assert ar.worked_text(sol) == "7+5+0=12;0+4+1=05;0+0+0=00|52"
+  tokens, _ = ar.transcript(p, sol, worked=True, width=3)
+  assert TOK.decode_until_eos(tokens[1:]) == "007+045=7+5+0=12;0+4+1=05;0+0+0=00|52"
+  # dropping the last natural column's carry into a padded column loses it, as unpadded
+  flawed = ar.parse_player("drop_carry:0").solve(ar.Problem(5, 7, "+"), None, width=3)
+  assert flawed.answer == 2 and ar.worked_text(flawed).startswith("5+7+0=12;0+0+0=00")
 
 
 @pytest.mark.parametrize("players, match", [

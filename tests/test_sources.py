@@ -50,7 +50,7 @@ def test_arena_examples(arena_splits):
     assert ex["tokens"][0] == BOS and ex["tokens"][-1] == EOS
     np.testing.assert_array_equal(opp, np.arange(len(opp)))
     assert np.all(ex["players"][len(opp):] == AGENT)
-    assert question == problem.question
+    assert question == problem.question_text(ARENA["max_digits"])   # zero-padded operands
     assert arithmetic.parse_answer(reply) is not None
     assert int(ex["outcome"]) == int(arithmetic.parse_answer(reply) == problem.answer)
     if ex["player"] == "perfect":

@@ -36,6 +36,7 @@ class ArenaBuilderConfig(tfds.core.BuilderConfig):
   max_digits: int = 3
   ops: tuple[str, ...] = arithmetic.OPS
   test_fraction: float = 0.1
+  pad: bool = True
   players: tuple[tuple[str, float], ...] = DEFAULT_PLAYERS
   worked: bool = True
   outcome_tag: bool = False
@@ -46,17 +47,17 @@ class ArenaBuilderConfig(tfds.core.BuilderConfig):
   @property
   def arena(self) -> arithmetic.ArenaConfig:
     return arithmetic.ArenaConfig(min_digits=self.min_digits, max_digits=self.max_digits,
-                                  ops=self.ops, test_fraction=self.test_fraction)
+                                  ops=self.ops, test_fraction=self.test_fraction, pad=self.pad)
 
   def params(self) -> dict[str, Any]:
     """The generation parameters as a JSON-serialisable dict (what the config name hashes)."""
     return {"min_digits": self.min_digits, "max_digits": self.max_digits, "ops": list(self.ops),
-            "test_fraction": self.test_fraction, "players": [list(p) for p in self.players],
+            "test_fraction": self.test_fraction, "pad": self.pad, "players": [list(p) for p in self.players],
             "worked": self.worked, "outcome_tag": self.outcome_tag, "num_train": self.num_train,
             "num_test": self.num_test, "seed": self.seed}
 
 
-PARAM_NAMES = ("min_digits", "max_digits", "ops", "test_fraction", "players", "worked",
+PARAM_NAMES = ("min_digits", "max_digits", "ops", "test_fraction", "pad", "players", "worked",
                "outcome_tag", "num_train", "num_test", "seed")
 
 
@@ -85,7 +86,7 @@ def normalize_players(players) -> tuple[tuple[str, float], ...]:
 
 
 def arena_config(*, min_digits: int = 1, max_digits: int = 3, ops: Sequence[str] = arithmetic.OPS,
-                 test_fraction: float = 0.1, players=DEFAULT_PLAYERS, worked: bool = True,
+                 test_fraction: float = 0.1, pad: bool = True, players=DEFAULT_PLAYERS, worked: bool = True,
                  outcome_tag: bool = False, num_train: int = 20_000, num_test: int = 500,
                  seed: int = 0) -> ArenaBuilderConfig:
   """A validated :class:`ArenaBuilderConfig`, named ``<ops>_d<lo>-<hi>_<style>[_tagged]_<hash>``.
@@ -94,14 +95,14 @@ def arena_config(*, min_digits: int = 1, max_digits: int = 3, ops: Sequence[str]
   True
   """
   arena = arithmetic.ArenaConfig(min_digits=int(min_digits), max_digits=int(max_digits),
-                                 ops=tuple(ops), test_fraction=float(test_fraction))
+                                 ops=tuple(ops), test_fraction=float(test_fraction), pad=bool(pad))
   players = normalize_players(players)
   if int(num_train) < 1 or int(num_test) < 0:
     raise DataError(f"arena needs num_train >= 1 and num_test >= 0, got num_train={num_train}, "
                      f"num_test={num_test}")
   cfg = ArenaBuilderConfig(
       name="pending", min_digits=arena.min_digits, max_digits=arena.max_digits, ops=arena.ops,
-      test_fraction=arena.test_fraction, players=players, worked=bool(worked),
+      test_fraction=arena.test_fraction, pad=arena.pad, players=players, worked=bool(worked),
       outcome_tag=bool(outcome_tag), num_train=int(num_train), num_test=int(num_test),
       seed=int(seed))
   params_json = json.dumps(cfg.params(), sort_keys=True)
@@ -117,8 +118,8 @@ def arena_config(*, min_digits: int = 1, max_digits: int = 3, ops: Sequence[str]
 class ArithmeticArena(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Arithmetic-arena transcripts; construct with ``config=arena_config(...)``."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.", "1.1.0": "Zero-padded operands (pad=True)."}
   # Nothing is downloaded, so there are no URL checksums to look up next to the code; TFDS's own
   # lookup of the code path needs the optional `importlib_resources` package.
   code_path = None

@@ -52,7 +52,7 @@ def agent_accuracy(cfg: llama.LlamaConfig, params: Any, examples: Sequence[dict]
       exact.append(ok)
       partial.append(credit)
       if len(samples) < 3:
-        samples.append(f"{problem.question}{text}")
+        samples.append(tok.decode(chunk[i]) + text)
   return {"accuracy": float(np.mean(exact)), "partial_credit": float(np.mean(partial)),
           "n": len(examples), "no_stop_token": unstopped, "samples": samples}
 

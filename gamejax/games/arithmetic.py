@@ -61,6 +61,14 @@ class Problem:
   def question(self) -> str:
     return f"{self.a}{self.op}{self.b}="
 
+  def question_text(self, width: int = 0) -> str:
+    """The opponent's move; operands zero-padded to ``width`` digits (0: unpadded).
+
+    >>> Problem(7, 45, "+").question_text(3)
+    '007+045='
+    """
+    return f"{self.a:0{width}d}{self.op}{self.b:0{width}d}="
+
 
 @dataclasses.dataclass(frozen=True)
 class ArenaConfig:
@@ -69,6 +77,11 @@ class ArenaConfig:
   max_digits: int = 3
   ops: tuple[str, ...] = OPS
   test_fraction: float = 0.1
+  pad: bool = True      # zero-pad operands to max_digits and solve every column: fixed layout
+
+  @property
+  def width(self) -> int:
+    return self.max_digits if self.pad else 0
 
   def __post_init__(self):
     object.__setattr__(self, "ops", tuple(self.ops))
@@ -154,10 +167,10 @@ class ScriptedPlayer:
   kind: str
   param: int | float = 0
 
-  def solve(self, problem: Problem, rng: np.random.Generator | None) -> Solution:
-    """Solves ``problem``; ``rng`` is only used by ``slip`` players."""
+  def solve(self, problem: Problem, rng: np.random.Generator | None, width: int = 0) -> Solution:
+    """Solves ``problem`` over at least ``width`` columns; ``rng`` is only used by ``slip``."""
     xs, ys = _digits(problem.a), _digits(problem.b)
-    cols = max(len(xs), len(ys))
+    cols = max(len(xs), len(ys), width)
     xs, ys = xs + [0] * (cols - len(xs)), ys + [0] * (cols - len(ys))
     steps, out, carry = [], [], 0
     for i, (x, y) in enumerate(zip(xs, ys)):
@@ -250,13 +263,13 @@ def _won(problem: Problem, solution: Solution) -> bool:
 
 
 def transcript(problem: Problem, solution: Solution, worked: bool,
-               outcome_tag: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               outcome_tag: bool = False, width: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """``(tokens int32[L], players int8[L])``: BOS + question by OPPONENT, answer + EOS by AGENT.
 
   With ``outcome_tag`` the question is prefixed with "W " or "L " (whether ``solution`` is right).
   """
   prefix = ("W " if _won(problem, solution) else "L ") if outcome_tag else ""
-  move_o = _TOKENIZER.encode(prefix + problem.question)
+  move_o = _TOKENIZER.encode(prefix + problem.question_text(width))
   move_a = _TOKENIZER.encode(worked_text(solution) if worked else answer_text(solution))
   tokens = np.concatenate([[BOS], move_o, move_a, [EOS]]).astype(np.int32)
   players = np.full(tokens.shape, AGENT, np.int8)
@@ -295,15 +308,15 @@ def generate_examples(cfg: ArenaConfig, split: str, num_examples: int, seed: int
       [seed, SPLITS.index(_check_split(split))]).spawn(2)
   stream = _problem_stream(np.random.default_rng(problem_seq), cfg, split)
   return _examples(stream, np.random.default_rng(player_seq), split, num_examples, parsed,
-                   weights / weights.sum(), worked, outcome_tag)
+                   weights / weights.sum(), worked, outcome_tag, cfg.width)
 
 
-def _examples(stream, rng, split, num_examples, parsed, weights, worked, outcome_tag):
+def _examples(stream, rng, split, num_examples, parsed, weights, worked, outcome_tag, width):
   for i in range(num_examples):
     problem = next(stream)
     player = parsed[int(rng.choice(len(parsed), p=weights))]
-    solution = player.solve(problem, rng)
-    tokens, who = transcript(problem, solution, worked, outcome_tag)
+    solution = player.solve(problem, rng, width)
+    tokens, who = transcript(problem, solution, worked, outcome_tag, width)
     yield f"{split}_{i}", {
         "tokens": tokens, "players": who, "outcome": np.int32(_won(problem, solution)),
         "a": np.int64(problem.a), "b": np.int64(problem.b), "op": problem.op,

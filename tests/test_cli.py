@@ -1,0 +1,101 @@
+"""The command line on bad input: clear errors naming file, line and name; exit 2; no workdir."""
+import json
+import os
+
+import pytest
+
+from gamejax import cli
+
+EXP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+PIPELINE = os.path.join(EXP, "arithmetic", "pipeline.gin")
+
+
+def _write(tmp_path, text, name="exp.gin"):
+  path = tmp_path / name
+  path.write_text(text)
+  return str(path)
+
+
+def _train(args, capsys):
+  code = cli.main(["train", *args])
+  return code, capsys.readouterr().err
+
+
+def test_syntax_error_names_file_and_line(tmp_path, capsys):
+  bad = _write(tmp_path, f"include '{PIPELINE}'\nStage.steps = = 3\n")
+  work = tmp_path / "run"
+  code, err = _train([f"--gin_file={bad}", f"--workdir={work}"], capsys)
+  assert code == 2
+  assert f"{bad}:2" in err and "syntax" in err.lower()
+  assert not work.exists()
+
+
+def test_unclosed_bracket_names_file(tmp_path, capsys):
+  bad = _write(tmp_path, "Stage.steps = (3\n")
+  code, err = _train([f"--gin_file={bad}", f"--workdir={tmp_path / 'run'}"], capsys)
+  assert code == 2 and bad in err and "syntax" in err.lower()
+  assert not (tmp_path / "run").exists()
+
+
+def test_unknown_configurable_suggests_close_match(tmp_path, capsys):
+  bad = _write(tmp_path, f"include '{PIPELINE}'\n\nStagee.steps = 3\n")
+  code, err = _train([f"--gin_file={bad}", f"--workdir={tmp_path / 'run'}"], capsys)
+  assert code == 2
+  assert f"{bad}:3" in err and "'Stagee'" in err and "Did you mean: Stage" in err
+  assert not (tmp_path / "run").exists()
+
+
+def test_unknown_parameter_suggests_close_match(tmp_path, capsys):
+  bad = _write(tmp_path, f"include '{PIPELINE}'\nsft/Stage.stepz = 3\n")
+  code, err = _train([f"--gin_file={bad}", f"--workdir={tmp_path / 'run'}"], capsys)
+  assert code == 2
+  assert f"{bad}:2" in err and "'stepz'" in err and "steps" in err
+  assert not (tmp_path / "run").exists()
+
+
+def test_unknown_name_in_flag_binding(tmp_path, capsys):
+  code, err = _train([f"--gin_file={PIPELINE}", "--gin.LlamaConfig.d_modle=64",
+                      f"--workdir={tmp_path / 'run'}"], capsys)
+  assert code == 2 and "d_modle" in err and "d_model" in err and "--gin." in err
+  assert not (tmp_path / "run").exists()
+
+
+def test_missing_required_value(tmp_path, capsys):
+  bad = _write(tmp_path, f"include '{EXP}/regimes/sft.gin'\ninclude '{EXP}/arithmetic/arena.gin'\n"
+                         "Experiment.stages = [@sft/Stage()]\nsft/Stage.steps = 10\n")
+  code, err = _train([f"--gin_file={bad}", f"--workdir={tmp_path / 'run'}"], capsys)
+  assert code == 2 and "data" in err and "REQUIRED" in err
+  assert not (tmp_path / "run").exists()
+
+
+def test_unknown_dataset(tmp_path, capsys):
+  code, err = _train([f"--gin_file={PIPELINE}", "--gin.sft/Stage.data=@DataSpec()",
+                      "--gin.DataSpec.name='arithmetic_arenna'", f"--workdir={tmp_path / 'run'}"],
+                     capsys)
+  assert code == 2 and "arithmetic_arenna" in err and "arithmetic_arena" in err
+  assert not (tmp_path / "run").exists()
+
+
+def test_data_folder_without_records(tmp_path, capsys):
+  folder = tmp_path / "texts"
+  folder.mkdir()
+  (folder / "empty.txt").write_text("")
+  code, err = _train([f"--gin_file={PIPELINE}", "--gin.sft/Stage.data=@local_text()",
+                      f"--gin.local_text.path='{folder}'", f"--gin.Experiment.data_dir='{tmp_path}/d'",
+                      f"--workdir={tmp_path / 'run'}"], capsys)
+  assert code == 2 and str(folder) in err and "no usable records" in err
+  assert not (tmp_path / "run").exists()
+
+
+def test_workdir_with_another_run_is_refused(tmp_path, capsys):
+  work = tmp_path / "run"
+  work.mkdir()
+  (work / "config.gin").write_text("# another run\n")
+  code, err = _train([f"--gin_file={PIPELINE}", f"--workdir={work}"], capsys)
+  assert code == 2 and "--resume" in err and "--overwrite" in err
+  assert (work / "config.gin").read_text() == "# another run\n"
+
+
+def test_eval_without_run(tmp_path, capsys):
+  assert cli.main(["eval", f"--workdir={tmp_path}"]) == 2
+  assert "config.gin" in capsys.readouterr().err
