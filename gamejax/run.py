@@ -87,7 +87,7 @@ class Evaluation:
   """Held-out exact-match accuracy of greedy answers on the test split of an arena dataset."""
   data: DataSpec
   num_examples: int = 500
-  max_new_tokens: int = 64
+  max_new_tokens: int | None = None     # None: the agent's longest move in the arena's turns
   batch_size: int = 250
   reference_players: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
@@ -297,8 +297,8 @@ def load_eval_examples(exp: Experiment) -> list[dict] | None:
 
 def evaluate(exp: Experiment, params: Any, examples: Sequence[dict]) -> dict:
   ev = exp.evaluation
-  out = arena_eval.agent_accuracy(exp.model, params, examples, ev.max_new_tokens, ev.batch_size)
-  return {k: v for k, v in out.items()}
+  budget = ev.max_new_tokens or arena_eval.answer_budget(dict(ev.data.params))
+  return arena_eval.agent_accuracy(exp.model, params, examples, budget, ev.batch_size)
 
 
 def reference_accuracies(exp: Experiment, examples: Sequence[dict]) -> dict:

@@ -348,3 +348,23 @@ def test_generate_examples_rejects_bad_arguments(players, match):
     ar.generate_examples(ar.ArenaConfig(), "train", 5, 0, players, True, False)
   with pytest.raises(ValueError, match="'dev'"):
     ar.generate_examples(ar.ArenaConfig(), "dev", 5, 0, [("perfect", 1.0)], True, False)
+
+
+@pytest.mark.parametrize("worked,tag,pad", [(True, False, True), (False, True, True), (True, True, False)])
+def test_transcripts_follow_the_arena_turns(worked, tag, pad):
+  cfg = ar.ArenaConfig(max_digits=3, pad=pad)
+  structure = ar.turns(cfg, worked, tag)
+  lengths = []
+  for _, ex in ar.generate_examples(cfg, "train", 300, 0, [("perfect", 1.0), ("slip:0.3", 1.0),
+                                                           ("drop_carry:2", 1.0)], worked, tag):
+    structure.check(ex["tokens"], ex["players"])
+    lengths.append(len(ex["tokens"]))
+  # the bound is tight: 999+999 (final carry) uses every token of both turns
+  sol = ar.parse_player("perfect").solve(ar.Problem(999, 999, "+"), None, cfg.width)
+  tokens, players = ar.transcript(ar.Problem(999, 999, "+"), sol, worked, tag, cfg.width)
+  assert len(tokens) == structure.max_len
+  structure.check(tokens, players)
+  with pytest.raises(ValueError, match="allows"):
+    structure.check(list(tokens) + [5], list(players) + [players[-1]])
+  with pytest.raises(ValueError, match="turn 0 is the opponent's"):
+    structure.check(tokens, [3 - p for p in players])

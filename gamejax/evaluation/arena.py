@@ -30,6 +30,13 @@ def problem_of(example: dict) -> arithmetic.Problem:
   return arithmetic.Problem(int(example["a"]), int(example["b"]), op)
 
 
+def answer_budget(params: dict) -> int:
+  """The agent's longest move in the arena built with ``params`` (tokens, EOS included)."""
+  cfg = arithmetic.ArenaConfig(min_digits=params.get("min_digits", 1),
+                               max_digits=params.get("max_digits", 3), pad=params.get("pad", True))
+  return arithmetic.turns(cfg, params.get("worked", True)).max_move("agent")
+
+
 def agent_accuracy(cfg: llama.LlamaConfig, params: Any, examples: Sequence[dict],
                    max_new_tokens: int = 64, batch_size: int = 256) -> dict:
   """Greedy exact-match accuracy and partial credit of the model on arena examples."""

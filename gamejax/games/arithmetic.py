@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from gamejax.data.tokenizer import BOS, EOS, ByteTokenizer
+from gamejax.games.base import Turn, Turns
 from gamejax.records import AGENT, OPPONENT
 
 OPS = ("+", "-")
@@ -223,6 +224,20 @@ def parse_player(spec: str) -> ScriptedPlayer:
       raise bad(f"probability {p} is not in [0, 1]")
     return ScriptedPlayer(f"slip:{p!r}", "slip", p)
   raise bad("unknown player or missing/extra ':' argument")
+
+
+def turns(cfg: ArenaConfig, worked: bool = True, outcome_tag: bool = False) -> Turns:
+  """The arena's turn structure: the opponent poses (BOS + question), the agent answers (+ EOS).
+
+  >>> turns(ArenaConfig(max_digits=3)).turns
+  (Turn(player='opponent', max_len=9), Turn(player='agent', max_len=33))
+  """
+  question = 1 + (2 if outcome_tag else 0) + 2 * cfg.max_digits + 2
+  cols = cfg.max_digits
+  answer = (cols + 1) + 1                       # digits (with a final carry) + EOS
+  if worked:
+    answer += 8 * cols + (cols - 1) + 1         # "x+y+c=kd" per column, ';' between, '|'
+  return Turns((Turn("opponent", question), Turn("agent", answer)))
 
 
 def worked_text(solution: Solution) -> str:
