@@ -1,0 +1,1 @@
+"""Models that enter the game step as pure ``apply(params, tokens, positions, segment_ids)``."""
