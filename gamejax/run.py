@@ -216,45 +216,34 @@ def run_stage(exp: Experiment, index: int, init_params: Any, workdir: str, mesh,
   k = stage.steps_per_call
   end = stage.steps if stop_after_steps is None else min(stage.steps, stop_after_steps)
   bar = _progress(stage.name, start, stage.steps, progress)
-  pending = None
-  tokens_done, t_steady, steady_tokens, last_loss = 0, None, 0, math.nan
-  t_start = time.perf_counter()
+  clock = Throughput()
+  last_loss, pending, tokens = math.nan, None, 0
 
-  def flush(pending):
+  def flush(step_no, metrics, tokens_through):
+    """Logs a call's metrics once the next call is queued, so reading them never stalls."""
     nonlocal last_loss
-    step_no, metrics, tokens, t_dispatch = pending
-    host = jax.device_get(metrics)                     # the previous call's metrics: no stall
     row = {"stage": stage.name, "step": step_no}
-    row.update({key: float(np.mean(v)) for key, v in host.items()})
-    elapsed = time.perf_counter() - t_start
-    row["tokens_per_s"] = tokens_done / max(elapsed, 1e-9)
+    row.update({key: float(np.mean(v)) for key, v in jax.device_get(metrics).items()})
+    rate = clock.mark(tokens_through)
+    if math.isfinite(rate):              # the first read has no interval before it
+      row["tokens_per_s"] = rate
     last_loss = row["loss"]
     writer.write(row)
     bar.update(k)
-    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}")
 
   try:
     for step_no in range(start + k, end + 1, k):
       batches = _stack([next(loader) for _ in range(k)])
-      n_tokens = int((batches["segment_ids"] > 0).sum())
-      batches = jax.device_put(batches, batch_sharding)
-      state, metrics = step_fn(state, batches)
+      tokens += int((batches["segment_ids"] > 0).sum())
+      state, metrics = step_fn(state, jax.device_put(batches, batch_sharding))
       if pending is not None:
-        flush(pending)
-        if t_steady is None:       # the first call compiled; measure throughput from here
-          t_steady, steady_tokens = time.perf_counter(), 0
-        else:
-          steady_tokens += pending[2]
-      tokens_done += n_tokens
-      pending = (step_no, metrics, n_tokens, time.perf_counter())
+        flush(*pending)
+      pending = (step_no, metrics, tokens)
       if step_no % stage.checkpoint_every == 0 and step_no < end:
         ckpt.save(step_no, state, {"data": loader.get_state(), "stage": stage.name})
     if pending is not None:
-      jax.block_until_ready(state)
-      if t_steady is not None:
-        steady_tokens += pending[2]
-      flush(pending)
-    t_end = time.perf_counter()
+      flush(*pending)
     if end > start:
       ckpt.save(end, state, {"data": loader.get_state(), "stage": stage.name})
   finally:
@@ -265,14 +254,35 @@ def run_stage(exp: Experiment, index: int, init_params: Any, workdir: str, mesh,
   params = state.params["agent"]
   result = {"steps": end, "loss": last_loss, "truncated": loader.stats["truncated"],
             "skipped": loader.stats["skipped"]}
-  if t_steady is not None and t_end > t_steady:
-    result["tokens_per_s"] = steady_tokens / (t_end - t_steady)
+  if clock.steady_rate() is not None:
+    result["tokens_per_s"] = clock.steady_rate()
   if loader.stats["truncated"] or loader.stats["skipped"]:
     log(f"[{stage.name}] records longer than seq_len={stage.seq_len}: "
         f"{loader.stats['truncated']} truncated, {loader.stats['skipped']} skipped")
   if eval_examples is not None and end == stage.steps:
     result.update(evaluate(exp, params, eval_examples))
   return StageResult(params=params, metrics=result)
+
+
+class Throughput:
+  """Tokens/s between metric reads. The first read waited for compilation, so it starts the
+  clock of the steady rate; each later read also gives the rate since the one before."""
+
+  def __init__(self):
+    self._first = self._last = None      # (time, tokens done)
+
+  def mark(self, tokens_done: int) -> float:
+    now = time.perf_counter()
+    rate = math.nan if self._last is None else (
+        (tokens_done - self._last[1]) / max(now - self._last[0], 1e-9))
+    self._first = self._first or (now, tokens_done)
+    self._last = (now, tokens_done)
+    return rate
+
+  def steady_rate(self) -> float | None:
+    if self._first is None or self._last[0] <= self._first[0]:
+      return None
+    return (self._last[1] - self._first[1]) / (self._last[0] - self._first[0])
 
 
 def _progress(name: str, start: int, total: int, enabled: bool):
