@@ -2,10 +2,16 @@
 
   python -m benchmarks.train_step [--d_model 512 --d_ff 1376 --n_layers 8 --n_heads 8
                                    --vocab_size 512 --seq_len 256 --batch 8 --steps 5]
+                                  [--no_hugepages]
 
 Prints one JSON line: tokens/s, model FLOPs/s, the f32 matmul peak measured in this process, and
 MFU = model FLOPs/s / matmul peak. Model FLOPs per token: ``llama.flops_per_token`` (6 x matmul
 params + causal attention), the standard accounting.
+
+Run as a script, it first re-executes itself with glibc malloc on transparent huge pages (see
+``gamejax.hostenv``; ``--no_hugepages`` to measure without), the setting a
+training run on CPU should use too; ``malloc_hugepages`` in the JSON says which it measured. The
+matmul peak is measured in the same process, under the same setting.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import numpy as np
 import optax
 
 from benchmarks import common
-from gamejax import sharding, step as game_step
+from gamejax import hostenv, sharding, step as game_step
 from gamejax.models import llama
 from gamejax.payoffs import imitation
 
@@ -30,7 +36,11 @@ def main(argv=None):
   p.add_argument("--seq_len", type=int, default=256)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--steps", type=int, default=5, help="timed calls (one game step each)")
+  p.add_argument("--no_hugepages", action="store_true",
+                 help="keep 4 KiB pages for malloc (no re-exec with GLIBC_TUNABLES)")
   args = p.parse_args(argv)
+  if argv is None and not args.no_hugepages:
+    hostenv.reexec_with_malloc_hugepages()
   cfg = common.model_config(args)
 
   learner = game_step.Learner(functools.partial(llama.apply, cfg),
@@ -63,7 +73,8 @@ def main(argv=None):
       "benchmark": "train_step", "device": jax.devices()[0].device_kind,
       "params": llama.param_count(cfg), "batch": args.batch, "seq_len": args.seq_len,
       "seconds_per_step": secs, "tokens_per_s": tokens / secs, "model_flops_per_s": flops,
-      "matmul_peak_flops_per_s": peak, "mfu": flops / peak}))
+      "matmul_peak_flops_per_s": peak, "mfu": flops / peak,
+      "malloc_hugepages": hostenv.malloc_hugepages_enabled()}))
 
 
 if __name__ == "__main__":

@@ -135,5 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-if __name__ == "__main__":
+def entrypoint() -> None:
+  """The ``gamejax`` console script: re-executes once with huge-page malloc (see hostenv)."""
+  from gamejax import hostenv
+  hostenv.reexec_with_malloc_hugepages()
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  entrypoint()

@@ -213,6 +213,38 @@ def test_gradients_are_finite_and_nonzero():
   assert all(np.abs(g).max() > 0 for g in leaves)
 
 
+@pytest.mark.parametrize("block", [4, 64])
+def test_gradients_match_finite_differences_of_numpy_reference(monkeypatch, block):
+  """The hand-written backward passes (dense, SwiGLU, blocked self-attention) against central
+  differences of the float64 NumPy forward, along a random direction within each weight."""
+  monkeypatch.setattr(llama, "ATTENTION_BLOCK", block)  # block 4 of T=14: 4 blocks, 1 ragged
+  params = _random_params(CFG)
+  rng = np.random.default_rng(5)
+  a, b = rng.integers(3, CFG.vocab_size, 6), rng.integers(3, CFG.vocab_size, 5)
+  tokens = np.array([np.r_[a, b, 0, 0, 0], np.r_[0, b, a, 0, 0]], np.int32)
+  positions = np.array([np.r_[np.arange(6), np.arange(5), 0, 0, 0],
+                        np.r_[0, np.arange(5), np.arange(6), 0, 0]], np.int32)
+  segments = np.array([[1] * 6 + [2] * 5 + [0] * 3, [0] + [1] * 5 + [2] * 6 + [0] * 2], np.int32)
+  weights = rng.standard_normal((2, 14, CFG.vocab_size)) * (segments[..., None] > 0)
+
+  def loss(p):  # fresh jit: ATTENTION_BLOCK is read at trace time
+    return jnp.sum(llama.apply(CFG, p, tokens, positions, segments) * weights.astype(np.float32))
+
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  np_loss = lambda p: float(np.sum(_np_forward(CFG, p, tokens, positions, segments) * weights))
+  assert abs(float(value) - np_loss(params)) < 1e-4 * abs(np_loss(params)) + 1e-4
+  flat, treedef = jax.tree_util.tree_flatten(params)
+  flat = [np.asarray(x, np.float64) for x in flat]
+  for i, g in enumerate(jax.tree_util.tree_leaves(grads)):
+    direction = rng.standard_normal(flat[i].shape)
+    shifted = lambda eps: jax.tree_util.tree_unflatten(
+        treedef, [x + eps * direction if j == i else x for j, x in enumerate(flat)])
+    eps = 1e-5
+    want = (np_loss(shifted(eps)) - np_loss(shifted(-eps))) / (2 * eps)
+    got = float(np.sum(np.asarray(g, np.float64) * direction))
+    assert abs(got - want) < 2e-3 * abs(want) + 1e-3, (i, got, want)
+
+
 def test_bfloat16_compute_is_close_to_float32():
   cfg16 = llama.LlamaConfig(**{**CFG.__dict__, "dtype": "bfloat16"})
   params = _random_params(CFG)
