@@ -36,8 +36,15 @@ def time_calls(fn, n: int, warmup: int = 1) -> list[float]:
   return times
 
 
-def matmul_peak_flops(sizes=((2048, 512, 1376), (2048, 1376, 512), (1024, 1024, 1024))) -> float:
-  """The best f32 matmul throughput (FLOP/s) this process reaches on a few GEMM shapes."""
+CPU_PEAK_SHAPES = ((2048, 512, 1376), (2048, 1376, 512), (1024, 1024, 1024))
+ACCELERATOR_PEAK_SHAPES = ((8192, 8192, 8192),)   # small GEMMs cannot fill a GPU/TPU
+
+
+def matmul_peak_flops(sizes=None) -> float:
+  """The best f32 matmul throughput (FLOP/s) this process reaches on a few GEMM shapes
+  (default precision, as the model's matmuls run; shapes large enough to fill the device)."""
+  if sizes is None:
+    sizes = CPU_PEAK_SHAPES + (() if jax.default_backend() == "cpu" else ACCELERATOR_PEAK_SHAPES)
   best = 0.0
   for m, k, n in sizes:
     a = jax.random.normal(jax.random.PRNGKey(0), (m, k), jnp.float32)
