@@ -220,3 +220,13 @@ def test_local_text_folder_errors(tmp_path):
   (tmp_path / "binary" / "x.txt").write_bytes(b"ok\xff")
   with pytest.raises(ValueError, match=r"x\.txt: not valid UTF-8"):
     sources.load_source("local_text", "train", data_dir, path=str(tmp_path / "binary"))
+
+
+def test_builders_are_registered_with_tfds(tmp_path):
+  import tensorflow_datasets as tfds
+  from gamejax.data import arena as arena_lib
+  builder = tfds.builder("arithmetic_arena", config=arena_lib.arena_config(num_train=30, num_test=5),
+                         data_dir=str(tmp_path))
+  builder.download_and_prepare()
+  assert len(builder.as_data_source()["train"]) == 30
+  assert tfds.builder_cls("local_text").__name__ == "LocalText"

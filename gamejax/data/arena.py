@@ -115,7 +115,7 @@ def arena_config(*, min_digits: int = 1, max_digits: int = 3, ops: Sequence[str]
   return cfg
 
 
-class ArithmeticArena(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class ArithmeticArena(tfds.core.GeneratorBasedBuilder):
   """Arithmetic-arena transcripts; construct with ``config=arena_config(...)``."""
 
   VERSION = tfds.core.Version("1.1.0")

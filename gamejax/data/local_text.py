@@ -183,7 +183,7 @@ def split_records(records: list[tuple[str, dict]], test_fraction: float):
   return train, test
 
 
-class LocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class LocalText(tfds.core.GeneratorBasedBuilder):
   """A folder of ``.txt``/``.jsonl`` files; construct with ``config=local_text_config(path)``."""
 
   VERSION = tfds.core.Version("1.0.0")
