@@ -62,6 +62,16 @@ def _holds_run(workdir: str) -> bool:
   return os.path.isdir(workdir) and any(os.path.exists(os.path.join(workdir, f)) for f in RUN_FILES)
 
 
+def _remove_run(workdir: str) -> None:
+  """Deletes a run's files (and only those) from ``workdir``."""
+  for name in RUN_FILES:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+
+
 def train(args, bindings) -> int:
   from gamejax import config, run
   config.parse(args.gin_file, bindings)
@@ -74,9 +84,7 @@ def train(args, bindings) -> int:
   run.prepare_data(exp)                 # bad data fails here, before the workdir is touched
   if _holds_run(workdir):
     if args.overwrite:
-      for f in RUN_FILES:
-        path = os.path.join(workdir, f)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
+      _remove_run(workdir)
     else:
       old = os.path.join(workdir, "config.gin")
       if os.path.exists(old) and open(old).read() != operative:

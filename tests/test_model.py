@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gamejax.models import llama
+from gamejax.models import kernels, llama
 
 CFG = llama.LlamaConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
                         rope_theta=500.0, init_std=0.2)
@@ -217,7 +217,7 @@ def test_gradients_are_finite_and_nonzero():
 def test_gradients_match_finite_differences_of_numpy_reference(monkeypatch, block):
   """The hand-written backward passes (dense, SwiGLU, blocked self-attention) against central
   differences of the float64 NumPy forward, along a random direction within each weight."""
-  monkeypatch.setattr(llama, "ATTENTION_BLOCK", block)  # block 4 of T=14: 4 blocks, 1 ragged
+  monkeypatch.setattr(kernels, "ATTENTION_BLOCK", block)  # block 4 of T=14: 4 blocks, 1 ragged
   params = _random_params(CFG)
   rng = np.random.default_rng(5)
   a, b = rng.integers(3, CFG.vocab_size, 6), rng.integers(3, CFG.vocab_size, 5)

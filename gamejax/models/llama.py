@@ -36,6 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gamejax.models.kernels import (attention_mask, dense, heads, merge_heads, rope_tables,
+                                    self_attention, softmax_attend, swiglu)
+
 Params = Any
 Cache = dict
 
@@ -110,243 +113,6 @@ class LlamaConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Compute pieces. On CPU the training step is bound by mid-sized GEMMs and memory passes, so the
-# pieces whose autodiff backward compiles badly with XLA:CPU have their backward written out
-# (``jax.custom_vjp``); tests/test_model.py checks every weight's gradient against finite
-# differences of an independent NumPy forward.
-
-def _matmul(x, w, contract_w: int, out_dtype):
-  dims = (((x.ndim - 1,), (contract_w,)), ((), ()))
-  return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(out_dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def dense(x, w, contract_w: int = 0, out_dtype=None):
-  """``x[..., D]`` times a 2-D weight: ``w[D, F]`` (``contract_w=0``) or ``w[F, D]``
-  (``contract_w=1``, e.g. a tied embedding as LM head). Inputs in ``x``'s dtype, float32
-  accumulation, result in ``out_dtype`` (default ``x``'s dtype).
-
-  The backward is the two GEMMs in the forms XLA:CPU runs fastest: ``dx = dy w^T`` and
-  ``dw = x^T dy`` over the flattened tokens. (Autodiff's ``transpose(dot(dy, x))`` compiles to a
-  transposed copy of ``dy`` and a dot with both operands transposed, about half as fast.)
-
-  >>> x, w = jnp.ones((2, 3, 4)), jnp.ones((4, 5))
-  >>> dense(x, w).shape, dense(x, w.T, 1).shape
-  ((2, 3, 5), (2, 3, 5))
-  """
-  return _matmul(x, w.astype(x.dtype), contract_w, out_dtype or x.dtype)
-
-
-def _dense_fwd(x, w, contract_w, out_dtype):
-  return dense(x, w, contract_w, out_dtype), (x, w)
-
-
-def _dense_bwd(contract_w, out_dtype, res, dy):
-  del out_dtype
-  x, w = res
-  dy = dy.astype(x.dtype)
-  dx = _matmul(dy, w.astype(x.dtype), 1 - contract_w, x.dtype)
-  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-  operands = (x2, dy2) if contract_w == 0 else (dy2, x2)
-  dw = jax.lax.dot_general(*operands, (((0,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32).astype(w.dtype)
-  return dx, dw
-
-
-dense.defvjp(_dense_fwd, _dense_bwd)
-
-
-@jax.custom_vjp
-def swiglu(gate_up_BTF):
-  """``silu(gate) * up`` of the fused ``[..., 2F] = [gate | up]`` projection (float32 math,
-  result in the input's dtype). The backward writes the ``[..., 2F]`` gradient in one pass.
-
-  >>> swiglu(jnp.ones((2, 3, 8))).shape  # [gate | up], each of width 4
-  (2, 3, 4)
-  """
-  return _swiglu_fwd(gate_up_BTF)[0]
-
-
-def _swiglu_fwd(gate_up_BTF):
-  f = gate_up_BTF.shape[-1] // 2
-  gate = gate_up_BTF[..., :f].astype(jnp.float32)
-  up = gate_up_BTF[..., f:].astype(jnp.float32)
-  return (jax.nn.silu(gate) * up).astype(gate_up_BTF.dtype), gate_up_BTF
-
-
-def _swiglu_bwd(gate_up_BTF, d_hidden_BTF):
-  f = gate_up_BTF.shape[-1] // 2
-  gu = gate_up_BTF.astype(jnp.float32).reshape(gate_up_BTF.shape[:-1] + (2, f))
-  gate, up = gu[..., :1, :], gu[..., 1:, :]
-  dh = d_hidden_BTF.astype(jnp.float32)[..., None, :]
-  sig = jax.nn.sigmoid(gate)
-  is_gate = jax.lax.broadcasted_iota(jnp.int32, gu.shape, gu.ndim - 2) == 0
-  d_gu = jnp.where(is_gate, dh * up * sig * (1.0 + gate * (1.0 - sig)), dh * gate * sig)
-  return (d_gu.reshape(gate_up_BTF.shape).astype(gate_up_BTF.dtype),)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
-
-
-def rope_tables(positions_BT, head_dim: int, theta: float):
-  """``(cos, sin)``, each ``float32[B, T, 1, head_dim/2]``: the RoPE rotation of each position,
-  computed once per forward and shared by every layer."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles_BTF = positions_BT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
-  return jnp.cos(angles_BTF)[:, :, None, :], jnp.sin(angles_BTF)[:, :, None, :]
-
-
-def apply_rope(x_BTHK, cos_BT1F, sin_BT1F):
-  """Rotary embedding, rotate-half convention (HF Llama): pairs dimension ``i`` with ``i + K/2``."""
-  k = x_BTHK.shape[-1]
-  x = x_BTHK.astype(jnp.float32)
-  x1, x2 = x[..., :k // 2], x[..., k // 2:]
-  out = jnp.concatenate([x1 * cos_BT1F - x2 * sin_BT1F, x2 * cos_BT1F + x1 * sin_BT1F], axis=-1)
-  return out.astype(x_BTHK.dtype)
-
-
-def _unrope(dy_BTHK, cos_BT1F, sin_BT1F):
-  """The transpose of ``apply_rope`` (rotation by the opposite angles), in float32."""
-  k = dy_BTHK.shape[-1]
-  dy = dy_BTHK.astype(jnp.float32)
-  dy1, dy2 = dy[..., :k // 2], dy[..., k // 2:]
-  return jnp.concatenate([dy1 * cos_BT1F + dy2 * sin_BT1F, dy2 * cos_BT1F - dy1 * sin_BT1F],
-                         axis=-1)
-
-
-def rope(x_BTHK, positions_BT, theta: float):
-  """Rotary embedding of ``x`` at ``positions`` (``rope_tables`` then ``apply_rope``)."""
-  return apply_rope(x_BTHK, *rope_tables(positions_BT, x_BTHK.shape[-1], theta))
-
-
-def attention_mask(q_segment_BT, q_slot_T, k_segment_BS, k_slot_S):
-  """``bool[B, T, S]``: query ``t`` sees key ``s`` iff causal, same non-padding segment, or itself.
-
-  Slots are indices along the (cache) sequence; a padding query (segment 0) sees only its own
-  slot, so its softmax row is never empty.
-  """
-  causal_TS = k_slot_S[None, :] <= q_slot_T[:, None]
-  same_BTS = (q_segment_BT[:, :, None] == k_segment_BS[:, None, :]) & (
-      q_segment_BT[:, :, None] > 0)
-  itself_TS = k_slot_S[None, :] == q_slot_T[:, None]
-  return (causal_TS[None] & same_BTS) | itself_TS[None]
-
-
-def _heads(qkv_BTNK, cos_BT1F, sin_BT1F, n_heads: int, n_kv_heads: int):
-  """Split the fused projection ``[B, T, H + 2G, K]`` into head-major RoPE'd queries scaled by
-  ``1/sqrt(K)``, ``[B, G, T*R, K]`` (rows: time, then the ``R = H/G`` query heads of kv head
-  ``g``, i.e. head ``h = g*R + r`` as HF's ``repeat_kv``), and RoPE'd keys and values ``[B, G, T,
-  K]``, so that both attention matmuls are plain batched GEMMs over ``(b, g)``."""
-  b, t, _, k = qkv_BTNK.shape
-  h, kv = n_heads, n_kv_heads
-  qk = apply_rope(qkv_BTNK[:, :, :h + kv], cos_BT1F, sin_BT1F)
-  q = (qk[:, :, :h].astype(jnp.float32) / np.sqrt(k).astype(np.float32)).astype(qkv_BTNK.dtype)
-  q_BGQK = q.reshape(b, t, kv, h // kv, k).transpose(0, 2, 1, 3, 4).reshape(b, kv, -1, k)
-  return q_BGQK, qk[:, :, h:].transpose(0, 2, 1, 3), qkv_BTNK[:, :, h + kv:].transpose(0, 2, 1, 3)
-
-
-def _merge_heads(x_BGQK, n_heads: int):
-  """``[B, G, T*R, K]`` (rows as in ``_heads``) -> ``[B, T, H, K]``."""
-  b, g, q, k = x_BGQK.shape
-  r = n_heads // g
-  return x_BGQK.reshape(b, g, q // r, r, k).transpose(0, 2, 1, 3, 4).reshape(b, q // r, n_heads, k)
-
-
-def _softmax_attend(q_BGQK, k_BGSK, v_BGSK, bias_BTS):
-  """Attention of ``Q = T*R`` query rows over ``S`` keys per ``(b, g)``, with additive ``bias``;
-  float32 scores and softmax. Returns ``(out float32[B, G, Q, K], p float32[B, G, Q, S], 1/l)``
-  with ``p`` the unnormalised probabilities and ``l`` their row sums: rows are normalised after
-  the ``PV`` matmul, on ``[Q, K]`` rather than ``[Q, S]``."""
-  b, g, q, _ = q_BGQK.shape
-  t, s = bias_BTS.shape[1:]
-  scores = jnp.einsum("bgqk,bgsk->bgqs", q_BGQK, k_BGSK, preferred_element_type=jnp.float32)
-  scores = scores.reshape(b, g, t, q // t, s) + bias_BTS[:, None, :, None, :]
-  p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True)).reshape(b, g, q, s)
-  inv_l = 1.0 / jnp.sum(p, axis=-1, keepdims=True)
-  out = jnp.einsum("bgqs,bgsk->bgqk", p.astype(v_BGSK.dtype), v_BGSK,
-                   preferred_element_type=jnp.float32) * inv_l
-  return out, p, inv_l
-
-
-# Self-attention processes queries in blocks of this many time steps; block ``[t0, t1)`` attends
-# only keys ``< t1`` (the later ones are masked by causality), so the blocks above the diagonal of
-# the score matrix are never computed: 3/8 of the attention matmuls and softmax for 4 blocks.
-ATTENTION_BLOCK = 64
-
-
-def _query_blocks(t: int):
-  return [(t0, min(t0 + ATTENTION_BLOCK, t)) for t0 in range(0, t, ATTENTION_BLOCK)]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def self_attention(qkv_BTNK, cos_BT1F, sin_BT1F, bias_BTS, n_heads: int, n_kv_heads: int):
-  """Causal grouped-query self-attention from the fused projection ``qkv_BTNK = [q heads | k heads
-  | v heads]`` (``[B, T, H + 2G, K]``): RoPE, ``1/sqrt(K)`` scaling, softmax with the additive
-  ``bias_BTS`` (which must mask every key after its query), output ``[B, T, H, K]`` in ``qkv``'s
-  dtype. The ``cos``/``sin`` tables (``rope_tables``) and the bias get no gradient.
-
-  The backward is written out, flash-attention style (``rowsum(dO * O)`` in place of
-  ``rowsum(dP * P)``, the saved unnormalised probabilities), and returns the ``qkv`` gradient in
-  one piece, RoPE's transpose and the head-major-to-token-major transposes fused in.
-
-  >>> qkv = jnp.ones((1, 3, 4, 2))  # 2 query heads, 1 kv head
-  >>> cos, sin = rope_tables(jnp.arange(3)[None], 2, 10000.0)
-  >>> bias = jnp.where(jnp.tril(jnp.ones((3, 3), bool)), 0.0, -1e30)[None]
-  >>> self_attention(qkv, cos, sin, bias, 2, 1).shape
-  (1, 3, 2, 2)
-  """
-  return _self_attention_fwd(qkv_BTNK, cos_BT1F, sin_BT1F, bias_BTS, n_heads, n_kv_heads)[0]
-
-
-def _self_attention_fwd(qkv_BTNK, cos_BT1F, sin_BT1F, bias_BTS, n_heads, n_kv_heads):
-  r = n_heads // n_kv_heads
-  q_BGQK, k_BGSK, v_BGSK = _heads(qkv_BTNK, cos_BT1F, sin_BT1F, n_heads, n_kv_heads)
-  outs, ps, inv_ls = [], [], []
-  for t0, t1 in _query_blocks(qkv_BTNK.shape[1]):
-    out, p, inv_l = _softmax_attend(q_BGQK[:, :, t0 * r:t1 * r], k_BGSK[:, :, :t1],
-                                    v_BGSK[:, :, :t1], bias_BTS[:, t0:t1, :t1])
-    outs.append(out.astype(qkv_BTNK.dtype))
-    ps.append(p)
-    inv_ls.append(inv_l)
-  out_BGQK = jnp.concatenate(outs, axis=2)
-  residuals = (q_BGQK, k_BGSK, v_BGSK, cos_BT1F, sin_BT1F, bias_BTS, out_BGQK, ps, inv_ls)
-  return _merge_heads(out_BGQK, n_heads), residuals
-
-
-def _self_attention_bwd(n_heads, n_kv_heads, residuals, d_out_BTHK):
-  q, k, v, cos, sin, bias, out, ps, inv_ls = residuals
-  b, g, _, hd = q.shape
-  t = bias.shape[1]
-  r = n_heads // n_kv_heads
-  dt = v.dtype
-  f32 = dict(preferred_element_type=jnp.float32)
-  d_out = d_out_BTHK.astype(jnp.float32).reshape(b, t, g, r, hd).transpose(0, 2, 1, 3, 4)
-  d_out = d_out.reshape(b, g, t * r, hd)
-  row_dot = jnp.sum(d_out * out.astype(jnp.float32), axis=-1, keepdims=True)
-  d_qs, d_k, d_v = [], 0.0, 0.0
-  for (t0, t1), p, inv_l in zip(_query_blocks(t), ps, inv_ls):
-    rows = slice(t0 * r, t1 * r)
-    # With P = p / l: dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)).
-    d_out_scaled = (d_out[:, :, rows] * inv_l).astype(dt)
-    d_v_blk = jnp.einsum("bgqs,bgqk->bgsk", p.astype(dt), d_out_scaled, **f32)
-    d_p = jnp.einsum("bgqk,bgsk->bgqs", d_out_scaled, v[:, :, :t1], **f32)
-    d_scores = (p * (d_p - row_dot[:, :, rows] * inv_l)).astype(dt)
-    d_qs.append(jnp.einsum("bgqs,bgsk->bgqk", d_scores, k[:, :, :t1], **f32))
-    d_k_blk = jnp.einsum("bgqs,bgqk->bgsk", d_scores, q[:, :, rows], **f32)
-    pad = ((0, 0), (0, 0), (0, t - t1), (0, 0))
-    d_v = d_v + jnp.pad(d_v_blk, pad)
-    d_k = d_k + jnp.pad(d_k_blk, pad)
-  d_q = jnp.concatenate(d_qs, axis=2) / np.sqrt(hd).astype(np.float32)
-  d_qk = _unrope(jnp.concatenate([_merge_heads(d_q, n_heads), d_k.transpose(0, 2, 1, 3)], axis=2),
-                 cos, sin)
-  d_qkv = jnp.concatenate([d_qk, d_v.transpose(0, 2, 1, 3)], axis=2).astype(dt)
-  return d_qkv, jnp.zeros_like(cos), jnp.zeros_like(sin), jnp.zeros_like(bias)
-
-
-self_attention.defvjp(_self_attention_fwd, _self_attention_bwd)
-
-
-# ---------------------------------------------------------------------------------------------
 # Modules.
 
 class RMSNorm(nn.Module):
@@ -387,7 +153,7 @@ class Attention(nn.Module):
       out_BTHK = self_attention(qkv_BTNK, *rope_BT, bias_BTS, h, kv)
       new_cache = None
     else:
-      q_BGQK, k_BGTK, v_BGTK = _heads(qkv_BTNK, *rope_BT, h, kv)
+      q_BGQK, k_BGTK, v_BGTK = heads(qkv_BTNK, *rope_BT, h, kv)
       zero = jnp.zeros((), jnp.int32)
       start = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
       k_BSGK = jax.lax.dynamic_update_slice(
@@ -395,9 +161,9 @@ class Attention(nn.Module):
       v_BSGK = jax.lax.dynamic_update_slice(
           kv_cache["v"], v_BGTK.transpose(0, 2, 1, 3).astype(kv_cache["v"].dtype), start)
       new_cache = {"k": k_BSGK, "v": v_BSGK}
-      out_BGQK, _, _ = _softmax_attend(q_BGQK, k_BSGK.astype(dt).transpose(0, 2, 1, 3),
+      out_BGQK, _, _ = softmax_attend(q_BGQK, k_BSGK.astype(dt).transpose(0, 2, 1, 3),
                                        v_BSGK.astype(dt).transpose(0, 2, 1, 3), bias_BTS)
-      out_BTHK = _merge_heads(out_BGQK.astype(dt), h)
+      out_BTHK = merge_heads(out_BGQK.astype(dt), h)
     return dense(out_BTHK.reshape(b, t, h * k), wo.reshape(h * k, d)), new_cache
 
 
