@@ -80,26 +80,22 @@ def game_step(game: Game, state: GameState, batch: Any) -> tuple[GameState, dict
       return -value, m
 
     (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params[name])
-    finite = jnp.isfinite(loss) & all_finite(grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)   # a NaN/inf anywhere makes the norm so
     updates, new_opt = learner.optimizer.update(grads, state.opt_state[name], state.params[name])
     new_params = optax.apply_updates(state.params[name], updates)
-    # A non-finite payoff or gradient never reaches the parameters: the update is skipped, counted.
+    # A non-finite payoff or gradient never reaches the parameters: the update is skipped and
+    # counted (a gradient whose norm overflows float32 is skipped too).
     params[name] = _select(finite, new_params, state.params[name])
     opt_state[name] = _select(finite, new_opt, state.opt_state[name])
     metrics.update({f"{name}/{k}": v for k, v in m.items()})
     metrics[f"{name}/loss"] = loss
-    metrics[f"{name}/grad_norm"] = optax.tree.norm(grads)
+    metrics[f"{name}/grad_norm"] = grad_norm
     metrics[f"{name}/skipped_nonfinite"] = 1.0 - finite.astype(jnp.float32)
     total_loss = total_loss + loss
   metrics["loss"] = total_loss
   new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
   return new_state, metrics
-
-
-def all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def _select(pred, on_true, on_false):

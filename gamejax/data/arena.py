@@ -14,7 +14,6 @@ test split is left out when ``num_test == 0``); features are those of
 """
 from __future__ import annotations
 
-from gamejax.data.errors import DataError
 import dataclasses
 import hashlib
 import json
@@ -23,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from gamejax.data.errors import DataError
 from gamejax.games import arithmetic
 
 _OP_NAMES = {"+": "add", "-": "sub"}

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from gamejax.data.errors import DataError
 import numpy as np
+
+from gamejax.data.errors import DataError
 
 TOO_LONG_MODES = ("truncate", "skip", "error")
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "players")

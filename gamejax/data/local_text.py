@@ -17,7 +17,6 @@ records chosen by a stable hash of their ``file:line`` keys (left out when that 
 """
 from __future__ import annotations
 
-from gamejax.data.errors import DataError
 import dataclasses
 import hashlib
 import json
@@ -29,6 +28,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from gamejax.data.errors import DataError
 from gamejax.data.tokenizer import BOS, EOS, ByteTokenizer
 from gamejax.records import AGENT, OPPONENT
 

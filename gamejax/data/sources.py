@@ -12,7 +12,6 @@ dicts (text features decoded to ``str``) with at least "tokens" and "players".
 """
 from __future__ import annotations
 
-from gamejax.data.errors import DataError
 import contextlib
 import difflib
 import io
@@ -24,6 +23,7 @@ from absl import logging as absl_logging
 import tensorflow_datasets as tfds
 
 from gamejax.data import arena, local_text
+from gamejax.data.errors import DataError
 
 tfds.disable_progress_bar()
 _LOG = logging.getLogger(__name__)
