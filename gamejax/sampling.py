@@ -3,8 +3,9 @@
 Prompts are LEFT-padded to a common length ``P`` (pad id 0, segment 0), so every row's prompt
 ends at slot ``P - 1`` and all rows write the same cache slot at each step. Row ``b``'s positions
 start at 0 at its first real token. Generated tokens go into a preallocated ``[B, N]`` buffer;
-after a row emits ``eos_id`` its later tokens are PAD (0) with log-prob 0, and the loop stops
-early once every row is done.
+after a row emits ``eos_id`` (or any of ``stop_ids``) its later tokens are PAD (0) with log-prob 0,
+and the loop stops early once every row is done. Sampling can be restricted with ``top_k`` and
+``top_p`` (nucleus), applied to ``logits / temperature`` (see ``top_k_logits``, ``top_p_logits``).
 
 >>> import jax, numpy as np
 >>> from gamejax.models import llama
@@ -55,16 +56,70 @@ def left_pad(prompts: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np
   return out, lengths
 
 
-def _choose(logits_BV, rng, temperature: float):
-  """Greedy at temperature 0, else a categorical draw from ``logits / temperature``."""
+def top_k_logits(logits_BV, k: int):
+  """Masks all but the ``k`` largest logits of each row to ``-inf`` (``k`` static; 0 = off).
+
+  Ties with the ``k``-th largest value are all kept. ``k >= V`` keeps everything.
+
+  >>> top_k_logits(jnp.array([[1.0, 3.0, 2.0]]), 2).tolist()
+  [[-inf, 3.0, 2.0]]
+  """
+  if k < 0:
+    raise ValueError(f"top_k must be >= 0; got {k}")
+  if k == 0 or k >= logits_BV.shape[-1]:
+    return logits_BV
+  kth_B1 = jax.lax.top_k(logits_BV, k)[0][..., -1:]
+  return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+
+
+def top_p_logits(logits_BV, p: float):
+  """Nucleus filter: keeps, per row, the smallest set of most-likely tokens whose
+  ``softmax(logits)`` mass reaches ``p`` (always at least the top token); masks the rest to
+  ``-inf``. ``p`` is static, in ``(0, 1]``; 1.0 keeps everything. Ties with the last kept value
+  are all kept.
+
+  >>> top_p_logits(jnp.log(jnp.array([[0.2, 0.5, 0.3]])), 0.7).tolist()[0][0]
+  -inf
+  """
+  if not 0.0 < p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1]; got {p}")
+  if p >= 1.0:
+    return logits_BV
+  sorted_BV = -jnp.sort(-logits_BV, axis=-1)  # descending
+  probs_BV = jax.nn.softmax(sorted_BV.astype(jnp.float32), axis=-1)
+  mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of strictly better tokens
+  n_keep_B1 = jnp.maximum(jnp.sum(mass_before_BV < p, axis=-1, keepdims=True), 1)
+  threshold_B1 = jnp.take_along_axis(sorted_BV, n_keep_B1 - 1, axis=-1)
+  return jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
+
+
+def _choose(logits_BV, rng, temperature: float, top_k: int = 0, top_p: float = 1.0):
+  """Greedy at temperature 0, else a categorical draw from ``logits / temperature`` restricted to
+  the ``top_k`` / ``top_p`` set."""
   if temperature == 0.0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, logits_BV / temperature, axis=-1).astype(jnp.int32)
+  scaled_BV = top_p_logits(top_k_logits(logits_BV / temperature, top_k), top_p)
+  return jax.random.categorical(rng, scaled_BV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "eos_id"))
+def _check_options(name: str, max_new_tokens, temperature, top_k, top_p, stop_ids):
+  if max_new_tokens < 1:
+    raise ValueError(f"{name} needs max_new_tokens >= 1; got {max_new_tokens}")
+  if temperature < 0:
+    raise ValueError(f"{name} needs temperature >= 0; got {temperature}")
+  if top_k < 0:
+    raise ValueError(f"{name} needs top_k >= 0; got {top_k}")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"{name} needs top_p in (0, 1]; got {top_p}")
+  if not isinstance(stop_ids, tuple):
+    raise ValueError(f"{name} needs stop_ids as a tuple of ints; got {stop_ids!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "eos_id",
+                                             "top_k", "top_p", "stop_ids"))
 def generate(cfg: llama.LlamaConfig, params, prompt_BP, prompt_lengths_B, max_new_tokens: int,
-             rng, temperature: float = 0.0, eos_id: int = 2) -> dict:
+             rng, temperature: float = 0.0, eos_id: int = 2, *, top_k: int = 0,
+             top_p: float = 1.0, stop_ids: tuple[int, ...] = ()) -> dict:
   """Samples up to ``max_new_tokens`` (N) continuation tokens of left-padded prompts.
 
   Args:
@@ -76,17 +131,22 @@ def generate(cfg: llama.LlamaConfig, params, prompt_BP, prompt_lengths_B, max_ne
     rng: PRNG key; unused when ``temperature == 0``.
     temperature: 0 for greedy argmax, else sample from ``softmax(logits / temperature)`` (static).
     eos_id: the token that ends a row (static).
+    top_k: if > 0, sample only among the ``top_k`` largest logits (static; ignored by greedy).
+    top_p: if < 1, sample only from the nucleus of ``softmax(logits / temperature)`` (after
+      ``top_k``) whose mass reaches ``top_p`` (static; ignored by greedy).
+    stop_ids: further tokens that end a row, like ``eos_id`` (static tuple).
 
   Returns:
-    ``{"tokens": int32[B, N], "lengths": int32[B], "logprobs": float32[B, N]}``: tokens up to and
-    including the first ``eos_id`` then PAD; lengths count those tokens (N if no eos); logprobs
-    are the model's ``log_softmax(logits)`` (temperature 1) at the chosen tokens, 0 after the end.
-    See the module docstring for an example.
+    ``{"tokens": int32[B, N], "lengths": int32[B], "logprobs": float32[B, N],
+    "mask_BN": float32[B, N], "stopped_B": bool[B]}``: tokens up to and including the first stop
+    token (``eos_id`` or one of ``stop_ids``) then PAD; lengths count those tokens (N if no stop);
+    logprobs are the model's ``log_softmax(logits)`` at the chosen tokens -- always at temperature
+    1 and unfiltered by ``top_k``/``top_p``, i.e. NOT the sampling distribution's log-prob -- and 0
+    after the end; ``mask_BN`` is 1.0 on the ``lengths`` generated tokens, 0.0 after;
+    ``stopped_B`` says whether the row emitted a stop token within its N tokens (False: it ran
+    into the ``max_new_tokens`` limit). See the module docstring for an example.
   """
-  if max_new_tokens < 1:
-    raise ValueError(f"generate needs max_new_tokens >= 1; got {max_new_tokens}")
-  if temperature < 0:
-    raise ValueError(f"generate needs temperature >= 0; got {temperature}")
+  _check_options("generate", max_new_tokens, temperature, top_k, top_p, stop_ids)
   b, p = prompt_BP.shape
   n = max_new_tokens
   prompt_lengths_B = jnp.asarray(prompt_lengths_B, jnp.int32)
@@ -101,8 +161,10 @@ def generate(cfg: llama.LlamaConfig, params, prompt_BP, prompt_lengths_B, max_ne
   logits_BPV, cache = llama.apply_with_cache(
       cfg, params, jnp.asarray(prompt_BP, jnp.int32), positions_BP, segments_BP, cache, 0)
 
+  stops_S = jnp.asarray((eos_id,) + tuple(stop_ids), jnp.int32)
+
   def emit(i, logits_BV, done_B, tokens_BN, logprobs_BN):
-    token_B = _choose(logits_BV, jax.random.fold_in(rng, i), temperature)
+    token_B = _choose(logits_BV, jax.random.fold_in(rng, i), temperature, top_k, top_p)
     logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), token_B[:, None],
                                     axis=-1)[:, 0]
     token_B = jnp.where(done_B, PAD_ID, token_B)
@@ -110,7 +172,7 @@ def generate(cfg: llama.LlamaConfig, params, prompt_BP, prompt_lengths_B, max_ne
     tokens_BN = jax.lax.dynamic_update_slice(tokens_BN, token_B[:, None], (0, i))
     logprobs_BN = jax.lax.dynamic_update_slice(logprobs_BN, logprob_B[:, None], (0, i))
     lengths_inc_B = (~done_B).astype(jnp.int32)
-    done_B = done_B | (token_B == eos_id)
+    done_B = done_B | jnp.any(token_B[:, None] == stops_S[None, :], axis=-1)
     return token_B, done_B, tokens_BN, logprobs_BN, lengths_inc_B
 
   tokens_BN = jnp.full((b, n), PAD_ID, jnp.int32)
@@ -135,14 +197,17 @@ def generate(cfg: llama.LlamaConfig, params, prompt_BP, prompt_lengths_B, max_ne
     return i + 1, token_B, done_B, tokens_BN, logprobs_BN, lengths_B + inc_B, cache
 
   carry = (jnp.ones((), jnp.int32), token_B, done_B, tokens_BN, logprobs_BN, lengths_B, cache)
-  _, _, _, tokens_BN, logprobs_BN, lengths_B, _ = jax.lax.while_loop(cond, body, carry)
-  return {"tokens": tokens_BN, "lengths": lengths_B, "logprobs": logprobs_BN}
+  _, _, done_B, tokens_BN, logprobs_BN, lengths_B, _ = jax.lax.while_loop(cond, body, carry)
+  mask_BN = (jnp.arange(n, dtype=jnp.int32)[None, :] < lengths_B[:, None]).astype(jnp.float32)
+  return {"tokens": tokens_BN, "lengths": lengths_B, "logprobs": logprobs_BN,
+          "mask_BN": mask_BN, "stopped_B": done_B}
 
 
 def make_generate(cfg: llama.LlamaConfig, max_new_tokens: int, temperature: float = 0.0,
-                  eos_id: int = 2):
+                  eos_id: int = 2, *, top_k: int = 0, top_p: float = 1.0,
+                  stop_ids: Sequence[int] = ()):
   """``fn(params, prompt_BP, prompt_lengths_B, rng) -> generate(...)`` output, jitted once per
-  input shape.
+  input shape. The options are as in ``generate`` (``stop_ids`` may be any sequence of ints).
 
   >>> from gamejax.models import llama
   >>> cfg = llama.LlamaConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
@@ -153,14 +218,13 @@ def make_generate(cfg: llama.LlamaConfig, max_new_tokens: int, temperature: floa
   ...    jax.random.key(0))["tokens"].shape
   (1, 3)
   """
-  if max_new_tokens < 1:
-    raise ValueError(f"make_generate needs max_new_tokens >= 1; got {max_new_tokens}")
-  if temperature < 0:
-    raise ValueError(f"make_generate needs temperature >= 0; got {temperature}")
+  stop_ids = tuple(int(s) for s in stop_ids)
+  _check_options("make_generate", max_new_tokens, temperature, top_k, top_p, stop_ids)
 
   @jax.jit
   def fn(params, prompt_BP, prompt_lengths_B, rng):
     return generate(cfg, params, prompt_BP, prompt_lengths_B, max_new_tokens, rng,
-                    temperature=temperature, eos_id=eos_id)
+                    temperature=temperature, eos_id=eos_id, top_k=top_k, top_p=top_p,
+                    stop_ids=stop_ids)
 
   return fn

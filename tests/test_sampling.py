@@ -174,3 +174,139 @@ def test_bad_arguments_raise(params):
     sampling.make_generate(CFG, 0)
   with pytest.raises(ValueError, match="temperature"):
     sampling.generate(CFG, params, prompt_BP, lengths_B, N, jax.random.key(0), temperature=-1.0)
+
+
+def _np_top_k(logits, k):
+  if k == 0 or k >= logits.shape[-1]:
+    return logits.copy()
+  out = np.full_like(logits, -np.inf)
+  for b, row in enumerate(logits):
+    keep = np.argsort(-row)[:k]
+    out[b, keep] = row[keep]
+  return out
+
+
+def _np_top_p(logits, p):
+  out = np.full_like(logits, -np.inf)
+  for b, row in enumerate(logits.astype(np.float64)):
+    order = np.argsort(-row)
+    probs = np.exp(row[order] - row[order[0]])
+    probs /= probs.sum()
+    keep, mass = [], 0.0
+    for idx, prob in zip(order, probs):
+      keep.append(idx)
+      mass += prob
+      if mass >= p:
+        break
+    out[b, keep] = logits[b, keep]
+  return out
+
+
+def test_top_k_and_top_p_logits_match_numpy():
+  logits = np.asarray(jax.random.normal(jax.random.key(7), (6, 40)) * 2.0)
+  for k in (0, 1, 3, 17, 40, 55):
+    got = jax.jit(sampling.top_k_logits, static_argnums=1)(logits, k)
+    np.testing.assert_array_equal(got, _np_top_k(logits, k))
+  for p in (1.0, 0.9, 0.5, 0.2, 1e-6):
+    got = np.asarray(jax.jit(sampling.top_p_logits, static_argnums=1)(logits, p))
+    np.testing.assert_array_equal(got, _np_top_p(logits, p))
+  tiny = np.asarray(sampling.top_p_logits(logits, 1e-6))
+  np.testing.assert_array_equal(np.isfinite(tiny).sum(-1), 1)
+  np.testing.assert_array_equal(np.argmax(tiny, -1), np.argmax(logits, -1))
+  np.testing.assert_array_equal(sampling.top_p_logits(logits, 1.0), logits)
+  with pytest.raises(ValueError, match="top_p"):
+    sampling.top_p_logits(logits, 0.0)
+  with pytest.raises(ValueError, match="top_k"):
+    sampling.top_k_logits(logits, -1)
+
+
+def _chisquare_pvalue_ok(counts, expected):
+  """True unless the counts reject ``expected`` at the 0.1% level."""
+  try:
+    from scipy import stats
+  except ImportError:
+    stats = None
+  if stats is not None:
+    return stats.chisquare(counts, expected).pvalue > 1e-3
+  # By hand: the 99.9% quantile of chi-square with df degrees of freedom (Wilson-Hilferty).
+  df = len(counts) - 1
+  stat = np.sum((counts - expected) ** 2 / expected)
+  return stat < df * (1 - 2 / (9 * df) + 3.090 * np.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("top_k,top_p", [(6, 1.0), (0, 0.7)])
+def test_first_token_distribution_with_top_k_top_p(params, top_k, top_p):
+  temperature, rows = 1.5, 3000
+  prompt_BP, lengths_B = sampling.left_pad([np.array([1, 9, 4])] * rows, 3)
+  out = sampling.generate(CFG, params, prompt_BP, lengths_B, 1, jax.random.key(11),
+                          temperature=temperature, eos_id=-1, top_k=top_k, top_p=top_p)
+  logits = np.asarray(_full_forward(CFG, params, prompt_BP[:1], np.array([3], np.int32)))[0, -1]
+  scaled = (logits / temperature)[None].astype(np.float64)
+  kept = np.isfinite(_np_top_p(_np_top_k(scaled, top_k), top_p))[0]
+  assert 2 <= kept.sum() < CFG.vocab_size
+  probs = np.where(kept, np.exp(scaled[0] - scaled.max()), 0.0)
+  probs /= probs.sum()
+  counts = np.bincount(np.asarray(out["tokens"])[:, 0], minlength=CFG.vocab_size)
+  assert counts[~kept].sum() == 0
+  expected = probs[kept] * rows
+  assert expected.min() >= 5
+  assert _chisquare_pvalue_ok(counts[kept], expected)
+
+
+def test_stop_ids_end_rows(params):
+  prompt_BP, lengths_B = sampling.left_pad(PROMPTS, P)
+  free = np.asarray(sampling.generate(CFG, params, prompt_BP, lengths_B, N, jax.random.key(0),
+                                      eos_id=-1)["tokens"])
+  # A token of row 0 that some other row never emits, so that row runs to the limit.
+  stop = next(int(t) for t in free[0] if any(t not in r for r in free[1:]))
+  out = sampling.generate(CFG, params, prompt_BP, lengths_B, N, jax.random.key(0), eos_id=-1,
+                          stop_ids=(CFG.vocab_size + 5, stop))
+  want = _naive_greedy(params, PROMPTS, N, eos_id=stop)
+  assert out["mask_BN"].dtype == jnp.float32 and out["stopped_B"].dtype == jnp.bool_
+  tokens, mask = np.asarray(out["tokens"]), np.asarray(out["mask_BN"])
+  stopped = np.asarray(out["stopped_B"])
+  assert stopped.any() and not stopped.all()
+  for b, w in enumerate(want):
+    hit = stop in w
+    assert stopped[b] == hit
+    assert out["lengths"][b] == len(w) and (w[-1] == stop) == hit
+    np.testing.assert_array_equal(tokens[b, :len(w)], w)
+    np.testing.assert_array_equal(tokens[b, len(w):], 0)
+    np.testing.assert_array_equal(mask[b], np.arange(N) < len(w))
+    if not hit:
+      np.testing.assert_array_equal(mask[b], 1.0)
+      assert len(w) == N
+  # eos_id behaves as one more stop id; with no stop at all nothing is marked stopped.
+  as_eos = sampling.generate(CFG, params, prompt_BP, lengths_B, N, jax.random.key(0), eos_id=stop)
+  for key in ("tokens", "lengths", "mask_BN", "stopped_B"):
+    np.testing.assert_array_equal(as_eos[key], out[key])
+  never = sampling.generate(CFG, params, prompt_BP, lengths_B, N, jax.random.key(0), eos_id=-1)
+  assert not np.asarray(never["stopped_B"]).any()
+  np.testing.assert_array_equal(never["mask_BN"], 1.0)
+
+
+def test_cold_top_k_top_p_is_greedy(params):
+  prompt_BP, lengths_B = sampling.left_pad(PROMPTS, P)
+  greedy = sampling.generate(CFG, params, prompt_BP, lengths_B, N, jax.random.key(0), eos_id=-1)
+  cold = sampling.make_generate(CFG, N, temperature=1e-6, eos_id=-1, top_k=4, top_p=0.8)(
+      params, prompt_BP, lengths_B, jax.random.key(3))
+  np.testing.assert_array_equal(cold["tokens"], greedy["tokens"])
+  np.testing.assert_allclose(cold["logprobs"], greedy["logprobs"], atol=1e-5)
+
+
+def test_traces_once_with_options(params):
+  options = dict(temperature=0.9, eos_id=3, top_k=5, top_p=0.85, stop_ids=(4, 7))
+  fn = sampling.make_generate(CFG, N, **{**options, "stop_ids": [4, 7]})
+  sizes = []
+  for seed, prompts in enumerate([PROMPTS, PROMPTS[::-1]]):
+    prompt_BP, lengths_B = sampling.left_pad(prompts, P)
+    other = jax.tree_util.tree_map(lambda x: x * (1 + seed), params)
+    sampling.generate(CFG, other, prompt_BP, lengths_B, N, jax.random.key(seed), **options)
+    sizes.append(sampling.generate._cache_size())
+    fn(other, prompt_BP, lengths_B, jax.random.key(seed))
+  assert sizes[0] == sizes[1]
+  assert fn._cache_size() == 1
+  with pytest.raises(ValueError, match="top_p"):
+    sampling.make_generate(CFG, N, temperature=1.0, top_p=1.5)
+  with pytest.raises(ValueError, match="top_k"):
+    sampling.make_generate(CFG, N, temperature=1.0, top_k=-2)
