@@ -1,0 +1,104 @@
+"""Offline preference payoffs: DPO (Rafailov et al. 2023) and IPO (Azar et al. 2023).
+
+A preference batch is a ``GameRecord`` with ``2P`` rows, one transcript per row: rows ``[0, P)``
+are the chosen transcripts and rows ``[P, 2P)`` the rejected ones, so pair ``i`` is
+``(row i, row P + i)`` (same prompt, different agent answers). The frozen reference model's
+per-row sequence log-probs arrive in ``play.judgments["reference_logprobs"]`` (``float32[2P]``),
+computed by the respond stage; they are treated as constants.
+
+>>> pref = dpo(beta=0.1)
+>>> mix = weighted({"dpo": (1.0, dpo()), "sft": (0.1, imitation(("agent",)))})  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from gamejax import records
+from gamejax.payoffs.base import Payoff, Play
+from gamejax.payoffs.imitation import token_log_likelihood
+
+REFERENCE_LOGPROBS = "reference_logprobs"
+
+PairLoss = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, float], jax.Array]
+
+
+def sequence_logprobs(logits_BTV: jax.Array, moves: records.GameRecord,
+                      players: Sequence[str | int] = ("agent",)) -> jax.Array:
+  """``float32[B]``: per row, the summed log-prob of the tokens moved by ``players``.
+
+  Packed rows sum over all their segments; preference batches hold one transcript per row.
+  """
+  chex.assert_rank([logits_BTV, moves.tokens], [3, 2])
+  chex.assert_equal_shape_prefix([logits_BTV, moves.tokens], 2)
+  weights_BT = records.next_token_weights(moves, records.player_ids(players))
+  loglik_BT = token_log_likelihood(logits_BTV, records.next_tokens(moves))
+  return (loglik_BT * weights_BT).sum(axis=-1)
+
+
+def _logratio_margin(pi_c, pi_r, ref_c, ref_r):
+  """(chosen log-ratio) - (rejected log-ratio), references held constant."""
+  ref_c, ref_r = jax.lax.stop_gradient(ref_c), jax.lax.stop_gradient(ref_r)
+  return (pi_c - ref_c) - (pi_r - ref_r)
+
+
+def dpo_pair_loss(pi_c, pi_r, ref_c, ref_r, beta):
+  """DPO loss of one pair: ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))``."""
+  chex.assert_rank([pi_c, pi_r, ref_c, ref_r], 0)
+  return -jax.nn.log_sigmoid(beta * _logratio_margin(pi_c, pi_r, ref_c, ref_r))
+
+
+def ipo_pair_loss(pi_c, pi_r, ref_c, ref_r, beta):
+  """IPO loss of one pair: ``((pi_c - ref_c) - (pi_r - ref_r) - 1 / (2 beta))**2``."""
+  chex.assert_rank([pi_c, pi_r, ref_c, ref_r], 0)
+  return (_logratio_margin(pi_c, pi_r, ref_c, ref_r) - 1.0 / (2.0 * beta)) ** 2
+
+
+def _preference(pair_loss: PairLoss, beta: float, players: Sequence[str | int],
+                name: str) -> Payoff:
+  """The payoff ``-mean_i pair_loss(pair i)`` over a chosen-then-rejected preference batch."""
+  if not beta > 0:
+    raise ValueError(f"{name}: beta must be > 0, got {beta}")
+  ids = records.player_ids(players)
+  batched_loss = jax.vmap(pair_loss, in_axes=(0, 0, 0, 0, None))
+
+  def payoff(params, play: Play):
+    moves = play.moves
+    rows = moves.shape[0]
+    if rows % 2:
+      raise ValueError(f"{name}: a preference batch needs an even number of rows (chosen rows then "
+                       f"rejected rows); got moves of shape {moves.shape}")
+    if REFERENCE_LOGPROBS not in play.judgments:
+      raise KeyError(f"{name}: play.judgments lacks {REFERENCE_LOGPROBS!r} (float32[{rows}], the "
+                     f"frozen reference's sequence log-probs); have {sorted(play.judgments)}")
+    ref_2P = jnp.asarray(play.judgments[REFERENCE_LOGPROBS], jnp.float32)
+    chex.assert_shape(ref_2P, (rows,))
+    ref_2P = jax.lax.stop_gradient(ref_2P)
+    logits_BTV = play.apply(params, moves.tokens, moves.positions, moves.segment_ids)
+    logp_2P = sequence_logprobs(logits_BTV, moves, ids)
+    p = rows // 2
+    pi_c_P, pi_r_P = logp_2P[:p], logp_2P[p:]
+    ref_c_P, ref_r_P = ref_2P[:p], ref_2P[p:]
+    loss_P = batched_loss(pi_c_P, pi_r_P, ref_c_P, ref_r_P, beta)
+    chosen_P, rejected_P = pi_c_P - ref_c_P, pi_r_P - ref_r_P
+    margin_P = beta * (chosen_P - rejected_P)
+    loss = loss_P.mean()
+    metrics = {"loss": loss, "reward_margin": margin_P.mean(),
+               "accuracy": (margin_P > 0).astype(jnp.float32).mean(),
+               "chosen_logratio": chosen_P.mean(), "rejected_logratio": rejected_P.mean()}
+    return -loss, metrics
+
+  return payoff
+
+
+def dpo(beta: float = 0.1, players: Sequence[str | int] = ("agent",)) -> Payoff:
+  """Direct Preference Optimisation (Rafailov et al. 2023) as a payoff: minus the mean DPO loss."""
+  return _preference(dpo_pair_loss, beta, players, "dpo")
+
+
+def ipo(beta: float = 0.1, players: Sequence[str | int] = ("agent",)) -> Payoff:
+  """Identity Preference Optimisation (Azar et al. 2023) as a payoff: minus the mean IPO loss."""
+  return _preference(ipo_pair_loss, beta, players, "ipo")
