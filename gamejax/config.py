@@ -19,6 +19,7 @@ from typing import Sequence
 import gin
 
 from gamejax import run
+from gamejax.data import arena as arena_data
 from gamejax.models.llama import LlamaConfig
 from gamejax.payoffs import imitation, weighted
 
@@ -51,7 +52,7 @@ def arena(min_digits: int = 1, max_digits: int = 3, ops: Sequence[str] = ("+", "
   """Records of the arithmetic arena: problems posed by the opponent, answered by ``players``
   (scripted player specs with weights: ``[("perfect", 0.5), ("drop_carry:0", 0.5)]``)."""
   params = dict(min_digits=min_digits, max_digits=max_digits, ops=tuple(ops),
-                players=tuple((str(p), float(w)) for p, w in players), worked=bool(worked),
+                players=arena_data.normalize_players(players), worked=bool(worked),
                 outcome_tag=bool(outcome_tag), num_train=num_train, num_test=num_test, seed=seed,
                 test_fraction=test_fraction, pad=bool(pad))
   return run.DataSpec("arithmetic_arena", params, too_long)
