@@ -4,35 +4,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bigram_reference import bigram_apply, np_token_logliks
 from gamejax import records
 from gamejax.payoffs import Play, imitation, scaled, weighted
 
 
-def _bigram_apply(params, tokens, positions, segment_ids):
-  del positions, segment_ids
-  return params["table"][tokens]
-
-
 def _reference_loglik(table, tokens, players, segments, who):
-  """Per token: for t with t+1 in the same segment and moved by `who`, log softmax(table[x_t])[x_{t+1}]."""
-  total, n = 0.0, 0
-  B, T = tokens.shape
-  for b in range(B):
-    for t in range(T - 1):
-      if segments[b, t] == 0 or segments[b, t + 1] != segments[b, t]:
-        continue
-      if players[b, t + 1] not in who:
-        continue
-      logits = table[tokens[b, t]].astype(np.float64)
-      logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
-      total += logp[tokens[b, t + 1]]
-      n += 1
-  return total / max(n, 1), n
+  """Mean per-token log-likelihood of `who`'s moves, and their count (NumPy reference)."""
+  sums, counts = np_token_logliks(table, tokens, players, segments, who)
+  return sums.sum() / max(counts.sum(), 1), int(counts.sum())
 
 
 def _jitted(payoff):
   """The payoff as the step calls it: under jit, with the model's apply closed over."""
-  return jax.jit(lambda p, moves: payoff(p, Play(_bigram_apply, moves, {}, jax.random.PRNGKey(0))))
+  return jax.jit(lambda p, moves: payoff(p, Play(bigram_apply, moves, {}, jax.random.PRNGKey(0))))
 
 
 @pytest.fixture
@@ -67,7 +52,7 @@ def test_imitation_matches_numpy_reference(packed, who):
 def test_imitation_gradient_matches_finite_differences(packed):
   record, table = packed
   payoff = imitation(("agent",))
-  play = Play(_bigram_apply, jax.tree.map(jnp.asarray, record), {}, jax.random.PRNGKey(0))
+  play = Play(bigram_apply, jax.tree.map(jnp.asarray, record), {}, jax.random.PRNGKey(0))
   grad = jax.jit(jax.grad(lambda p: payoff(p, play)[0]))({"table": jnp.asarray(table)})["table"]
   ids = records.player_ids(("agent",))
   eps = 1e-3
@@ -82,7 +67,7 @@ def test_imitation_gradient_matches_finite_differences(packed):
 
 def test_weighted_sums_parts_and_names_metrics(packed):
   record, table = packed
-  play = Play(_bigram_apply, jax.tree.map(jnp.asarray, record), {}, jax.random.PRNGKey(0))
+  play = Play(bigram_apply, jax.tree.map(jnp.asarray, record), {}, jax.random.PRNGKey(0))
   params = {"table": jnp.asarray(table)}
   a, b = imitation(("agent",)), imitation(("opponent",))
   combo = weighted({"sft": (1.0, a), "lm": (0.25, b)})

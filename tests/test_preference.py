@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bigram_reference import bigram_apply, np_token_logliks
 from gamejax import records
 from gamejax.payoffs import (Play, dpo, dpo_pair_loss, imitation, ipo, ipo_pair_loss,
                              sequence_logprobs, weighted)
@@ -11,31 +12,9 @@ from gamejax.payoffs import (Play, dpo, dpo_pair_loss, imitation, ipo, ipo_pair_
 V, T, P = 9, 10, 3
 
 
-def _bigram_apply(params, tokens, positions, segment_ids):
-  del positions, segment_ids
-  return params["table"][tokens]
-
-
-def _np_logsoftmax(row):
-  row = row.astype(np.float64)
-  m = row.max()
-  return row - m - np.log(np.exp(row - m).sum())
-
-
 def _np_sequence_logprobs(table, record, who):
-  """Per row: sum over t with t+1 in the same segment and moved by `who` of log p(x_{t+1} | x_t)."""
-  tokens, players, segments = (np.asarray(record.tokens), np.asarray(record.players),
-                               np.asarray(record.segment_ids))
-  B, L = tokens.shape
-  out = np.zeros(B)
-  for b in range(B):
-    for t in range(L - 1):
-      if segments[b, t] == 0 or segments[b, t + 1] != segments[b, t]:
-        continue
-      if players[b, t + 1] not in who:
-        continue
-      out[b] += _np_logsoftmax(table[tokens[b, t]])[tokens[b, t + 1]]
-  return out
+  """Per row: the summed log-likelihood of `who`'s moves (NumPy reference)."""
+  return np_token_logliks(table, record.tokens, record.players, record.segment_ids, who)[0]
 
 
 def _np_preference(table, record, ref, beta, kind):
@@ -75,7 +54,7 @@ def batch():
 
 def _play(record, ref):
   judgments = {} if ref is None else {"reference_logprobs": jnp.asarray(ref)}
-  return Play(_bigram_apply, jax.tree.map(jnp.asarray, record), judgments, jax.random.PRNGKey(0))
+  return Play(bigram_apply, jax.tree.map(jnp.asarray, record), judgments, jax.random.PRNGKey(0))
 
 
 def _jitted(payoff):
@@ -133,7 +112,7 @@ def test_sequence_logprobs_matches_hand_loop(batch, who):
       segment_ids=np.array([[1, 1, 1, 1, 2, 2, 2, 2, 0, 0]], np.int32),
       players=np.array([[2, 2, 1, 1, 2, 1, 2, 1, 0, 0]], np.int32))
   ids = records.player_ids(who)
-  fn = jax.jit(lambda t, m: sequence_logprobs(_bigram_apply({"table": t}, m.tokens, m.positions,
+  fn = jax.jit(lambda t, m: sequence_logprobs(bigram_apply({"table": t}, m.tokens, m.positions,
                                                             m.segment_ids), m, who))
   for rec in (record, packed):
     got = fn(jnp.asarray(table), jax.tree.map(jnp.asarray, rec))
