@@ -2,8 +2,10 @@
 that name the file, the line and the unknown name (with close matches).
 
 Configurables (use these names in ``.gin`` files):
-  ``Experiment``, ``Stage``, ``Optimizer``, ``Evaluation``, ``LlamaConfig`` -- run structure;
-  ``imitation``, ``weighted`` -- payoffs; ``arena``, ``local_text`` -- data sources.
+  ``Experiment``, ``Stage``, ``Optimizer``, ``Evaluation``, ``Rollout``, ``LlamaConfig`` -- run
+  structure; ``imitation``, ``weighted``, ``grpo``, ``rloo``, ``reinforce``, ``kl_to_reference``,
+  ``dpo``, ``ipo``, ``bradley_terry`` -- payoffs; ``arena_judge`` -- judges; ``arena``,
+  ``arena_preferences``, ``local_text`` -- data sources.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ import gin
 from gamejax import run
 from gamejax.data import arena as arena_data
 from gamejax.models.llama import LlamaConfig
-from gamejax.payoffs import imitation, weighted
+from gamejax import payoffs
+from gamejax.data import preferences as preference_data
+from gamejax.players import judges
 
 
 class ConfigError(ValueError):
@@ -36,12 +40,16 @@ def register() -> None:
   global _REGISTERED
   if _REGISTERED:
     return
-  for obj in (run.Experiment, run.Stage, run.Optimizer, run.Evaluation, run.DataSpec, LlamaConfig):
+  for obj in (run.Experiment, run.Stage, run.Optimizer, run.Evaluation, run.DataSpec, run.Rollout,
+              LlamaConfig):
     gin.external_configurable(obj, name=obj.__name__, module="gamejax")
-  gin.external_configurable(imitation, name="imitation", module="gamejax")
-  gin.external_configurable(weighted, name="weighted", module="gamejax")
+  for fn in (payoffs.imitation, payoffs.weighted, payoffs.grpo, payoffs.rloo, payoffs.reinforce,
+             payoffs.kl_to_reference, payoffs.dpo, payoffs.ipo, payoffs.bradley_terry):
+    gin.external_configurable(fn, name=fn.__name__, module="gamejax")
+  gin.external_configurable(judges.arena_judge, name="arena_judge", module="gamejax")
   gin.external_configurable(arena, name="arena", module="gamejax")
   gin.external_configurable(local_text, name="local_text", module="gamejax")
+  gin.external_configurable(arena_preferences, name="arena_preferences", module="gamejax")
   _REGISTERED = True
 
 
@@ -56,6 +64,19 @@ def arena(min_digits: int = 1, max_digits: int = 3, ops: Sequence[str] = ("+", "
                 outcome_tag=bool(outcome_tag), num_train=num_train, num_test=num_test, seed=seed,
                 test_fraction=test_fraction, pad=bool(pad))
   return run.DataSpec("arithmetic_arena", params, too_long)
+
+
+def arena_preferences(min_digits: int = 1, max_digits: int = 3, ops: Sequence[str] = ("+", "-"),
+                      players: Sequence = preference_data.DEFAULT_PLAYERS, worked: bool = True,
+                      num_train: int = 20000, num_test: int = 500, seed: int = 0,
+                      test_fraction: float = 0.1, pad: bool = True) -> run.DataSpec:
+  """Preference pairs of the arithmetic arena: per problem a better-graded (chosen) and a
+  worse-graded (rejected) answer by two of ``players``."""
+  params = dict(min_digits=min_digits, max_digits=max_digits, ops=tuple(ops),
+                players=arena_data.normalize_players(players), worked=bool(worked),
+                num_train=num_train, num_test=num_test, seed=seed, test_fraction=test_fraction,
+                pad=bool(pad))
+  return run.DataSpec("arena_preferences", params, "error")
 
 
 def local_text(path: str = gin.REQUIRED, split_paragraphs: bool = False,

@@ -26,10 +26,13 @@ from gamejax import sharding, step as game_step
 from gamejax.checkpoint import Checkpointer
 from gamejax.data import sources
 from gamejax.data.loader import PackedLoader
+from gamejax.data.pairs import PairLoader
+from gamejax.data.prompts import PromptLoader
 from gamejax.data.tokenizer import VOCAB_SIZE
-from gamejax.evaluation import arena as arena_eval
-from gamejax.models import llama
+from gamejax.evaluation import arena as arena_eval, reward as reward_eval
+from gamejax.models import llama, reward
 from gamejax.payoffs.base import Payoff
+from gamejax.players import judges, policy, reference as reference_player
 
 
 class ExperimentError(ValueError):
@@ -67,9 +70,39 @@ class Optimizer:
                        optax.adamw(schedule, self.b1, self.b2, weight_decay=self.weight_decay))
 
 
+ANSWER_WIDTH = 19       # digits of the judge's answer key (arena answers fit int64)
+PLAYERS = ("policy", "reward_model")
+PAIR_SOURCES = ("arena_preferences",)
+
+
+def exp_player(exp: "Experiment", stage_name: str) -> str | None:
+  return next((s.player for s in exp.stages if s.name == stage_name), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+  """How the agent plays in a stage where it moves: ``group_size`` sampled completions of each
+  prompt, judged by ``judge``."""
+  group_size: int = 8
+  max_new_tokens: int | None = None     # None: the agent's longest move in the arena's turns
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  prompt_len: int = 16
+  # The judge: a responder, "arena" (the arena's verifiable judge, exact match; None means it
+  # too) or "reward_model" (the final params of the stage named by ``judge_from``, frozen).
+  judge: judges.Responder | str | None = None
+  judge_from: str | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
-  """One training stage: a game (its data and the agent's payoff) played for ``steps`` steps."""
+  """One training stage: a game (its data and the agent's payoff) played for ``steps`` steps.
+
+  Without ``rollout`` the moves are the data's game records (``batch_size`` packed rows of
+  ``seq_len``); with it the agent samples its moves for ``batch_size`` prompts per step.
+  Preference data (``arena_preferences``) gives ``batch_size / 2`` pairs per step.
+  """
   name: str
   data: DataSpec
   payoff: Payoff
@@ -79,7 +112,14 @@ class Stage:
   optimizer: Optimizer = Optimizer()
   steps_per_call: int = 10
   checkpoint_every: int = 1000
-  init_from: str | None = "previous"     # "previous": the last stage's final params; None: fresh
+  init_from: str | None = "previous"     # "previous", an earlier stage's name, or None (fresh)
+  rollout: Rollout | None = None
+  # With ``reference``, a frozen copy of the stage's initial params responds with its log-probs
+  # of the agent's moves (for KL terms, DPO and IPO).
+  reference: bool = False
+  # "policy" (the LM) or "reward_model" (the LM trunk with a scalar head, trunk initialised
+  # from ``init_from``'s policy params when given).
+  player: str = "policy"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +168,41 @@ class Experiment:
       if s.data.too_long not in ("truncate", "skip", "error"):
         raise ExperimentError(f"Stage {s.name!r}: data too_long={s.data.too_long!r}; expected "
                               "'truncate', 'skip' or 'error'")
-      if s.init_from not in (None, "previous"):
-        raise ExperimentError(f"Stage {s.name!r}: init_from={s.init_from!r}; expected 'previous' or None")
+      earlier = names[:names.index(s.name)]
+      if s.init_from not in (None, "previous", *earlier):
+        raise ExperimentError(f"Stage {s.name!r}: init_from={s.init_from!r}; expected 'previous', "
+                              f"None or an earlier stage's name ({earlier})")
+      if s.player not in PLAYERS:
+        raise ExperimentError(f"Stage {s.name!r}: player={s.player!r}; expected one of {PLAYERS}")
+      if s.data.name in PAIR_SOURCES and s.batch_size % 2:
+        raise ExperimentError(f"Stage {s.name!r}: batch_size={s.batch_size} must be even for "
+                              f"preference pairs (chosen and rejected rows)")
+      if s.player == "reward_model" and (s.rollout is not None or s.reference):
+        raise ExperimentError(f"Stage {s.name!r}: a reward model learns from preference records; "
+                              "it takes no rollout or reference")
+      if s.rollout is not None:
+        r = s.rollout
+        if r.judge == "reward_model":
+          if r.judge_from not in earlier or exp_player(self, r.judge_from) != "reward_model":
+            raise ExperimentError(f"Stage {s.name!r}: Rollout.judge='reward_model' needs "
+                                  f"judge_from naming an earlier reward_model stage; got "
+                                  f"{r.judge_from!r}")
+        elif isinstance(r.judge, str) and r.judge != "arena":
+          raise ExperimentError(f"Stage {s.name!r}: Rollout.judge={r.judge!r}; expected 'arena', "
+                                "'reward_model' or a responder function")
+        if r.group_size < 1 or r.prompt_len < 1 or (r.max_new_tokens or 1) < 1:
+          raise ExperimentError(f"Stage {s.name!r}: Rollout group_size, prompt_len and "
+                                f"max_new_tokens must be positive; got {r}")
+        if r.max_new_tokens is None and s.data.name != "arithmetic_arena":
+          raise ExperimentError(f"Stage {s.name!r}: Rollout.max_new_tokens must be set for "
+                                f"dataset {s.data.name!r} (only the arena implies it)")
+        wanted = getattr(s.payoff, "group_size", r.group_size)
+        if wanted != r.group_size:
+          raise ExperimentError(f"Stage {s.name!r}: the payoff groups {wanted} completions per "
+                                f"prompt but Rollout.group_size={r.group_size}")
+        if r.judge in (None, "arena") and s.data.name != "arithmetic_arena":
+          raise ExperimentError(f"Stage {s.name!r}: Rollout.judge must be set for dataset "
+                                f"{s.data.name!r} (the default judge is the arena's)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,6 +243,77 @@ def _stack(batches: Sequence[Mapping[str, np.ndarray]]) -> dict:
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
+def stage_loader(exp: Experiment, index: int, source):
+  """The stage's batches: packed game records, or prompts (with the arena's answer key)."""
+  stage = exp.stages[index]
+  seed = exp.seed * 1000 + index
+  if stage.data.name in PAIR_SOURCES:
+    return PairLoader(source, stage.batch_size // 2, stage.seq_len, seed=seed)
+  if stage.rollout is None:
+    return PackedLoader(source, stage.batch_size, stage.seq_len, seed=seed,
+                        too_long=stage.data.too_long)
+  width = ANSWER_WIDTH if stage.data.name == "arithmetic_arena" else 0
+  return PromptLoader(source, stage.batch_size, stage.rollout.prompt_len, seed=seed,
+                      answer_width=width)
+
+
+def stage_game(exp: Experiment, index: int) -> game_step.Game:
+  """The game of stage ``index``: the agent learns ``stage.payoff``; it reads records, or plays
+  against a judge (and a frozen reference) when the stage has a ``rollout``."""
+  stage, cfg = exp.stages[index], exp.model
+  apply = functools.partial(llama.apply, cfg)
+  learner_apply = apply if stage.player == "policy" else functools.partial(reward.apply, cfg)
+  learner = game_step.Learner(apply=learner_apply, payoff=stage.payoff,
+                              optimizer=stage.optimizer.build(stage.steps))
+  parts = [reference_player.reference(apply)] if stage.reference else []
+  r = stage.rollout
+  if r is None:
+    respond = judges.responders(*parts) if parts else game_step.no_response
+    return game_step.Game(learners={"agent": learner}, respond=respond)
+  budget = r.max_new_tokens or arena_eval.answer_budget(dict(stage.data.params))
+  play = policy.sampled_play(cfg, r.group_size, budget, r.temperature, r.top_k, r.top_p)
+  if r.judge in (None, "arena"):
+    judge = judges.arena_judge()
+  elif r.judge == "reward_model":
+    judge = judges.reward_model_judge(cfg, functools.partial(reward.apply, cfg))
+  else:
+    judge = r.judge
+  return game_step.Game(learners={"agent": learner}, play=play,
+                        respond=judges.responders(judge, *parts))
+
+
+def stage_state(exp: Experiment, index: int, game: game_step.Game, params,
+                judge_params=None) -> game_step.GameState:
+  """The stage's initial state from the agent's ``params`` (also the frozen reference's) and,
+  when its rollout is judged by a reward model, that model's ``judge_params``.
+
+  Every leaf is a fresh copy: the step donates the state, and ``params`` may still be needed
+  (another stage starts from them).
+  """
+  stage = exp.stages[index]
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  frozen = {"reference": copy(params)} if stage.reference else {}
+  if stage.rollout is not None and stage.rollout.judge == "reward_model":
+    frozen[judges.JUDGE] = copy(judge_params)
+  rng = jax.random.fold_in(jax.random.PRNGKey(exp.seed), index)
+  return game_step.init_state(game, {"agent": copy(params)}, rng, frozen)
+
+
+def initial_params(exp: Experiment, index: int, init_params=None):
+  """The stage's starting params: ``init_params`` (from an earlier stage) or fresh ones; a reward
+  model takes a policy's params as its trunk."""
+  stage = exp.stages[index]
+  rng = jax.random.fold_in(jax.random.PRNGKey(exp.seed), 10_000 + index)
+  if stage.player == "policy":
+    return init_params if init_params is not None else llama.init_params(exp.model, rng)
+  if init_params is not None and "head" in init_params:     # already a reward model
+    return init_params
+  params = reward.init_params(exp.model, rng)
+  if init_params is not None:
+    params["trunk"] = {k: v for k, v in init_params.items() if k != "lm_head"}
+  return params
+
+
 @dataclasses.dataclass
 class StageResult:
   params: Any
@@ -178,24 +322,17 @@ class StageResult:
 
 def run_stage(exp: Experiment, index: int, init_params: Any, workdir: str, mesh,
               progress: bool = True, eval_examples=None, log: Callable[[str], None] = print,
-              stop_after_steps: int | None = None) -> StageResult:
+              stop_after_steps: int | None = None, judge_params=None) -> StageResult:
   """Plays one stage from its latest checkpoint (if any) to ``stage.steps``."""
   stage = exp.stages[index]
   cfg = exp.model
   sharding.check_batch_size(mesh, stage.batch_size)
   data_dir = sources.resolve_data_dir(exp.data_dir)
   source = stage.data.load("train", data_dir)
-  loader = PackedLoader(source, stage.batch_size, stage.seq_len, seed=exp.seed * 1000 + index,
-                        too_long=stage.data.too_long)
-  learner = game_step.Learner(apply=functools.partial(llama.apply, cfg), payoff=stage.payoff,
-                              optimizer=stage.optimizer.build(stage.steps))
-  game = game_step.Game(learners={"agent": learner})
-  rng = jax.random.PRNGKey(exp.seed)
-  stage_rng = jax.random.fold_in(rng, index)
-  if init_params is None:
-    init_params = llama.init_params(cfg, jax.random.fold_in(rng, 10_000 + index))
-
-  make_state = lambda p: game_step.init_state(game, {"agent": p}, stage_rng)
+  loader = stage_loader(exp, index, source)
+  game = stage_game(exp, index)
+  init_params = initial_params(exp, index, init_params)
+  make_state = functools.partial(stage_state, exp, index, game, judge_params=judge_params)
   abstract = jax.eval_shape(make_state, init_params)
   step_fn, state_sharding = game_step.make_step(game, mesh, abstract)
   batch_sharding = sharding.batch_sharding(mesh, leading=1)
@@ -219,12 +356,14 @@ def run_stage(exp: Experiment, index: int, init_params: Any, workdir: str, mesh,
   clock = Throughput()
   last_loss, pending, tokens = math.nan, None, 0
 
-  def flush(step_no, metrics, tokens_through):
+  def flush(step_no, metrics):
     """Logs a call's metrics once the next call is queued, so reading them never stalls."""
-    nonlocal last_loss
+    nonlocal last_loss, tokens
+    metrics = jax.device_get(metrics)
+    tokens += int(np.sum(metrics.get("play/tokens", metrics.get("play/completion_tokens", 0))))
     row = {"stage": stage.name, "step": step_no}
-    row.update({key: float(np.mean(v)) for key, v in jax.device_get(metrics).items()})
-    rate = clock.mark(tokens_through)
+    row.update({key: float(np.mean(v)) for key, v in metrics.items()})
+    rate = clock.mark(tokens)
     if math.isfinite(rate):              # the first read has no interval before it
       row["tokens_per_s"] = rate
     last_loss = row["loss"]
@@ -235,11 +374,10 @@ def run_stage(exp: Experiment, index: int, init_params: Any, workdir: str, mesh,
   try:
     for step_no in range(start + k, end + 1, k):
       batches = _stack([next(loader) for _ in range(k)])
-      tokens += int((batches["segment_ids"] > 0).sum())
       state, metrics = step_fn(state, jax.device_put(batches, batch_sharding))
       if pending is not None:
         flush(*pending)
-      pending = (step_no, metrics, tokens)
+      pending = (step_no, metrics)
       if step_no % stage.checkpoint_every == 0 and step_no < end:
         ckpt.save(step_no, state, {"data": loader.get_state(), "stage": stage.name})
     if pending is not None:
@@ -252,15 +390,20 @@ def run_stage(exp: Experiment, index: int, init_params: Any, workdir: str, mesh,
     ckpt.close()
 
   params = state.params["agent"]
-  result = {"steps": end, "loss": last_loss, "truncated": loader.stats["truncated"],
-            "skipped": loader.stats["skipped"]}
+  result = {"steps": end, "loss": last_loss}
+  stats = getattr(loader, "stats", {})
+  result.update({k: stats[k] for k in ("truncated", "skipped") if k in stats})
   if clock.steady_rate() is not None:
     result["tokens_per_s"] = clock.steady_rate()
-  if loader.stats["truncated"] or loader.stats["skipped"]:
+  if stats.get("truncated") or stats.get("skipped"):
     log(f"[{stage.name}] records longer than seq_len={stage.seq_len}: "
-        f"{loader.stats['truncated']} truncated, {loader.stats['skipped']} skipped")
-  if eval_examples is not None and end == stage.steps:
-    result.update(evaluate(exp, params, eval_examples))
+        f"{stats['truncated']} truncated, {stats['skipped']} skipped")
+  if end == stage.steps:
+    if stage.player == "reward_model":
+      test = stage.data.load("test", data_dir)
+      result.update(reward_eval.pair_accuracy(cfg, params, test, stage.seq_len))
+    elif eval_examples is not None:
+      result.update(evaluate(exp, params, eval_examples))
   return StageResult(params=params, metrics=result)
 
 
@@ -335,16 +478,18 @@ def run_experiment(exp: Experiment, workdir: str, progress: bool = True,
   examples = load_eval_examples(exp)
   if examples is not None:
     summary.update(reference_accuracies(exp, examples))
-  params = None
+  params, finals = None, {}
   for i, stage in enumerate(exp.stages):
-    init = params if stage.init_from == "previous" else None
+    init = params if stage.init_from == "previous" else finals.get(stage.init_from)
+    judge = finals.get(stage.rollout.judge_from) if stage.rollout is not None else None
     if stage.name in summary and summary[stage.name].get("steps") == stage.steps:
       params = restore_params(exp, i, workdir, init)    # finished before: reuse its result
+      finals[stage.name] = params
       log(f"[{stage.name}] already finished; reusing its final checkpoint")
       continue
     result = run_stage(exp, i, init, workdir, mesh, progress=progress, eval_examples=examples,
-                       log=log)
-    params = result.params
+                       log=log, judge_params=judge)
+    params = finals[stage.name] = result.params
     summary[stage.name] = result.metrics
     write_json_atomic(summary_path, summary)
   write_json_atomic(summary_path, summary)
@@ -354,15 +499,14 @@ def run_experiment(exp: Experiment, workdir: str, progress: bool = True,
 
 def restore_params(exp: Experiment, index: int, workdir: str, init_params=None):
   """The params of stage ``index``'s latest checkpoint in ``workdir``."""
-  cfg = exp.model
   stage = exp.stages[index]
-  if init_params is None:
-    init_params = llama.init_params(cfg, jax.random.PRNGKey(0))
-  learner = game_step.Learner(functools.partial(llama.apply, cfg), stage.payoff,
-                              stage.optimizer.build(stage.steps))
-  game = game_step.Game(learners={"agent": learner})
-  abstract = jax.eval_shape(lambda p: game_step.init_state(game, {"agent": p},
-                                                           jax.random.PRNGKey(0)), init_params)
+  init_params = initial_params(exp, index, init_params)
+  judge = None
+  if stage.rollout is not None and stage.rollout.judge == "reward_model":
+    judge = jax.eval_shape(reward.init_params, exp.model, jax.random.PRNGKey(0))
+  game = stage_game(exp, index)
+  abstract = jax.eval_shape(functools.partial(stage_state, exp, index, game, judge_params=judge),
+                            init_params)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage.name), keep=exp.keep_checkpoints)
   try:
     state, _ = ckpt.restore(abstract)

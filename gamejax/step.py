@@ -37,24 +37,37 @@ class Learner:
   optimizer: optax.GradientTransformation
 
 
-def records_play(state: GameState, batch: Any, rng: jax.Array) -> GameRecord:
+def records_play(state: GameState, batch: Any, rng: jax.Array) -> tuple[GameRecord, dict]:
   """The moves are the game records themselves (pre-training, SFT, offline preference games)."""
   del state, rng
-  return batch if isinstance(batch, GameRecord) else GameRecord(**batch)
+  record = batch if isinstance(batch, GameRecord) else GameRecord(**batch)
+  return record, {"metrics": {"play/tokens": (record.segment_ids > 0).sum()}}
 
 
-def no_response(state: GameState, moves: GameRecord, rng: jax.Array) -> dict:
+def no_response(state: GameState, moves: GameRecord, facts: Mapping[str, Any],
+                rng: jax.Array) -> dict:
   """The opponent is a data source: it does not judge."""
-  del state, moves, rng
+  del state, moves, facts, rng
   return {}
+
+
+PlayFn = Callable[[GameState, Any, jax.Array], tuple[GameRecord, dict]]
+RespondFn = Callable[[GameState, GameRecord, Mapping[str, Any], jax.Array], dict]
 
 
 @dataclasses.dataclass(frozen=True)
 class Game:
-  """Who learns, how moves are made and how the opponent responds."""
+  """Who learns, how moves are made and how the opponent responds.
+
+  ``play(state, batch, rng) -> (moves, facts)`` makes the moves (reads records, or samples the
+  agent: ``gamejax.players.policy.sampled_play``); ``respond(state, moves, facts, rng) ->
+  judgments`` is the opponent's answer (a judge, a reference's log-probs:
+  ``gamejax.players``). Each learner's payoff sees ``facts`` and the judgments merged; a
+  ``"metrics"`` entry of either is logged instead.
+  """
   learners: Mapping[str, Learner]
-  play: Callable[[GameState, Any, jax.Array], GameRecord] = records_play
-  respond: Callable[[GameState, GameRecord, jax.Array], dict] = no_response
+  play: PlayFn = records_play
+  respond: RespondFn = no_response
 
 
 def init_state(game: Game, params: Mapping[str, Any], rng: jax.Array,
@@ -68,9 +81,13 @@ def game_step(game: Game, state: GameState, batch: Any) -> tuple[GameState, dict
   """One game step (not jitted; ``make_step`` scans and compiles it)."""
   rng = jax.random.fold_in(state.rng, state.step)
   k_play, k_respond, k_payoff = jax.random.split(rng, 3)
-  moves = game.play(state, batch, k_play)
-  judgments = game.respond(state, moves, k_respond)
-  params, opt_state, metrics = dict(state.params), dict(state.opt_state), {}
+  moves, facts = game.play(state, batch, k_play)
+  facts = dict(facts)
+  metrics = dict(facts.pop("metrics", {}))
+  judgments = dict(game.respond(state, moves, facts, k_respond))
+  metrics.update(judgments.pop("metrics", {}))
+  judgments = {**facts, **judgments}
+  params, opt_state = dict(state.params), dict(state.opt_state)
   total_loss = 0.0
   for i, (name, learner) in enumerate(sorted(game.learners.items())):
     play = Play(learner.apply, moves, judgments, jax.random.fold_in(k_payoff, i))

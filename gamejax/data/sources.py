@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 from absl import logging as absl_logging
 import tensorflow_datasets as tfds
 
-from gamejax.data import arena, local_text
+from gamejax.data import arena, local_text, preferences
 from gamejax.data.errors import DataError
 
 tfds.disable_progress_bar()
@@ -33,6 +33,11 @@ DEFAULT_DATA_DIR = os.path.join("~", ".cache", "gamejax", "datasets")
 
 def _arena_builder(data_dir: str, params: dict) -> tfds.core.DatasetBuilder:
   return arena.ArithmeticArena(config=arena.arena_config(**params), data_dir=data_dir)
+
+
+def _preferences_builder(data_dir: str, params: dict) -> tfds.core.DatasetBuilder:
+  return preferences.ArenaPreferences(config=preferences.preferences_config(**params),
+                                      data_dir=data_dir)
 
 
 def _local_text_builder(data_dir: str, params: dict) -> tfds.core.DatasetBuilder:
@@ -47,6 +52,7 @@ def _local_text_builder(data_dir: str, params: dict) -> tfds.core.DatasetBuilder
 SOURCES: dict[str, tuple[Callable[[str, dict], tfds.core.DatasetBuilder], Sequence[str]]] = {
     "arithmetic_arena": (_arena_builder, arena.PARAM_NAMES),
     "local_text": (_local_text_builder, local_text.PARAM_NAMES),
+    "arena_preferences": (_preferences_builder, preferences.PARAM_NAMES),
 }
 
 

@@ -12,16 +12,10 @@ import jax
 import numpy as np
 
 from gamejax import records, sampling
+from gamejax.data.prompts import opening_move
 from gamejax.data.tokenizer import ByteTokenizer, EOS
 from gamejax.games import arithmetic
 from gamejax.models import llama
-
-
-def opponent_prompt(tokens: np.ndarray, players: np.ndarray) -> np.ndarray:
-  """The opponent's opening move: the leading run of tokens the opponent moved."""
-  players = np.asarray(players)
-  n = int(np.argmax(players != records.OPPONENT)) if np.any(players != records.OPPONENT) else len(players)
-  return np.asarray(tokens[:n], np.int32)
 
 
 def problem_of(example: dict) -> arithmetic.Problem:
@@ -41,7 +35,7 @@ def agent_accuracy(cfg: llama.LlamaConfig, params: Any, examples: Sequence[dict]
                    max_new_tokens: int = 64, batch_size: int = 256) -> dict:
   """Greedy exact-match accuracy and partial credit of the model on arena examples."""
   tok = ByteTokenizer()
-  prompts = [opponent_prompt(e["tokens"], e["players"]) for e in examples]
+  prompts = [opening_move(e["tokens"], e["players"]) for e in examples]
   width = max(len(p) for p in prompts)
   generate = sampling.make_generate(cfg, max_new_tokens, temperature=0.0, eos_id=EOS)
   exact, partial, unstopped, samples = [], [], 0, []

@@ -30,7 +30,7 @@ SPLITS = ("train", "test")
 MAX_DIGITS = 18  # operands and answers must fit int64
 _MAX_MISSES = 50_000  # consecutive rejected draws before sampling gives up (split exhausted)
 _TOKENIZER = ByteTokenizer()
-_INT_RE = re.compile(r"[+-]?[0-9]+")
+_DIGITS_RE = re.compile(r"[0-9]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +230,7 @@ def turns(cfg: ArenaConfig, worked: bool = True, outcome_tag: bool = False) -> T
   """The arena's turn structure: the opponent poses (BOS + question), the agent answers (+ EOS).
 
   >>> turns(ArenaConfig(max_digits=3)).turns
-  (Turn(player='opponent', max_len=9), Turn(player='agent', max_len=33))
+  (Turn(player='opponent', max_len=9), Turn(player='agent', max_len=32))
   """
   question = 1 + (2 if outcome_tag else 0) + 2 * cfg.max_digits + 2
   cols = cfg.max_digits
@@ -250,13 +250,28 @@ def answer_text(solution: Solution) -> str:
 
 
 def parse_answer(text: str) -> int | None:
-  """The integer after the last '|' (or the whole text), or None.
+  """The integer written with digits only after the last '|' (or as the whole text), or None.
 
-  >>> parse_answer("3+6+0=09|9"), parse_answer(" 42 "), parse_answer("4 2")
-  (9, 42, None)
+  Answers are non-negative; a sign, a space or any other character makes the answer unreadable,
+  exactly as for the jitted judge (``gamejax.players.judges.arena_judge``).
+
+  >>> parse_answer("3+6+0=09|9"), parse_answer("042"), parse_answer(" 42"), parse_answer("4 2")
+  (9, 42, None, None)
   """
-  part = text.rsplit("|", 1)[-1].strip()
-  return int(part) if _INT_RE.fullmatch(part) else None
+  part = text.rsplit("|", 1)[-1]
+  return int(part) if _DIGITS_RE.fullmatch(part) else None
+
+
+def answer_digits(answer: int, width: int) -> np.ndarray:
+  """``int32[width]``: the answer's decimal digits right-aligned, -1 before them (the judge's key).
+
+  >>> answer_digits(75, 4).tolist()
+  [-1, -1, 7, 5]
+  """
+  digits = [int(c) for c in str(int(answer))]
+  if answer < 0 or len(digits) > width:
+    raise ValueError(f"answer {answer} does not fit {width} non-negative digits")
+  return np.asarray([-1] * (width - len(digits)) + digits, np.int32)
 
 
 def grade(problem: Problem, text: str) -> tuple[bool, float]:

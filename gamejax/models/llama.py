@@ -196,8 +196,13 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-  """The decoder. ``cache=None``: full forward; else the KV-cached forward (see ``apply_with_cache``)."""
+  """The decoder. ``cache=None``: full forward; else the KV-cached forward (see ``apply_with_cache``).
+
+  ``hidden_only``: the full forward stops after the final norm and returns the hidden states
+  ``[B, T, D]`` (no LM head; see ``hidden``).
+  """
   cfg: LlamaConfig
+  hidden_only: bool = False
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT, segment_ids_BT, cache=None, cache_index=None):
@@ -232,6 +237,8 @@ class Llama(nn.Module):
           x_BTD, rope_BT, bias_BTS, layer_cache, cache_index)
       new_layers.append(new_layer)
     x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
+    if self.hidden_only and cache is None:
+      return x_BTD
 
     if cfg.tie_embeddings:
       logits_BTV = dense(x_BTD, embedding, 1, jnp.float32)
@@ -297,6 +304,23 @@ def apply(cfg: LlamaConfig, params: Params, tokens_BT, positions_BT, segment_ids
   """
   _check_inputs(tokens_BT, positions_BT, segment_ids_BT)
   return Llama(cfg).apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT)
+
+
+def hidden(cfg: LlamaConfig, params: Params, tokens_BT, positions_BT, segment_ids_BT):
+  """The trunk: ``float32[B, T, D]`` hidden states after the final RMSNorm (what the LM head reads).
+
+  The same modules as ``apply`` without the LM head, so ``params`` may lack ``"lm_head"``; a
+  reward model puts its own head on these (``gamejax.models.reward``).
+
+  >>> cfg = LlamaConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
+  >>> ones = np.ones((2, 3), np.int32)
+  >>> hidden(cfg, init_params(cfg, jax.random.key(0)), ones, ones - 1, ones).shape
+  (2, 3, 16)
+  """
+  _check_inputs(tokens_BT, positions_BT, segment_ids_BT)
+  x_BTD = Llama(cfg, hidden_only=True).apply({"params": params}, tokens_BT, positions_BT,
+                                             segment_ids_BT)
+  return x_BTD.astype(jnp.float32)
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> Cache:

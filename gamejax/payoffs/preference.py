@@ -1,10 +1,12 @@
-"""Offline preference payoffs: DPO (Rafailov et al. 2023) and IPO (Azar et al. 2023).
+"""Offline preference payoffs: DPO (Rafailov et al. 2023) and IPO (Azar et al. 2023) for a policy,
+and the Bradley-Terry loss (Bradley & Terry 1952; Ouyang et al. 2022) for a reward model.
 
 A preference batch is a ``GameRecord`` with ``2P`` rows, one transcript per row: rows ``[0, P)``
 are the chosen transcripts and rows ``[P, 2P)`` the rejected ones, so pair ``i`` is
 ``(row i, row P + i)`` (same prompt, different agent answers). The frozen reference model's
 per-row sequence log-probs arrive in ``play.judgments["reference_logprobs"]`` (``float32[2P]``),
-computed by the respond stage; they are treated as constants.
+computed by the respond stage; they are treated as constants. ``bradley_terry`` trains a reward
+model (``gamejax.models.reward``) on the same layout; it needs no reference.
 
 >>> pref = dpo(beta=0.1)
 >>> mix = weighted({"dpo": (1.0, dpo()), "sft": (0.1, imitation(("agent",)))})  # doctest: +SKIP
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from gamejax import records
+from gamejax.models.reward import sequence_scores
 from gamejax.payoffs.base import Payoff, Play
 from gamejax.payoffs.imitation import token_log_likelihood
 
@@ -102,3 +105,52 @@ def dpo(beta: float = 0.1, players: Sequence[str | int] = ("agent",)) -> Payoff:
 def ipo(beta: float = 0.1, players: Sequence[str | int] = ("agent",)) -> Payoff:
   """Identity Preference Optimisation (Azar et al. 2023) as a payoff: minus the mean IPO loss."""
   return _preference(ipo_pair_loss, beta, players, "ipo")
+
+
+def bradley_terry_pair_loss(s_c, s_r):
+  """Bradley-Terry loss of one pair of scalar scores: ``-log sigmoid(s_c - s_r)``."""
+  chex.assert_rank([s_c, s_r], 0)
+  chex.assert_type([s_c, s_r], float)
+  return -jax.nn.log_sigmoid(s_c - s_r)
+
+
+def bradley_terry(players: Sequence[str | int] = ("agent",)) -> Payoff:
+  """Bradley-Terry reward-model training as a payoff: ``mean_i log sigmoid(s_c_i - s_r_i)``.
+
+  ``play.apply(params, tokens, positions, segment_ids)`` is the reward model's per-position
+  scores ``float32[2P, T]`` (``gamejax.models.reward.apply``); a transcript's score ``s`` is the
+  score at its last token moved by ``players`` (``reward.sequence_scores``). Metrics: ``loss``,
+  ``accuracy`` (fraction of pairs with ``s_c > s_r``), ``margin`` (mean ``s_c - s_r``),
+  ``chosen_score`` and ``rejected_score`` (means).
+
+  >>> import numpy as np, jax.numpy as jnp
+  >>> moves = records.from_transcripts([(np.array([1, 5, 2]), np.array([2, 1, 1])),
+  ...                                   (np.array([1, 6, 2]), np.array([2, 1, 1]))], 4)
+  >>> apply = lambda params, tokens, positions, segments: params[tokens]  # a score per token id
+  >>> value, metrics = bradley_terry()(jnp.arange(8.0), Play(apply, moves, {}, None))
+  >>> round(float(value), 4), float(metrics["accuracy"])  # both rows end at EOS (id 2): s_c = s_r
+  (-0.6931, 0.0)
+  """
+  ids = records.player_ids(players)
+  batched_loss = jax.vmap(bradley_terry_pair_loss)
+
+  def payoff(params, play: Play):
+    moves = play.moves
+    if moves.shape[0] % 2:
+      raise ValueError(f"bradley_terry: a preference batch needs an even number of rows (chosen "
+                       f"rows then rejected rows); got moves of shape {moves.shape}")
+    p = moves.shape[0] // 2
+    scores_BT = play.apply(params, moves.tokens, moves.positions, moves.segment_ids)
+    chex.assert_rank(scores_BT, 2)
+    chex.assert_type(scores_BT, float)
+    chex.assert_equal_shape([scores_BT, moves.tokens])
+    s_2P = sequence_scores(scores_BT, moves, ids)
+    s_c_P, s_r_P = s_2P[:p], s_2P[p:]
+    loss = batched_loss(s_c_P, s_r_P).mean()
+    margin_P = s_c_P - s_r_P
+    metrics = {"loss": loss, "accuracy": (margin_P > 0).astype(jnp.float32).mean(),
+               "margin": margin_P.mean(), "chosen_score": s_c_P.mean(),
+               "rejected_score": s_r_P.mean()}
+    return -loss, metrics
+
+  return payoff

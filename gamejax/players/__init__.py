@@ -1,0 +1,1 @@
+"""Players that are not learners: the sampled policy's moves, judges, frozen references."""

@@ -1,0 +1,179 @@
+"""Judges: the opponent's response that scores the agent's completions, inside the game step.
+
+A responder is ``respond(state, moves, facts, rng) -> dict``: it reads the sampled transcripts
+(``moves``, a ``GameRecord`` of prompt + completion rows) and what playing revealed (``facts``:
+the sampler's outputs and the batch's answer key, one row per completion) and returns judgments,
+at least ``"rewards": float32[B]``. An optional ``"metrics"`` dict is logged by the step.
+
+- ``arena_judge``: the arithmetic arena's verifiable judge (exact match and partial credit of the
+  answer after the last '|'), written for one completion and vmapped; it agrees with the host-side
+  ``gamejax.games.arithmetic.grade`` on every text (tested).
+- ``function_judge``: any jittable user function of the transcript.
+- ``host_judge``: any Python function of the decoded prompt and completion texts, called from the
+  compiled step through ``jax.pure_callback``.
+- ``responders``: several responders in one (their judgments merged).
+
+>>> import jax.numpy as jnp
+>>> from gamejax.data.tokenizer import ByteTokenizer
+>>> tok = ByteTokenizer()
+>>> completion = jnp.asarray(list(tok.encode("5+7+0=12;0+0+1=01|12")) + [2, 0])
+>>> exact, partial = arena_grade(completion, jnp.asarray([-1, -1, 1, 2]))
+>>> bool(exact), float(partial)
+(True, 1.0)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gamejax.data.tokenizer import EOS, OFFSET, ByteTokenizer
+from gamejax.models import reward
+from gamejax.records import GameRecord
+
+ANSWER_KEY = "answer_digits"      # int32[B, W]: right-aligned digits, -1 before them
+JUDGE = "judge"                   # the frozen player holding a reward model's params
+_ZERO, _NINE, _BAR = OFFSET + ord("0"), OFFSET + ord("9"), OFFSET + ord("|")
+
+Responder = Callable[[Any, GameRecord, Mapping[str, Any], jax.Array], dict]
+
+
+def arena_grade(completion_N: jax.Array, want_W: jax.Array, eos_id: int = EOS):
+  """``(exact bool[], partial float32[])`` of one completion against one answer key.
+
+  The answer is the text after the last '|' before the first ``eos_id`` (or all of it); it must be
+  one or more digits, read as a number (leading zeros dropped). Partial credit is the fraction of
+  the wanted digits matched right-aligned; an unreadable answer scores (False, 0). The judge reads
+  token ids: a special token (PAD, BOS) inside the answer makes it unreadable, where host-side
+  decoding would drop it; on byte tokens it agrees with ``arithmetic.grade`` exactly.
+  """
+  chex.assert_rank([completion_N, want_W], 1)
+  n, w = completion_N.shape[0], want_W.shape[0]
+  idx_N = jnp.arange(n)
+  stop = jnp.min(jnp.where(completion_N == eos_id, idx_N, n))       # first EOS, or n
+  before_N = idx_N < stop
+  bar = jnp.max(jnp.where((completion_N == _BAR) & before_N, idx_N, -1))
+  region_N = before_N & (idx_N > bar)
+  is_digit_N = (completion_N >= _ZERO) & (completion_N <= _NINE)
+  readable = jnp.any(region_N) & jnp.all(is_digit_N | ~region_N)
+  digit_N = completion_N - _ZERO
+  # Significant digits: from the first non-zero one (a lone 0 keeps the last digit).
+  first_nz = jnp.min(jnp.where(region_N & (digit_N != 0), idx_N, stop - 1))
+  significant_N = region_N & (idx_N >= first_nz)
+  k_N = stop - idx_N                                  # 1 for the last answer digit
+  want_len = jnp.sum(want_W >= 0)
+  want_at_N = want_W[jnp.clip(w - k_N, 0, w - 1)]
+  hit_N = significant_N & (k_N <= want_len) & (digit_N == want_at_N)
+  matched = jnp.sum(hit_N)
+  exact = readable & (jnp.sum(significant_N) == want_len) & (matched == want_len)
+  partial = jnp.where(readable, matched / jnp.maximum(want_len, 1), 0.0).astype(jnp.float32)
+  return exact, partial
+
+
+def completions(moves: GameRecord, facts: Mapping[str, Any]) -> jax.Array:
+  """``int32[B, N]``: the completion columns of a prompt + completion record."""
+  n = facts["completion_mask"].shape[1]
+  return moves.tokens[:, -n:]
+
+
+def arena_judge(partial_credit: float = 0.0, eos_id: int = EOS) -> Responder:
+  """Rewards ``exact + partial_credit * partial`` per completion, from ``facts["answer_digits"]``.
+
+  Metrics: exact-match rate, mean partial credit.
+  """
+  if not 0.0 <= partial_credit:
+    raise ValueError(f"arena_judge partial_credit must be >= 0; got {partial_credit}")
+
+  def respond(state, moves, facts, rng):
+    del state, rng
+    if ANSWER_KEY not in facts:
+      raise KeyError(f"arena_judge needs the answer key {ANSWER_KEY!r} in the batch (a prompt "
+                     f"loader built with the arena's answers); got keys {sorted(facts)}")
+    exact_B, partial_B = jax.vmap(lambda c, w: arena_grade(c, w, eos_id))(
+        completions(moves, facts), facts[ANSWER_KEY])
+    exact_B = exact_B.astype(jnp.float32)
+    rewards_B = exact_B + partial_credit * partial_B
+    return {"rewards": rewards_B, "exact": exact_B, "partial": partial_B,
+            "metrics": {"judge/exact": exact_B.mean(), "judge/partial": partial_B.mean()}}
+
+  return respond
+
+
+def reward_model_judge(policy_cfg, apply: Callable, name: str = JUDGE) -> Responder:
+  """A learned judge: the reward model in ``state.frozen[name]`` scores each transcript at the
+  agent's last token (``gamejax.models.reward``). ``apply(params, tokens, positions, segments)``
+  gives per-position scores. A reward model whose vocabulary differs from ``policy_cfg``'s is
+  refused when the step is traced."""
+  def respond(state, moves, facts, rng):
+    del facts, rng
+    if name not in state.frozen:
+      raise KeyError(f"reward_model_judge needs a frozen player {name!r}; the state has "
+                     f"{sorted(state.frozen)}")
+    params = state.frozen[name]
+    vocab = reward.vocab_size(params)
+    if vocab != policy_cfg.vocab_size:
+      raise reward.RewardModelError(
+          f"the reward model's embedding has {vocab} token ids but the policy's vocab_size is "
+          f"{policy_cfg.vocab_size}: the reward model must read the policy's token ids")
+    scores_BT = apply(params, moves.tokens, moves.positions, moves.segment_ids)
+    rewards_B = jax.lax.stop_gradient(reward.sequence_scores(scores_BT, moves))
+    return {"rewards": rewards_B, "metrics": {"judge/reward_model_score": rewards_B.mean()}}
+
+  return respond
+
+
+def function_judge(fn: Callable[[GameRecord, Mapping[str, Any]], jax.Array]) -> Responder:
+  """A judge from any jittable ``fn(moves, facts) -> float32[B]`` rewards."""
+
+  def respond(state, moves, facts, rng):
+    del state, rng
+    rewards_B = jnp.asarray(fn(moves, facts), jnp.float32)
+    chex.assert_shape(rewards_B, (moves.tokens.shape[0],))
+    return {"rewards": rewards_B}
+
+  return respond
+
+
+def host_judge(fn: Callable[[str, str], float]) -> Responder:
+  """A judge from a Python ``fn(prompt_text, completion_text) -> float`` run on the host.
+
+  The completion text stops before the first EOS. Called once per step through
+  ``jax.pure_callback`` (the compiled step waits for it).
+  """
+  tok = ByteTokenizer()
+
+  def score(tokens_BT, players_BT, n):
+    out = np.zeros((tokens_BT.shape[0],), np.float32)
+    for b in range(tokens_BT.shape[0]):
+      prompt = tok.decode(tokens_BT[b, :-n][players_BT[b, :-n] > 0])
+      out[b] = float(fn(prompt, tok.decode_until_eos(tokens_BT[b, -n:])))
+    return out
+
+  def respond(state, moves, facts, rng):
+    del state, rng
+    n = facts["completion_mask"].shape[1]
+    shape = jax.ShapeDtypeStruct((moves.tokens.shape[0],), jnp.float32)
+    rewards_B = jax.pure_callback(lambda t, p: score(np.asarray(t), np.asarray(p), n), shape,
+                                  moves.tokens, moves.players)
+    return {"rewards": rewards_B}
+
+  return respond
+
+
+def responders(*parts: Responder) -> Responder:
+  """One responder running ``parts`` in order; later judgments (and metrics) override earlier."""
+
+  def respond(state, moves, facts, rng):
+    out, metrics = {}, {}
+    for i, part in enumerate(parts):
+      got = dict(part(state, moves, facts, jax.random.fold_in(rng, i)))
+      metrics.update(got.pop("metrics", {}))
+      out.update(got)
+    if metrics:
+      out["metrics"] = metrics
+    return out
+
+  return respond

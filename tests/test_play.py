@@ -1,0 +1,155 @@
+"""The agent plays inside the compiled step: sampled moves, their attribution, the arena judge."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gamejax import records, step as game_step
+from gamejax.data.prompts import PromptLoader
+from gamejax.data.tokenizer import EOS, ByteTokenizer
+from gamejax.games import arithmetic
+from gamejax.models import llama
+from gamejax.players import judges, policy, reference
+
+TOK = ByteTokenizer()
+CFG = llama.LlamaConfig(vocab_size=272, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64)
+
+
+# ------------------------------------------------------------------ the arena's verifiable judge
+
+def _random_texts(rng, n):
+  alphabet = list("0123456789|;+=-") + ["00", "|0", "12|"]
+  return ["".join(rng.choice(alphabet, size=rng.integers(0, 9))) for _ in range(n)]
+
+
+def test_jitted_judge_agrees_with_host_grade_on_every_text():
+  rng = np.random.default_rng(0)
+  problems = [arithmetic.Problem(57, 68, "+"), arithmetic.Problem(100, 100, "-"),
+              arithmetic.Problem(905, 7, "+"), arithmetic.Problem(31, 9, "-")]
+  texts = _random_texts(rng, 300)
+  for p in problems:     # texts that are (nearly) right, too
+    texts += [str(p.answer), "0" + str(p.answer), "1|" + str(p.answer), str(p.answer)[1:],
+              "9" + str(p.answer), str(p.answer) + "|"]
+  n = 12
+  rows, keys, want = [], [], []
+  for i, text in enumerate(texts):
+    problem = problems[i % len(problems)]
+    ids = list(TOK.encode(text))[:n]
+    # Junk after an EOS, or (a row that hit the length limit) more text and no EOS at all.
+    tail = [EOS] if rng.random() < 0.8 else list(TOK.encode("x"))
+    rows.append((ids + tail + list(rng.integers(3, 200, n)))[:n])
+    keys.append(arithmetic.answer_digits(problem.answer, 5))
+    want.append(arithmetic.grade(problem, TOK.decode_until_eos(np.asarray(rows[-1]))))
+  grade = jax.jit(jax.vmap(judges.arena_grade))
+  exact, partial = jax.device_get(grade(jnp.asarray(rows, jnp.int32), jnp.asarray(keys)))
+  np.testing.assert_array_equal(exact, [w[0] for w in want])
+  np.testing.assert_allclose(partial, [w[1] for w in want], rtol=1e-6)
+  assert 0 < np.mean(exact) < 1 and 0 < np.mean(partial)   # the test covers both outcomes
+
+
+def test_arena_judge_rewards_with_partial_credit():
+  key = arithmetic.answer_digits(125, 4)
+  texts = ["7+8+0=15;5+6+1=12|125", "7+8+0=15;5+6+0=11|115", "abc"]
+  comp = np.zeros((3, 24), np.int32)
+  for i, t in enumerate(texts):
+    ids = list(TOK.encode(t)) + [EOS]
+    comp[i, :len(ids)] = ids
+  moves = records.GameRecord(*(jnp.asarray(comp),) * 4)
+  facts = {"answer_digits": jnp.asarray(np.stack([key] * 3)), "completion_mask": jnp.ones((3, 24))}
+  out = judges.arena_judge(partial_credit=0.5)(None, moves, facts, jax.random.PRNGKey(0))
+  np.testing.assert_allclose(out["rewards"], [1.5, 1 / 3, 0.0], rtol=1e-6)
+  with pytest.raises(KeyError, match="answer_digits"):
+    judges.arena_judge()(None, moves, {"completion_mask": facts["completion_mask"]}, None)
+
+
+def test_host_judge_runs_python_inside_jit():
+  tok_p = jnp.asarray([[0, 1, 60, 61, 2, 0]])
+  moves = records.GameRecord(tok_p, tok_p, (tok_p > 0).astype(jnp.int32),
+                             jnp.asarray([[0, 2, 2, 1, 1, 0]]))
+  facts = {"completion_mask": jnp.ones((1, 3))}
+  seen = []
+  judge = judges.host_judge(lambda prompt, completion: seen.append((prompt, completion)) or 0.25)
+  out = jax.jit(lambda m: judge(None, m, facts, None))(moves)
+  assert float(out["rewards"][0]) == 0.25
+  assert seen == [(TOK.decode([1, 60]), TOK.decode([61]))]
+
+
+# ------------------------------------------------------------------ sampled play in the step
+
+def _prompt_batch(n_prompts, prompt_len=10):
+  cfg = arithmetic.ArenaConfig(max_digits=2)
+  ex = dict(arithmetic.generate_examples(cfg, "train", n_prompts, 0, [("perfect", 1.0)], True,
+                                         False))
+  loader = PromptLoader(list(ex.values()), n_prompts, prompt_len, seed=0, answer_width=4)
+  return next(loader), list(ex.values())
+
+
+def test_prompt_loader_batches_and_state():
+  batch, examples = _prompt_batch(3)
+  for row, length in zip(batch["prompt"], batch["prompt_lengths"]):
+    assert row[-length] == 1 and (row[:-length] == 0).all()        # left-padded, BOS first
+  src = examples * 3
+  a = PromptLoader(src, 4, 10, seed=3, answer_width=4)
+  for _ in range(2):
+    next(a)
+  b = PromptLoader(src, 4, 10, seed=3, answer_width=4)
+  b.set_state(a.get_state())
+  np.testing.assert_array_equal(next(a)["prompt"], next(b)["prompt"])
+  from gamejax.data.errors import DataError
+  with pytest.raises(DataError, match="prompt_len=3"):
+    next(PromptLoader(src, 2, 3, seed=0))
+
+
+def _sample_game(payoff, group_size=4, new_tokens=12):
+  play = policy.sampled_play(CFG, group_size, new_tokens, temperature=1.0)
+  apply = functools.partial(llama.apply, CFG)
+  respond = judges.responders(judges.arena_judge(), reference.reference(apply))
+  learner = game_step.Learner(apply, payoff, optax.sgd(1e-2))
+  return game_step.Game({"agent": learner}, play=play, respond=respond)
+
+
+def test_sampled_moves_are_attributed_and_their_logprobs_match_a_forward_pass():
+  batch, _ = _prompt_batch(2)
+  seen = {}
+
+  def payoff(params, play):
+    seen.update(moves=play.moves, judgments=play.judgments)
+    return jnp.zeros(()), {}
+
+  game = _sample_game(payoff)
+  params = llama.init_params(CFG, jax.random.PRNGKey(0))
+  state = game_step.init_state(game, {"agent": params}, jax.random.PRNGKey(1),
+                               frozen={"reference": jax.tree.map(jnp.copy, params)})
+  moves, facts = jax.jit(game.play)(state, batch, jax.random.PRNGKey(2))
+  moves, facts = jax.device_get((moves, facts))
+  b, t = moves.tokens.shape
+  assert (b, t) == (8, 10 + 12)
+  # Prompt tokens are the opponent's, sampled tokens under the mask the agent's, the rest nobody's.
+  for row in range(b):
+    g = row // 4
+    n_p = batch["prompt_lengths"][g]
+    np.testing.assert_array_equal(moves.tokens[row, 10 - n_p:10], batch["prompt"][g, 10 - n_p:])
+    assert (moves.players[row, 10 - n_p:10] == records.OPPONENT).all()
+    n_a = int(facts["completion_mask"][row].sum())
+    assert (moves.players[row, 10:10 + n_a] == records.AGENT).all()
+    assert (moves.players[row, 10 + n_a:] == records.NOBODY).all()
+    np.testing.assert_array_equal(moves.positions[row, 10 - n_p:10 + n_a], np.arange(n_p + n_a))
+  np.testing.assert_array_equal(facts["answer_digits"][::4], batch["answer_digits"])
+  # The sampler's log-probs equal a full forward pass over the record (same params).
+  forward = reference.token_logprobs(functools.partial(llama.apply, CFG), params,
+                                     jax.tree.map(jnp.asarray, moves))
+  np.testing.assert_allclose(facts["behaviour_logprobs"], forward, atol=2e-4)
+  assert (facts["behaviour_logprobs"] != 0).sum() == facts["completion_mask"].sum()
+  # ... and inside the step, the payoff sees the judge's rewards and the reference's log-probs.
+  step, _ = game_step.make_step(game, _mesh(), jax.eval_shape(lambda: state))
+  new_state, metrics = step(state, jax.tree.map(lambda x: x[None], batch))
+  j = jax.device_get(seen["judgments"])
+  assert {"rewards", "reference_token_logprobs", "behaviour_logprobs", "stopped"} <= set(j)
+
+
+def _mesh():
+  from gamejax import sharding
+  return sharding.make_mesh(1, 1)
