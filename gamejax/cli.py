@@ -118,7 +118,7 @@ def evaluate(args) -> int:
         os.path.join(workdir, "checkpoints", name)):
       params = run.restore_params(exp, names.index(name), workdir)
       examples = run.load_eval_examples(exp)
-      out = {name: run.evaluate(exp, params, examples)}
+      out = {name: run.evaluate_stage(exp, names.index(name), params, examples)}
       out.update(run.reference_accuracies(exp, examples))
       print(json.dumps(out, indent=2, sort_keys=True))
       return 0

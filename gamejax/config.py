@@ -2,10 +2,12 @@
 that name the file, the line and the unknown name (with close matches).
 
 Configurables (use these names in ``.gin`` files):
-  ``Experiment``, ``Stage``, ``Optimizer``, ``Evaluation``, ``Rollout``, ``LlamaConfig`` -- run
-  structure; ``imitation``, ``weighted``, ``grpo``, ``rloo``, ``reinforce``, ``kl_to_reference``,
-  ``dpo``, ``ipo``, ``bradley_terry`` -- payoffs; ``arena_judge`` -- judges; ``arena``,
-  ``arena_preferences``, ``local_text`` -- data sources.
+  run structure: ``Experiment``, ``Stage``, ``Optimizer``, ``Evaluation``, ``Rollout``,
+    ``LlamaConfig``;
+  payoffs: ``imitation``, ``weighted``, ``grpo``, ``rloo``, ``reinforce``, ``kl_to_reference``,
+    ``dpo``, ``ipo``, ``bradley_terry``;
+  judges and opponents: ``arena_judge``, ``arena_feedback``, ``fixed_reply``;
+  data sources: ``arena``, ``arena_preferences``, ``local_text``.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from gamejax.data import arena as arena_data
 from gamejax.models.llama import LlamaConfig
 from gamejax import payoffs
 from gamejax.data import preferences as preference_data
-from gamejax.players import judges
+from gamejax.players import judges, opponents
 
 
 class ConfigError(ValueError):
@@ -46,7 +48,8 @@ def register() -> None:
   for fn in (payoffs.imitation, payoffs.weighted, payoffs.grpo, payoffs.rloo, payoffs.reinforce,
              payoffs.kl_to_reference, payoffs.dpo, payoffs.ipo, payoffs.bradley_terry):
     gin.external_configurable(fn, name=fn.__name__, module="gamejax")
-  gin.external_configurable(judges.arena_judge, name="arena_judge", module="gamejax")
+  for fn in (judges.arena_judge, opponents.arena_feedback, opponents.fixed_reply):
+    gin.external_configurable(fn, name=fn.__name__, module="gamejax")
   gin.external_configurable(arena, name="arena", module="gamejax")
   gin.external_configurable(local_text, name="local_text", module="gamejax")
   gin.external_configurable(arena_preferences, name="arena_preferences", module="gamejax")

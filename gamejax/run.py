@@ -72,6 +72,10 @@ class Optimizer:
 
 ANSWER_WIDTH = 19       # digits of the judge's answer key (arena answers fit int64)
 PLAYERS = ("policy", "reward_model")
+# Per-step event counts summed into the stage's summary (metric -> summary key). Counts of a
+# stage interrupted and resumed restart from the resumption.
+COUNTED = {"agent/skipped_nonfinite": "skipped_nonfinite", "play/no_stop": "no_stop_completions",
+           "agent/nonfinite_rewards": "nonfinite_rewards"}
 PAIR_SOURCES = ("arena_preferences",)
 
 
@@ -93,6 +97,10 @@ class Rollout:
   # too) or "reward_model" (the final params of the stage named by ``judge_from``, frozen).
   judge: judges.Responder | str | None = None
   judge_from: str | None = None
+  # Multi-turn games: the agent moves ``turns`` times; between its moves ``opponent`` replies
+  # (``opponents.arena_feedback()``, ``opponents.fixed_reply(text)``); judges score the last move.
+  turns: int = 1
+  opponent: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +198,9 @@ class Experiment:
         elif isinstance(r.judge, str) and r.judge != "arena":
           raise ExperimentError(f"Stage {s.name!r}: Rollout.judge={r.judge!r}; expected 'arena', "
                                 "'reward_model' or a responder function")
+        if r.turns < 1 or (r.turns > 1) != (r.opponent is not None):
+          raise ExperimentError(f"Stage {s.name!r}: Rollout.turns={r.turns} needs an opponent "
+                                "exactly when turns > 1")
         if r.group_size < 1 or r.prompt_len < 1 or (r.max_new_tokens or 1) < 1:
           raise ExperimentError(f"Stage {s.name!r}: Rollout group_size, prompt_len and "
                                 f"max_new_tokens must be positive; got {r}")
@@ -271,7 +282,8 @@ def stage_game(exp: Experiment, index: int) -> game_step.Game:
     respond = judges.responders(*parts) if parts else game_step.no_response
     return game_step.Game(learners={"agent": learner}, respond=respond)
   budget = r.max_new_tokens or arena_eval.answer_budget(dict(stage.data.params))
-  play = policy.sampled_play(cfg, r.group_size, budget, r.temperature, r.top_k, r.top_p)
+  play = policy.sampled_play(cfg, r.group_size, budget, r.temperature, r.top_k, r.top_p,
+                             turns=r.turns, opponent=r.opponent)
   if r.judge in (None, "arena"):
     judge = judges.arena_judge()
   elif r.judge == "reward_model":
@@ -355,6 +367,7 @@ def run_stage(exp: Experiment, index: int, init_params: Any, workdir: str, mesh,
   bar = _progress(stage.name, start, stage.steps, progress)
   clock = Throughput()
   last_loss, pending, tokens = math.nan, None, 0
+  counts = {}      # events summed over the stage (see COUNTED)
 
   def flush(step_no, metrics):
     """Logs a call's metrics once the next call is queued, so reading them never stalls."""
@@ -363,6 +376,9 @@ def run_stage(exp: Experiment, index: int, init_params: Any, workdir: str, mesh,
     tokens += int(np.sum(metrics.get("play/tokens", metrics.get("play/completion_tokens", 0))))
     row = {"stage": stage.name, "step": step_no}
     row.update({key: float(np.mean(v)) for key, v in metrics.items()})
+    for key, label in COUNTED.items():
+      if key in metrics:
+        counts[label] = counts.get(label, 0) + int(np.sum(metrics[key]))
     rate = clock.mark(tokens)
     if math.isfinite(rate):              # the first read has no interval before it
       row["tokens_per_s"] = rate
@@ -390,7 +406,10 @@ def run_stage(exp: Experiment, index: int, init_params: Any, workdir: str, mesh,
     ckpt.close()
 
   params = state.params["agent"]
-  result = {"steps": end, "loss": last_loss}
+  result = {"steps": end, "loss": last_loss, **counts}
+  if counts.get("skipped_nonfinite"):
+    log(f"[{stage.name}] {counts['skipped_nonfinite']} updates skipped: non-finite payoff or "
+        "gradient (the parameters were left as they were)")
   stats = getattr(loader, "stats", {})
   result.update({k: stats[k] for k in ("truncated", "skipped") if k in stats})
   if clock.steady_rate() is not None:
@@ -399,12 +418,18 @@ def run_stage(exp: Experiment, index: int, init_params: Any, workdir: str, mesh,
     log(f"[{stage.name}] records longer than seq_len={stage.seq_len}: "
         f"{stats['truncated']} truncated, {stats['skipped']} skipped")
   if end == stage.steps:
-    if stage.player == "reward_model":
-      test = stage.data.load("test", data_dir)
-      result.update(reward_eval.pair_accuracy(cfg, params, test, stage.seq_len))
-    elif eval_examples is not None:
-      result.update(evaluate(exp, params, eval_examples))
+    result.update(evaluate_stage(exp, index, params, eval_examples))
   return StageResult(params=params, metrics=result)
+
+
+def evaluate_stage(exp: Experiment, index: int, params: Any, examples=None) -> dict:
+  """Held-out figures of a stage's params: a policy's arena accuracy on ``examples`` (none
+  without an Evaluation), a reward model's pair accuracy on its data's test split."""
+  stage = exp.stages[index]
+  if stage.player == "reward_model":
+    test = stage.data.load("test", sources.resolve_data_dir(exp.data_dir))
+    return reward_eval.pair_accuracy(exp.model, params, test, stage.seq_len)
+  return {} if examples is None else evaluate(exp, params, examples)
 
 
 class Throughput:
@@ -503,10 +528,10 @@ def restore_params(exp: Experiment, index: int, workdir: str, init_params=None):
   init_params = initial_params(exp, index, init_params)
   judge = None
   if stage.rollout is not None and stage.rollout.judge == "reward_model":
-    judge = jax.eval_shape(reward.init_params, exp.model, jax.random.PRNGKey(0))
+    judge = jax.eval_shape(functools.partial(reward.init_params, exp.model), jax.random.PRNGKey(0))
   game = stage_game(exp, index)
-  abstract = jax.eval_shape(functools.partial(stage_state, exp, index, game, judge_params=judge),
-                            init_params)
+  abstract = jax.eval_shape(lambda p, j: stage_state(exp, index, game, p, judge_params=j),
+                            init_params, judge)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage.name), keep=exp.keep_checkpoints)
   try:
     state, _ = ckpt.restore(abstract)

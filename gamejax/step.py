@@ -31,10 +31,24 @@ class GameState:
 
 @dataclasses.dataclass(frozen=True)
 class Learner:
-  """A learning player: its pure model ``apply``, its payoff and its optimizer."""
+  """A learning player: its pure model ``apply``, its payoff and its optimizer.
+
+  ``prepare(params, play) -> judgments`` (optional) runs once per step with the pre-update params,
+  before any update, and adds constants to the judgments (PPO's advantages from the critic). The
+  step then makes ``epochs`` passes over the moves, each in ``minibatches`` updates on a random
+  partition of the rows (PPO's minibatch epochs); the default is one update on all rows.
+  """
   apply: Callable[..., jax.Array]
   payoff: Payoff
   optimizer: optax.GradientTransformation
+  prepare: Callable[[Any, Play], Mapping[str, Any]] | None = None
+  epochs: int = 1
+  minibatches: int = 1
+
+  def __post_init__(self):
+    if self.epochs < 1 or self.minibatches < 1:
+      raise ValueError(f"Learner epochs={self.epochs} and minibatches={self.minibatches} must "
+                       "be >= 1")
 
 
 def records_play(state: GameState, batch: Any, rng: jax.Array) -> tuple[GameRecord, dict]:
@@ -91,28 +105,69 @@ def game_step(game: Game, state: GameState, batch: Any) -> tuple[GameState, dict
   total_loss = 0.0
   for i, (name, learner) in enumerate(sorted(game.learners.items())):
     play = Play(learner.apply, moves, judgments, jax.random.fold_in(k_payoff, i))
-
-    def loss_fn(p, learner=learner, play=play):
-      value, m = learner.payoff(p, play)
-      return -value, m
-
-    (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params[name])
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)   # a NaN/inf anywhere makes the norm so
-    updates, new_opt = learner.optimizer.update(grads, state.opt_state[name], state.params[name])
-    new_params = optax.apply_updates(state.params[name], updates)
-    # A non-finite payoff or gradient never reaches the parameters: the update is skipped and
-    # counted (a gradient whose norm overflows float32 is skipped too).
-    params[name] = _select(finite, new_params, state.params[name])
-    opt_state[name] = _select(finite, new_opt, state.opt_state[name])
+    params[name], opt_state[name], m = learner_updates(learner, params[name], opt_state[name], play)
     metrics.update({f"{name}/{k}": v for k, v in m.items()})
-    metrics[f"{name}/loss"] = loss
-    metrics[f"{name}/grad_norm"] = grad_norm
-    metrics[f"{name}/skipped_nonfinite"] = 1.0 - finite.astype(jnp.float32)
-    total_loss = total_loss + loss
+    total_loss = total_loss + m["loss"]
   metrics["loss"] = total_loss
   new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
   return new_state, metrics
+
+
+def update(learner: Learner, params, opt_state, play: Play):
+  """One optimizer update on ``play``: ``(params, opt_state, metrics)``.
+
+  A non-finite payoff or gradient never reaches the parameters: the update is skipped and counted
+  (a gradient whose norm overflows float32 is skipped too).
+  """
+  def loss_fn(p):
+    value, m = learner.payoff(p, play)
+    return -value, m
+
+  (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)   # a NaN/inf anywhere makes the norm so
+  updates, new_opt = learner.optimizer.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  metrics = {**m, "loss": loss, "grad_norm": grad_norm,
+             "skipped_nonfinite": 1.0 - finite.astype(jnp.float32)}
+  return _select(finite, new_params, params), _select(finite, new_opt, opt_state), metrics
+
+
+def learner_updates(learner: Learner, params, opt_state, play: Play):
+  """``prepare``, then ``epochs`` x ``minibatches`` updates (metrics averaged over them)."""
+  if learner.prepare is not None:
+    prepared = jax.lax.stop_gradient(dict(learner.prepare(params, play)))
+    play = play._replace(judgments={**play.judgments, **prepared})
+  if learner.epochs == 1 and learner.minibatches == 1:
+    return update(learner, params, opt_state, play)
+  rows = play.moves.tokens.shape[0]
+  m = learner.minibatches
+  if rows % m:
+    raise ValueError(f"{rows} rows of moves do not split into minibatches={m}")
+
+  def one_update(carry, idx):
+    params, opt_state, key = carry
+    sub = play._replace(moves=_take_rows(play.moves, idx, rows),
+                        judgments=_take_rows(play.judgments, idx, rows),
+                        rng=jax.random.fold_in(play.rng, key))
+    params, opt_state, metrics = update(learner, params, opt_state, sub)
+    return (params, opt_state, key + 1), metrics
+
+  keys = jax.random.split(jax.random.fold_in(play.rng, 1), learner.epochs)
+  order = jax.vmap(lambda k: jax.random.permutation(k, rows))(keys)     # [epochs, rows]
+  batches = order.reshape(learner.epochs * m, rows // m)
+  (params, opt_state, _), metrics = jax.lax.scan(
+      one_update, (params, opt_state, jnp.zeros((), jnp.int32)), batches)
+  metrics = {k: v.sum() if k == "skipped_nonfinite" else v.mean() for k, v in metrics.items()}
+  return params, opt_state, metrics
+
+
+def _take_rows(tree, idx, rows: int):
+  """Rows ``idx`` of every array in ``tree`` whose leading axis is the batch's ``rows``."""
+  def take(x):
+    x = jnp.asarray(x)
+    return jnp.take(x, idx, axis=0) if x.ndim and x.shape[0] == rows else x
+  return jax.tree.map(take, tree)
 
 
 def _select(pred, on_true, on_false):

@@ -58,18 +58,19 @@ def test_arena_judge_rewards_with_partial_credit():
     ids = list(TOK.encode(t)) + [EOS]
     comp[i, :len(ids)] = ids
   moves = records.GameRecord(*(jnp.asarray(comp),) * 4)
-  facts = {"answer_digits": jnp.asarray(np.stack([key] * 3)), "completion_mask": jnp.ones((3, 24))}
+  facts = {"answer_digits": jnp.asarray(np.stack([key] * 3)), "completion": jnp.asarray(comp),
+           "completion_mask": jnp.ones((3, 24))}
   out = judges.arena_judge(partial_credit=0.5)(None, moves, facts, jax.random.PRNGKey(0))
   np.testing.assert_allclose(out["rewards"], [1.5, 1 / 3, 0.0], rtol=1e-6)
   with pytest.raises(KeyError, match="answer_digits"):
-    judges.arena_judge()(None, moves, {"completion_mask": facts["completion_mask"]}, None)
+    judges.arena_judge()(None, moves, {"completion": facts["completion"]}, None)
 
 
 def test_host_judge_runs_python_inside_jit():
-  tok_p = jnp.asarray([[0, 1, 60, 61, 2, 0]])
+  tok_p = jnp.asarray([[0, 0, 1, 60, 61, 2]])
   moves = records.GameRecord(tok_p, tok_p, (tok_p > 0).astype(jnp.int32),
-                             jnp.asarray([[0, 2, 2, 1, 1, 0]]))
-  facts = {"completion_mask": jnp.ones((1, 3))}
+                             jnp.asarray([[0, 0, 2, 2, 1, 1]]))
+  facts = {"completion": jnp.asarray([[61, 2, 0]]), "completion_mask": jnp.asarray([[1., 1., 0.]])}
   seen = []
   judge = judges.host_judge(lambda prompt, completion: seen.append((prompt, completion)) or 0.25)
   out = jax.jit(lambda m: judge(None, m, facts, None))(moves)
@@ -128,15 +129,17 @@ def test_sampled_moves_are_attributed_and_their_logprobs_match_a_forward_pass():
   b, t = moves.tokens.shape
   assert (b, t) == (8, 10 + 12)
   # Prompt tokens are the opponent's, sampled tokens under the mask the agent's, the rest nobody's.
-  for row in range(b):
+  for row in range(b):     # [padding, prompt, completion], left-padded
     g = row // 4
     n_p = batch["prompt_lengths"][g]
-    np.testing.assert_array_equal(moves.tokens[row, 10 - n_p:10], batch["prompt"][g, 10 - n_p:])
-    assert (moves.players[row, 10 - n_p:10] == records.OPPONENT).all()
     n_a = int(facts["completion_mask"][row].sum())
-    assert (moves.players[row, 10:10 + n_a] == records.AGENT).all()
-    assert (moves.players[row, 10 + n_a:] == records.NOBODY).all()
-    np.testing.assert_array_equal(moves.positions[row, 10 - n_p:10 + n_a], np.arange(n_p + n_a))
+    start = t - n_a - n_p
+    np.testing.assert_array_equal(moves.tokens[row, start:start + n_p], batch["prompt"][g, 10 - n_p:])
+    assert (moves.players[row, start:start + n_p] == records.OPPONENT).all()
+    assert (moves.players[row, t - n_a:] == records.AGENT).all()
+    assert (moves.players[row, :start] == records.NOBODY).all()
+    np.testing.assert_array_equal(moves.tokens[row, t - n_a:], facts["completion"][row, :n_a])
+    np.testing.assert_array_equal(moves.positions[row, start:], np.arange(n_p + n_a))
   np.testing.assert_array_equal(facts["answer_digits"][::4], batch["answer_digits"])
   # The sampler's log-probs equal a full forward pass over the record (same params).
   forward = reference.token_logprobs(functools.partial(llama.apply, CFG), params,
@@ -153,3 +156,39 @@ def test_sampled_moves_are_attributed_and_their_logprobs_match_a_forward_pass():
 def _mesh():
   from gamejax import sharding
   return sharding.make_mesh(1, 1)
+
+
+def test_multi_turn_play_attributes_every_move_and_scores_the_last():
+  """agent -> opponent's feedback -> agent again: each token is its mover's, the sampler's
+  log-probs of both agent moves equal a forward pass, and the facts describe the last move."""
+  from gamejax.players import opponents
+  batch, _ = _prompt_batch(2)
+  feedback = opponents.arena_feedback()
+  play = policy.sampled_play(CFG, 2, 6, temperature=1.0, turns=2, opponent=feedback)
+  params = llama.init_params(CFG, jax.random.PRNGKey(0))
+  state = game_step.init_state(game_step.Game({}), {"agent": params}, jax.random.PRNGKey(1))
+  moves, facts = jax.device_get(jax.jit(play)(state, batch, jax.random.PRNGKey(5)))
+  reply_len = int(feedback(jnp.zeros((1, 6), jnp.int32),
+                           {"answer_digits": jnp.full((1, 4), -1)}, None)[1].sum())
+  assert moves.tokens.shape == (4, 10 + 6 + len(TOK.encode("\nwrong, again:")) + 6)
+  tok = ByteTokenizer()
+  for row in range(4):
+    real = moves.segment_ids[row] > 0
+    who = moves.players[row][real]
+    n_p = int(batch["prompt_lengths"][row // 2])
+    n_last = int(facts["completion_mask"][row].sum())
+    # opponent (prompt), agent, opponent (reply), agent: four runs, in this order
+    runs = [int(p) for i, p in enumerate(who) if i == 0 or p != who[i - 1]]
+    assert runs == [records.OPPONENT, records.AGENT, records.OPPONENT, records.AGENT]
+    assert (who[:n_p] == records.OPPONENT).all() and (who[-n_last:] == records.AGENT).all()
+    np.testing.assert_array_equal(moves.tokens[row][real][-n_last:],
+                                  facts["completion"][row, :n_last])
+    reply = tok.decode(moves.tokens[row][real][who == records.OPPONENT][n_p:])
+    assert reply in ("\nwrong, again:", "\nright, again:")
+    np.testing.assert_array_equal(moves.positions[row][real], np.arange(real.sum()))
+  assert reply_len == len("\nwrong, again:")
+  forward = reference.token_logprobs(functools.partial(llama.apply, CFG), params,
+                                     jax.tree.map(jnp.asarray, moves))
+  np.testing.assert_allclose(facts["behaviour_logprobs"], forward, atol=2e-4)
+  agent_next = records.next_token_weights(moves, (records.AGENT,))
+  assert ((facts["behaviour_logprobs"] != 0) == (agent_next > 0)).all()

@@ -16,7 +16,10 @@ TINY_ARENA = [f"--gin_file={EXP}/arithmetic/pipeline.gin", f"--gin_file={EXP}/mo
               "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=64", "--gin.pretrain/arena.num_train=200",
               "--gin.sft/arena.num_train=200", "--gin.eval/arena.num_test=20",
               "--gin.Evaluation.num_examples=20", "--gin.Evaluation.batch_size=10",
-              "--no_progress"]
+              "--gin.RL_STEPS=4", "--gin.reward_model/Stage.steps=4", "--gin.GROUP_SIZE=2",
+              "--gin.grpo/arena.num_train=200", "--gin.arena_preferences.num_train=100",
+              "--gin.arena_preferences.num_test=20", "--no_progress"]
+STAGES = ("pretrain", "sft", "sft_continued", "reward_model", "grpo", "grpo_rm")
 
 
 def _tiny_experiment(data_dir, steps=8):
@@ -55,22 +58,31 @@ def test_cli_pipeline_writes_run_directory_and_evaluates(tmp_path, capsys, monke
   assert sorted(os.listdir(work)) == ["checkpoints", "config.gin", "metrics.jsonl", "summary.json"]
   summary = json.load(open(work / "summary.json"))
   assert summary["demonstrator"]["player"] == "drop_carry:0"
-  for stage in ("pretrain", "sft"):
-    assert 0.0 <= summary[stage]["accuracy"] <= 1.0 and summary[stage]["steps"] == 4
+  for stage in STAGES:
+    held_out = "pair_accuracy" if stage == "reward_model" else "accuracy"
+    assert 0.0 <= summary[stage][held_out] <= 1.0 and summary[stage]["steps"] == 4
     assert np.isfinite(summary[stage]["loss"]) and summary[stage]["tokens_per_s"] > 0
+    assert stage in out
+  for stage in ("grpo", "grpo_rm"):      # the agent played: its events are counted
+    assert summary[stage]["skipped_nonfinite"] == 0 and summary[stage]["no_stop_completions"] >= 0
   rows = [json.loads(l) for l in open(work / "metrics.jsonl")]
-  assert [(r["stage"], r["step"]) for r in rows] == [("pretrain", 2), ("pretrain", 4), ("sft", 2), ("sft", 4)]
+  assert [(r["stage"], r["step"]) for r in rows] == [(s, k) for s in STAGES for k in (2, 4)]
+  assert "judge/exact" in rows[-3] and "play/completion_tokens" in rows[-1]
   assert "sft/Stage.steps = 4" in (work / "config.gin").read_text()
 
   # Resuming a finished run trains nothing more; eval reads the latest checkpoint.
   assert cli.main(["train", *TINY_ARENA, f"--workdir={work}", "--resume"]) == 0
-  assert len(open(work / "metrics.jsonl").readlines()) == 4
+  assert len(open(work / "metrics.jsonl").readlines()) == 2 * len(STAGES)
   capsys.readouterr()
-  assert cli.main(["eval", f"--workdir={work}"]) == 0
+  assert cli.main(["eval", f"--workdir={work}"]) == 0          # the last stage by default
   evaluated = json.loads(capsys.readouterr().out)
-  assert evaluated["sft"]["accuracy"] == pytest.approx(summary["sft"]["accuracy"])
+  assert evaluated["grpo_rm"]["accuracy"] == pytest.approx(summary["grpo_rm"]["accuracy"])
+  for stage, key in (("sft", "accuracy"), ("reward_model", "pair_accuracy")):
+    assert cli.main(["eval", f"--workdir={work}", f"--stage={stage}"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated[stage][key] == pytest.approx(summary[stage][key])
 
   # A resume with a different config is refused; --overwrite starts afresh.
   assert cli.main(["train", *TINY_ARENA, "--gin.sft/Stage.steps=6", f"--workdir={work}", "--resume"]) == 2
   assert cli.main(["train", *TINY_ARENA, f"--workdir={work}", "--overwrite"]) == 0
-  assert len(open(work / "metrics.jsonl").readlines()) == 4
+  assert len(open(work / "metrics.jsonl").readlines()) == 2 * len(STAGES)

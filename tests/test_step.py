@@ -109,3 +109,35 @@ def test_eight_device_step_equals_one_device():
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "SHARDED_OK" in proc.stdout
+
+
+def test_prepare_then_minibatch_epochs_visit_every_row_once_per_epoch():
+  """With SGD and a payoff linear in the params, E epochs of M minibatch updates move the params
+  by lr * E * M * (mean row feature) whatever the random partition: each row once per epoch.
+  ``prepare`` sees the pre-update params and its judgments reach every minibatch."""
+  rows, epochs, minibatches, lr = 8, 3, 4, 0.1
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(rows, 1, 5)).astype(np.float32)
+  record = dict(tokens=np.zeros((rows, 1), np.int32), positions=np.zeros((rows, 1), np.int32),
+                segment_ids=np.ones((rows, 1), np.int32), players=np.ones((rows, 1), np.int32))
+
+  def payoff(params, play):
+    feats = play.judgments["features"][:, 0]                # [rows / M, 5]
+    shift = play.judgments["prepared_shift"]                # from prepare, per row
+    return (feats @ params["w"]).mean() + 0.0 * shift.sum(), {"rows": feats.shape[0] * 1.0}
+
+  def prepare(params, play):
+    return {"prepared_shift": jnp.broadcast_to(params["w"].sum(), (rows,))}
+
+  learner = game_step.Learner(lambda *a: None, payoff, optax.sgd(lr), prepare=prepare,
+                              epochs=epochs, minibatches=minibatches)
+  game = game_step.Game({"agent": learner},
+                        play=lambda state, batch, rng: (game_step.GameRecord(**batch["record"]),
+                                                        {"features": batch["x"]}))
+  w0 = np.zeros(5, np.float32)
+  state = game_step.init_state(game, {"agent": {"w": jnp.asarray(w0)}}, jax.random.PRNGKey(0))
+  state, metrics = jax.jit(functools.partial(game_step.game_step, game))(
+      state, {"record": record, "x": x})
+  want = w0 + lr * epochs * minibatches * x[:, 0].mean(axis=0)
+  np.testing.assert_allclose(state.params["agent"]["w"], want, rtol=1e-5)
+  assert float(metrics["agent/rows"]) == rows // minibatches

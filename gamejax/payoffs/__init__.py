@@ -5,11 +5,14 @@ from gamejax.payoffs.imitation import imitation, token_log_likelihood
 from gamejax.payoffs.kl import kl_estimate, kl_to_reference
 from gamejax.payoffs.policy_gradient import (grpo, grpo_advantages, reinforce, rloo,
                                              rloo_advantages)
+from gamejax.payoffs.ppo import gae, ppo, ppo_advantages, ppo_prepare, token_rewards
 from gamejax.payoffs.preference import (bradley_terry, bradley_terry_pair_loss, dpo,
                                         dpo_pair_loss, ipo, ipo_pair_loss, sequence_logprobs)
 
 __all__ = [
-    "Payoff", "Play", "bradley_terry", "bradley_terry_pair_loss", "dpo", "dpo_pair_loss", "grpo", "grpo_advantages", "imitation", "ipo",
-    "ipo_pair_loss", "kl_estimate", "kl_to_reference", "reinforce", "rloo", "rloo_advantages",
-    "scaled", "sequence_logprobs", "token_log_likelihood", "weighted",
+    "Payoff", "Play", "bradley_terry", "bradley_terry_pair_loss", "dpo", "dpo_pair_loss", "gae",
+    "grpo", "grpo_advantages", "imitation", "ipo", "ipo_pair_loss", "kl_estimate",
+    "kl_to_reference", "ppo", "ppo_advantages", "ppo_prepare", "reinforce", "rloo",
+    "rloo_advantages", "scaled", "sequence_logprobs", "token_log_likelihood", "token_rewards",
+    "weighted",
 ]

@@ -9,8 +9,8 @@ at least ``"rewards": float32[B]``. An optional ``"metrics"`` dict is logged by 
   answer after the last '|'), written for one completion and vmapped; it agrees with the host-side
   ``gamejax.games.arithmetic.grade`` on every text (tested).
 - ``function_judge``: any jittable user function of the transcript.
-- ``host_judge``: any Python function of the decoded prompt and completion texts, called from the
-  compiled step through ``jax.pure_callback``.
+- ``host_judge``: any Python function of the decoded transcript before the agent's last move and
+  of that move, called from the compiled step through ``jax.pure_callback``.
 - ``responders``: several responders in one (their judgments merged).
 
 >>> import jax.numpy as jnp
@@ -74,9 +74,12 @@ def arena_grade(completion_N: jax.Array, want_W: jax.Array, eos_id: int = EOS):
 
 
 def completions(moves: GameRecord, facts: Mapping[str, Any]) -> jax.Array:
-  """``int32[B, N]``: the completion columns of a prompt + completion record."""
-  n = facts["completion_mask"].shape[1]
-  return moves.tokens[:, -n:]
+  """``int32[B, N]``: the agent's last move (``facts["completion"]``, PAD after its stop)."""
+  del moves
+  if "completion" not in facts:
+    raise KeyError("judges read the agent's last move from facts['completion'] (sampled_play "
+                   f"provides it); got keys {sorted(facts)}")
+  return facts["completion"]
 
 
 def arena_judge(partial_credit: float = 0.0, eos_id: int = EOS) -> Responder:
@@ -145,19 +148,21 @@ def host_judge(fn: Callable[[str, str], float]) -> Responder:
   """
   tok = ByteTokenizer()
 
-  def score(tokens_BT, players_BT, n):
+  def score(tokens_BT, segments_BT, completion_BN, mask_BN):
     out = np.zeros((tokens_BT.shape[0],), np.float32)
     for b in range(tokens_BT.shape[0]):
-      prompt = tok.decode(tokens_BT[b, :-n][players_BT[b, :-n] > 0])
-      out[b] = float(fn(prompt, tok.decode_until_eos(tokens_BT[b, -n:])))
+      n = int(mask_BN[b].sum())
+      transcript = tokens_BT[b][segments_BT[b] > 0]
+      prompt = tok.decode(transcript[:len(transcript) - n])
+      out[b] = float(fn(prompt, tok.decode_until_eos(completion_BN[b])))
     return out
 
   def respond(state, moves, facts, rng):
     del state, rng
-    n = facts["completion_mask"].shape[1]
     shape = jax.ShapeDtypeStruct((moves.tokens.shape[0],), jnp.float32)
-    rewards_B = jax.pure_callback(lambda t, p: score(np.asarray(t), np.asarray(p), n), shape,
-                                  moves.tokens, moves.players)
+    rewards_B = jax.pure_callback(
+        lambda *a: score(*map(np.asarray, a)), shape, moves.tokens, moves.segment_ids,
+        completions(moves, facts), facts["completion_mask"])
     return {"rewards": rewards_B}
 
   return respond

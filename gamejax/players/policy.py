@@ -10,11 +10,12 @@ completion in group-major order (the ``G`` completions of prompt ``g`` are rows 
   the position that predicts it (temperature-1, unfiltered; see ``sampling.generate``);
 - ``completion_mask``: float32[B, N]; ``stopped``: bool[B] (False: the row hit the length limit);
 - every other batch field (e.g. the judge's answer key) repeated ``group_size`` times;
-- ``metrics``: the fraction of completions without a stop token, the mean completion length.
+- ``metrics``: the number of completions that hit the length limit without a stop token (they
+  are judged as they are, and counted in the run's summary), the mean completion length.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +27,27 @@ from gamejax.models import llama
 PROMPT_KEYS = ("prompt", "prompt_lengths")
 
 
+Opponent = Callable[[jax.Array, Mapping[str, Any], jax.Array], tuple[jax.Array, jax.Array]]
+
+
 def sampled_play(cfg: llama.LlamaConfig, group_size: int, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 eos_id: int = EOS, stop_ids: Sequence[int] = (), player: str = "agent"):
-  """``play(state, batch, rng) -> (moves, facts)`` sampling ``state.params[player]``."""
+                 eos_id: int = EOS, stop_ids: Sequence[int] = (), player: str = "agent",
+                 turns: int = 1, opponent: Opponent | None = None):
+  """``play(state, batch, rng) -> (moves, facts)`` sampling ``state.params[player]``.
+
+  With ``turns > 1`` the game goes on after the agent's move: ``opponent(completion_BN, facts,
+  rng) -> (reply_BR, reply_mask_BR)`` answers it (e.g. ``opponents.arena_feedback``), and the agent
+  moves again on the whole transcript so far, ``turns`` agent moves in all. The record holds every
+  move, each token attributed to the player who made it (left-padded, contiguous); ``facts``
+  describe the last agent move (``completion``, ``completion_mask``, ``stopped``), which is what
+  judges read.
+  """
   if group_size < 1:
     raise ValueError(f"sampled_play group_size must be >= 1; got {group_size}")
+  if turns < 1 or (turns > 1 and opponent is None):
+    raise ValueError(f"sampled_play needs turns >= 1, and an opponent when turns > 1; got "
+                     f"turns={turns}, opponent={opponent}")
   stop_ids = tuple(int(s) for s in stop_ids)
 
   def play(state, batch, rng):
@@ -39,20 +55,59 @@ def sampled_play(cfg: llama.LlamaConfig, group_size: int, max_new_tokens: int,
     if missing:
       raise KeyError(f"sampled_play needs prompt batches with {PROMPT_KEYS}; missing {missing}")
     repeat = lambda x: jnp.repeat(jnp.asarray(x), group_size, axis=0)
-    prompt_BP, lengths_B = repeat(batch["prompt"]), repeat(batch["prompt_lengths"])
-    params = jax.lax.stop_gradient(state.params[player])
-    out = sampling.generate(cfg, params, prompt_BP, lengths_B, max_new_tokens, rng,
-                            temperature, eos_id, top_k=top_k, top_p=top_p, stop_ids=stop_ids)
-    moves = records.with_completions(prompt_BP, lengths_B, out["tokens"], out["mask_BN"])
-    p, t = prompt_BP.shape[1], moves.tokens.shape[1]
+    tokens_BL, lengths_B = repeat(batch["prompt"]), repeat(batch["prompt_lengths"])
+    b, length = tokens_BL.shape
+    real_BL = jnp.arange(length)[None, :] >= (length - lengths_B)[:, None]
+    players_BL = jnp.where(real_BL, records.OPPONENT, records.NOBODY).astype(jnp.int32)
+    logprobs_BL = jnp.zeros((b, length), jnp.float32)     # the sampler's, at each token's slot
     facts = {k: repeat(v) for k, v in batch.items() if k not in PROMPT_KEYS}
-    stopped_B = out["stopped_B"]
+    params = jax.lax.stop_gradient(state.params[player])
+    no_stop, moved = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    for turn in range(turns):
+      k_sample, k_reply = jax.random.split(jax.random.fold_in(rng, turn))
+      out = sampling.generate(cfg, params, tokens_BL, lengths_B, max_new_tokens, k_sample,
+                              temperature, eos_id, top_k=top_k, top_p=top_p, stop_ids=stop_ids)
+      mask_BN = out["mask_BN"]
+      facts.update(completion=out["tokens"], completion_mask=mask_BN, stopped=out["stopped_B"])
+      no_stop = no_stop + (~out["stopped_B"]).sum()
+      moved = moved + mask_BN.sum()
+      parts = [(tokens_BL, players_BL, logprobs_BL, real_BL),
+               (out["tokens"], jnp.where(mask_BN > 0, records.AGENT, records.NOBODY),
+                out["logprobs"] * mask_BN, mask_BN > 0)]
+      if turn + 1 < turns:
+        reply_BR, reply_mask_BR = opponent(out["tokens"], facts, k_reply)
+        parts.append((reply_BR, jnp.where(reply_mask_BR > 0, records.OPPONENT, records.NOBODY),
+                      jnp.zeros(reply_BR.shape, jnp.float32), reply_mask_BR > 0))
+      tokens_BL, players_BL, logprobs_BL, real_BL = right_align(
+          *(jnp.concatenate([jnp.asarray(p[i]) for p in parts], axis=1) for i in range(4)))
+      lengths_B = real_BL.sum(axis=1).astype(jnp.int32)
+    t = tokens_BL.shape[1]
+    positions_BL = jnp.where(real_BL, jnp.arange(t)[None, :] - (t - lengths_B)[:, None], 0)
+    moves = records.GameRecord(tokens=tokens_BL.astype(jnp.int32),
+                               positions=positions_BL.astype(jnp.int32),
+                               segment_ids=real_BL.astype(jnp.int32), players=players_BL)
+    behaviour_BL = jnp.concatenate([logprobs_BL[:, 1:], jnp.zeros((b, 1), jnp.float32)], axis=1)
     facts.update({
-        "behaviour_logprobs": records.align_to_next_tokens(out["logprobs"] * out["mask_BN"], p, t),
-        "completion_mask": out["mask_BN"], "stopped": stopped_B,
-        "metrics": {"play/no_stop": 1.0 - stopped_B.astype(jnp.float32).mean(),
-                    "play/completion_tokens": out["mask_BN"].sum(),
-                    "play/completion_length": out["lengths"].astype(jnp.float32).mean()}})
+        "behaviour_logprobs": behaviour_BL,
+        "metrics": {"play/no_stop": no_stop.astype(jnp.float32),
+                    "play/completion_tokens": moved,
+                    "play/completion_length": moved / (b * turns)}})
     return moves, facts
 
   return play
+
+
+def right_align(tokens_BT, players_BT, values_BT, real_BT):
+  """Moves each row's real tokens (``real_BT``) to the end of the row, in order, and returns the
+  four arrays re-laid out (padding: 0, NOBODY, 0, False) -- a left-padded transcript.
+
+  >>> right_align(*map(jnp.asarray, ([[5, 0, 6, 0]], [[2, 0, 1, 0]], [[0., 0., .5, 0.]],
+  ...                                [[True, False, True, False]])))[0].tolist()
+  [[0, 0, 5, 6]]
+  """
+  b, t = tokens_BT.shape
+  after_BT = jnp.cumsum(real_BT[:, ::-1].astype(jnp.int32), axis=1)[:, ::-1]
+  dest_BT = jnp.where(real_BT, t - after_BT, t)          # t: dropped
+  rows_B1 = jnp.arange(b)[:, None]
+  move = lambda x: jnp.zeros_like(x).at[rows_B1, dest_BT].set(x, mode="drop")
+  return move(tokens_BT), move(players_BT), move(values_BT), move(real_BT)
