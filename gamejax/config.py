@@ -5,7 +5,7 @@ Configurables (use these names in ``.gin`` files):
   run structure: ``Experiment``, ``Stage``, ``Optimizer``, ``Evaluation``, ``Rollout``,
     ``LlamaConfig``;
   payoffs: ``imitation``, ``weighted``, ``grpo``, ``rloo``, ``reinforce``, ``kl_to_reference``,
-    ``dpo``, ``ipo``, ``bradley_terry``;
+    ``dpo``, ``ipo``, ``bradley_terry``, ``ppo``, ``ppo_prepare``;
   judges and opponents: ``arena_judge``, ``arena_feedback``, ``fixed_reply``;
   data sources: ``arena``, ``arena_preferences``, ``local_text``.
 """
@@ -46,7 +46,8 @@ def register() -> None:
               LlamaConfig):
     gin.external_configurable(obj, name=obj.__name__, module="gamejax")
   for fn in (payoffs.imitation, payoffs.weighted, payoffs.grpo, payoffs.rloo, payoffs.reinforce,
-             payoffs.kl_to_reference, payoffs.dpo, payoffs.ipo, payoffs.bradley_terry):
+             payoffs.kl_to_reference, payoffs.dpo, payoffs.ipo, payoffs.bradley_terry,
+             payoffs.ppo, payoffs.ppo_prepare):
     gin.external_configurable(fn, name=fn.__name__, module="gamejax")
   for fn in (judges.arena_judge, opponents.arena_feedback, opponents.fixed_reply):
     gin.external_configurable(fn, name=fn.__name__, module="gamejax")

@@ -30,7 +30,7 @@ from gamejax.data.pairs import PairLoader
 from gamejax.data.prompts import PromptLoader
 from gamejax.data.tokenizer import VOCAB_SIZE
 from gamejax.evaluation import arena as arena_eval, reward as reward_eval
-from gamejax.models import llama, reward
+from gamejax.models import llama, policy_value, reward
 from gamejax.payoffs.base import Payoff
 from gamejax.players import judges, policy, reference as reference_player
 
@@ -71,7 +71,7 @@ class Optimizer:
 
 
 ANSWER_WIDTH = 19       # digits of the judge's answer key (arena answers fit int64)
-PLAYERS = ("policy", "reward_model")
+PLAYERS = ("policy", "policy_value", "reward_model")
 # Per-step event counts summed into the stage's summary (metric -> summary key). Counts of a
 # stage interrupted and resumed restart from the resumption.
 COUNTED = {"agent/skipped_nonfinite": "skipped_nonfinite", "play/no_stop": "no_stop_completions",
@@ -125,9 +125,15 @@ class Stage:
   # With ``reference``, a frozen copy of the stage's initial params responds with its log-probs
   # of the agent's moves (for KL terms, DPO and IPO).
   reference: bool = False
-  # "policy" (the LM) or "reward_model" (the LM trunk with a scalar head, trunk initialised
-  # from ``init_from``'s policy params when given).
+  # "policy" (the LM), "policy_value" (the LM with a value head on its trunk: PPO's actor-critic)
+  # or "reward_model" (the LM trunk with a scalar head, trunk initialised from ``init_from``'s
+  # policy params when given).
   player: str = "policy"
+  # ``prepare(params, play)`` runs once per step before the updates (``ppo_prepare()``); the step
+  # makes ``epochs`` passes of ``minibatches`` updates over the moves.
+  prepare: Any = None
+  epochs: int = 1
+  minibatches: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +191,11 @@ class Experiment:
       if s.data.name in PAIR_SOURCES and s.batch_size % 2:
         raise ExperimentError(f"Stage {s.name!r}: batch_size={s.batch_size} must be even for "
                               f"preference pairs (chosen and rejected rows)")
+      if s.epochs < 1 or s.minibatches < 1:
+        raise ExperimentError(f"Stage {s.name!r}: epochs={s.epochs} and minibatches="
+                              f"{s.minibatches} must be >= 1")
+      if s.player == "policy_value" and s.rollout is None:
+        raise ExperimentError(f"Stage {s.name!r}: player='policy_value' (PPO) needs a rollout")
       if s.player == "reward_model" and (s.rollout is not None or s.reference):
         raise ExperimentError(f"Stage {s.name!r}: a reward model learns from preference records; "
                               "it takes no rollout or reference")
@@ -273,9 +284,12 @@ def stage_game(exp: Experiment, index: int) -> game_step.Game:
   against a judge (and a frozen reference) when the stage has a ``rollout``."""
   stage, cfg = exp.stages[index], exp.model
   apply = functools.partial(llama.apply, cfg)
-  learner_apply = apply if stage.player == "policy" else functools.partial(reward.apply, cfg)
+  learner_apply = {"policy": apply, "policy_value": functools.partial(policy_value.apply, cfg),
+                   "reward_model": functools.partial(reward.apply, cfg)}[stage.player]
   learner = game_step.Learner(apply=learner_apply, payoff=stage.payoff,
-                              optimizer=stage.optimizer.build(stage.steps))
+                              optimizer=stage.optimizer.build(stage.steps),
+                              prepare=stage.prepare, epochs=stage.epochs,
+                              minibatches=stage.minibatches)
   parts = [reference_player.reference(apply)] if stage.reference else []
   r = stage.rollout
   if r is None:
@@ -283,7 +297,8 @@ def stage_game(exp: Experiment, index: int) -> game_step.Game:
     return game_step.Game(learners={"agent": learner}, respond=respond)
   budget = r.max_new_tokens or arena_eval.answer_budget(dict(stage.data.params))
   play = policy.sampled_play(cfg, r.group_size, budget, r.temperature, r.top_k, r.top_p,
-                             turns=r.turns, opponent=r.opponent)
+                             turns=r.turns, opponent=r.opponent,
+                             params_of=policy_value.policy_params)
   if r.judge in (None, "arena"):
     judge = judges.arena_judge()
   elif r.judge == "reward_model":
@@ -304,7 +319,7 @@ def stage_state(exp: Experiment, index: int, game: game_step.Game, params,
   """
   stage = exp.stages[index]
   copy = lambda tree: jax.tree.map(jnp.copy, tree)
-  frozen = {"reference": copy(params)} if stage.reference else {}
+  frozen = {"reference": copy(policy_value.policy_params(params))} if stage.reference else {}
   if stage.rollout is not None and stage.rollout.judge == "reward_model":
     frozen[judges.JUDGE] = copy(judge_params)
   rng = jax.random.fold_in(jax.random.PRNGKey(exp.seed), index)
@@ -316,8 +331,12 @@ def initial_params(exp: Experiment, index: int, init_params=None):
   model takes a policy's params as its trunk."""
   stage = exp.stages[index]
   rng = jax.random.fold_in(jax.random.PRNGKey(exp.seed), 10_000 + index)
+  if init_params is not None and stage.player != "reward_model":
+    init_params = policy_value.policy_params(init_params)
   if stage.player == "policy":
     return init_params if init_params is not None else llama.init_params(exp.model, rng)
+  if stage.player == "policy_value":
+    return policy_value.init_params(exp.model, rng, init_params)
   if init_params is not None and "head" in init_params:     # already a reward model
     return init_params
   params = reward.init_params(exp.model, rng)
@@ -429,7 +448,9 @@ def evaluate_stage(exp: Experiment, index: int, params: Any, examples=None) -> d
   if stage.player == "reward_model":
     test = stage.data.load("test", sources.resolve_data_dir(exp.data_dir))
     return reward_eval.pair_accuracy(exp.model, params, test, stage.seq_len)
-  return {} if examples is None else evaluate(exp, params, examples)
+  if examples is None:
+    return {}
+  return evaluate(exp, policy_value.policy_params(params), examples)
 
 
 class Throughput:

@@ -1,6 +1,8 @@
 """PPO (GAE, per-token rewards, the prepare stage, the clipped actor-critic payoff) against NumPy
 float64 references written from the published formulas with plain loops; values compared directly,
 gradients against central finite differences of the references, everything run under jax.jit."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -450,3 +452,20 @@ def test_errors(data):
   logits_only = _play(data, full)._replace(apply=lambda p, *args: ac_apply(p, *args)[0])
   with pytest.raises(TypeError, match=r"\(logits_BTV, values_BT\)"):
     payoff(params, logits_only)
+
+
+def test_actor_critic_shares_the_policy_forward_pass():
+  """policy_value.apply: the same logits as the plain policy, values from the head on the trunk."""
+  from gamejax.models import llama, policy_value
+  cfg = llama.LlamaConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
+  params = policy_value.init_params(cfg, jax.random.PRNGKey(0))
+  params["value"] = {"w": jnp.arange(16.0) / 16, "b": jnp.asarray(0.5)}
+  tokens = jnp.asarray([[1, 5, 7, 9]])
+  positions, segments = jnp.arange(4)[None], jnp.ones((1, 4), jnp.int32)
+  logits, values = jax.jit(functools.partial(policy_value.apply, cfg))(params, tokens, positions,
+                                                                       segments)
+  np.testing.assert_allclose(logits, llama.apply(cfg, params["policy"], tokens, positions, segments),
+                             rtol=1e-5, atol=1e-5)
+  hidden = np.asarray(llama.hidden(cfg, params["policy"], tokens, positions, segments), np.float64)
+  np.testing.assert_allclose(values, hidden @ (np.arange(16.0) / 16) + 0.5, rtol=1e-5, atol=1e-5)
+  assert policy_value.policy_params(params) is params["policy"]

@@ -86,3 +86,26 @@ def test_cli_pipeline_writes_run_directory_and_evaluates(tmp_path, capsys, monke
   assert cli.main(["train", *TINY_ARENA, "--gin.sft/Stage.steps=6", f"--workdir={work}", "--resume"]) == 2
   assert cli.main(["train", *TINY_ARENA, f"--workdir={work}", "--overwrite"]) == 0
   assert len(open(work / "metrics.jsonl").readlines()) == 2 * len(STAGES)
+
+
+def test_ppo_stage_plays_with_an_actor_critic(tmp_path):
+  """A PPO stage from gin: the actor-critic samples, prepare + 2 x 2 minibatch updates run in the
+  step, and the next stage starts from its policy part."""
+  config.parse([f"{EXP}/arithmetic/ppo.gin", f"{EXP}/models/tiny.gin"],
+               ["ppo/Stage.steps=2", "Stage.steps_per_call=2", "COMPLETIONS_PER_PROMPT=2",
+                "ppo/Stage.batch_size=2", "ppo/arena.num_train=50", "eval/arena.num_test=10",
+                "Evaluation.num_examples=10", "Evaluation.batch_size=10",
+                f"Experiment.data_dir='{tmp_path / 'data'}'"])
+  exp = config.build_experiment()
+  index = [s.name for s in exp.stages].index("ppo")
+  stage = exp.stages[index]
+  assert (stage.player, stage.epochs, stage.minibatches) == ("policy_value", 4, 2)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  result = run.run_stage(exp, index, None, str(tmp_path / "run"), mesh, progress=False,
+                         eval_examples=run.load_eval_examples(exp), log=lambda _: None)
+  assert sorted(result.params) == ["policy", "value"]
+  assert 0.0 <= result.metrics["accuracy"] <= 1.0 and result.metrics["skipped_nonfinite"] == 0
+  row = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+  assert {"agent/value_loss", "agent/explained_variance", "judge/exact"} <= set(row)
+  restored = run.restore_params(exp, index, str(tmp_path / "run"))
+  jax.tree.map(np.testing.assert_array_equal, restored, result.params)

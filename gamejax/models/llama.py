@@ -323,6 +323,14 @@ def hidden(cfg: LlamaConfig, params: Params, tokens_BT, positions_BT, segment_id
   return x_BTD.astype(jnp.float32)
 
 
+def lm_head(cfg: LlamaConfig, params: Params, hidden_BTD):
+  """``float32[B, T, V]``: the LM head on trunk states (``hidden``), as ``apply`` ends."""
+  x_BTD = jnp.asarray(hidden_BTD).astype(cfg.compute_dtype)
+  if cfg.tie_embeddings:
+    return dense(x_BTD, params["embedding"], 1, jnp.float32)
+  return dense(x_BTD, params["lm_head"], 0, jnp.float32)
+
+
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> Cache:
   """An empty KV cache: ``{"layers": ({"k", "v"}: [B, S, n_kv_heads, head_dim], ...),
   "segment_ids": int32[B, S]}``; a slot with segment 0 is empty (or padding) and never attended.

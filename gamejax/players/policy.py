@@ -33,7 +33,8 @@ Opponent = Callable[[jax.Array, Mapping[str, Any], jax.Array], tuple[jax.Array, 
 def sampled_play(cfg: llama.LlamaConfig, group_size: int, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  eos_id: int = EOS, stop_ids: Sequence[int] = (), player: str = "agent",
-                 turns: int = 1, opponent: Opponent | None = None):
+                 turns: int = 1, opponent: Opponent | None = None,
+                 params_of: Callable[[Any], Any] = lambda params: params):
   """``play(state, batch, rng) -> (moves, facts)`` sampling ``state.params[player]``.
 
   With ``turns > 1`` the game goes on after the agent's move: ``opponent(completion_BN, facts,
@@ -41,7 +42,7 @@ def sampled_play(cfg: llama.LlamaConfig, group_size: int, max_new_tokens: int,
   moves again on the whole transcript so far, ``turns`` agent moves in all. The record holds every
   move, each token attributed to the player who made it (left-padded, contiguous); ``facts``
   describe the last agent move (``completion``, ``completion_mask``, ``stopped``), which is what
-  judges read.
+  judges read. ``params_of`` picks the policy out of the player's params (e.g. an actor-critic's).
   """
   if group_size < 1:
     raise ValueError(f"sampled_play group_size must be >= 1; got {group_size}")
@@ -61,7 +62,7 @@ def sampled_play(cfg: llama.LlamaConfig, group_size: int, max_new_tokens: int,
     players_BL = jnp.where(real_BL, records.OPPONENT, records.NOBODY).astype(jnp.int32)
     logprobs_BL = jnp.zeros((b, length), jnp.float32)     # the sampler's, at each token's slot
     facts = {k: repeat(v) for k, v in batch.items() if k not in PROMPT_KEYS}
-    params = jax.lax.stop_gradient(state.params[player])
+    params = jax.lax.stop_gradient(params_of(state.params[player]))
     no_stop, moved = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
     for turn in range(turns):
       k_sample, k_reply = jax.random.split(jax.random.fold_in(rng, turn))
