@@ -4,8 +4,10 @@ Prompts are LEFT-padded to a common length ``P`` (pad id 0, segment 0), so every
 ends at slot ``P - 1`` and all rows write the same cache slot at each step. Row ``b``'s positions
 start at 0 at its first real token. Generated tokens go into a preallocated ``[B, N]`` buffer;
 after a row emits ``eos_id`` (or any of ``stop_ids``) its later tokens are PAD (0) with log-prob 0,
-and the loop stops early once every row is done. Sampling can be restricted with ``top_k`` and
-``top_p`` (nucleus), applied to ``logits / temperature`` (see ``top_k_logits``, ``top_p_logits``).
+and the loop stops early once every row is done (when no stop id is in the vocabulary, it runs a
+fixed ``N - 1`` steps). Sampling can be restricted with ``top_k`` and ``top_p`` (nucleus), applied
+to ``logits / temperature`` (see ``top_k_logits``, ``top_p_logits``); a token is drawn by inverse
+CDF from one uniform per row and step, all drawn before the loop (see ``_choose``).
 
 >>> import jax, numpy as np
 >>> from gamejax.models import llama
@@ -93,13 +95,37 @@ def top_p_logits(logits_BV, p: float):
   return jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
 
 
-def _choose(logits_BV, rng, temperature: float, top_k: int = 0, top_p: float = 1.0):
-  """Greedy at temperature 0, else a categorical draw from ``logits / temperature`` restricted to
-  the ``top_k`` / ``top_p`` set."""
+def _inverse_cdf(weights_BV, uniform_B):
+  """Index drawn from each row's unnormalised non-negative ``weights`` with one ``uniform`` in
+  ``(0, 1]`` per row: the first slot whose running sum reaches ``uniform * total``. Never a slot of
+  weight 0 (the running sum is flat there), and never past the end (``uniform <= 1``)."""
+  cdf_BV = jnp.cumsum(weights_BV, axis=-1)
+  return jnp.sum(cdf_BV < uniform_B[:, None] * cdf_BV[:, -1:], axis=-1).astype(jnp.int32)
+
+
+def _choose(logits_BV, uniform_B, temperature: float, top_k: int = 0, top_p: float = 1.0):
+  """``(token_B, logprob_B)``: greedy at temperature 0, else a draw from ``softmax(logits /
+  temperature)`` restricted to the ``top_k`` / ``top_p`` set, by inverse CDF with ``uniform_B``
+  (one number in ``(0, 1]`` per row). ``logprob`` is ``log_softmax(logits)`` at the token.
+
+  One uniform per row rather than Gumbel noise over the whole vocabulary: the random numbers for
+  every step are drawn before the decode loop, and a step does no PRNG work (on CPU each
+  ``jax.random`` call in the loop is a small loop of its own; two of them cost more than this
+  whole function).
+  """
+  max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+  exp_BV = jnp.exp(logits_BV - max_B1)   # shared by the logprob and plain temperature-1 sampling
   if temperature == 0.0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  scaled_BV = top_p_logits(top_k_logits(logits_BV / temperature, top_k), top_p)
-  return jax.random.categorical(rng, scaled_BV, axis=-1).astype(jnp.int32)
+    token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  elif temperature == 1.0 and top_k == 0 and top_p >= 1.0:
+    token_B = _inverse_cdf(exp_BV, uniform_B)
+  else:
+    scaled_BV = top_p_logits(top_k_logits(logits_BV / temperature, top_k), top_p)
+    token_B = _inverse_cdf(jnp.exp(scaled_BV - jnp.max(scaled_BV, axis=-1, keepdims=True)),
+                           uniform_B)
+  logit_B = jnp.take_along_axis(logits_BV, token_B[:, None], axis=-1)[:, 0]
+  logprob_B = logit_B - max_B1[:, 0] - jnp.log(jnp.sum(exp_BV, axis=-1))
+  return token_B, logprob_B
 
 
 def _check_options(name: str, max_new_tokens, temperature, top_k, top_p, stop_ids):
@@ -161,46 +187,65 @@ def generate(cfg: llama.LlamaConfig, params, prompt_BP, prompt_lengths_B, max_ne
   logits_BPV, cache = llama.apply_with_cache(
       cfg, params, jnp.asarray(prompt_BP, jnp.int32), positions_BP, segments_BP, cache, 0)
 
+  # Every step's random numbers, drawn here in one go: a uniform in (0, 1] per row (see _choose).
+  # Greedy decoding uses none.
+  if temperature > 0.0:
+    uniforms_NB = 1.0 - jax.random.uniform(rng, (n, b), jnp.float32)
+  else:
+    uniforms_NB = jnp.ones((n, b), jnp.float32)
   stops_S = jnp.asarray((eos_id,) + tuple(stop_ids), jnp.int32)
+  # A stop id outside the vocabulary is never sampled; with no other, no row ends early and the
+  # loop runs a fixed N - 1 steps without tracking which rows are done.
+  can_stop = any(0 <= s < cfg.vocab_size for s in (eos_id,) + tuple(stop_ids))
 
-  def emit(i, logits_BV, done_B, tokens_BN, logprobs_BN):
-    token_B = _choose(logits_BV, jax.random.fold_in(rng, i), temperature, top_k, top_p)
-    logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), token_B[:, None],
-                                    axis=-1)[:, 0]
-    token_B = jnp.where(done_B, PAD_ID, token_B)
-    logprob_B = jnp.where(done_B, 0.0, logprob_B)
+  def emit(i, logits_BV, tokens_BN, logprobs_BN):
+    token_B, logprob_B = _choose(logits_BV, uniforms_NB[i], temperature, top_k, top_p)
     tokens_BN = jax.lax.dynamic_update_slice(tokens_BN, token_B[:, None], (0, i))
     logprobs_BN = jax.lax.dynamic_update_slice(logprobs_BN, logprob_B[:, None], (0, i))
-    lengths_inc_B = (~done_B).astype(jnp.int32)
-    done_B = done_B | jnp.any(token_B[:, None] == stops_S[None, :], axis=-1)
-    return token_B, done_B, tokens_BN, logprobs_BN, lengths_inc_B
+    return token_B, tokens_BN, logprobs_BN
 
-  tokens_BN = jnp.full((b, n), PAD_ID, jnp.int32)
-  logprobs_BN = jnp.zeros((b, n), jnp.float32)
-  done_B = jnp.zeros((b,), bool)
-  token_B, done_B, tokens_BN, logprobs_BN, lengths_B = emit(
-      0, logits_BPV[:, -1], done_B, tokens_BN, logprobs_BN)
+  def is_stop(tokens):
+    return jnp.any(tokens[..., None] == stops_S.reshape((1,) * tokens.ndim + (-1,)), axis=-1)
 
-  def cond(carry):
-    i, _, done_B, *_ = carry
-    return (i < n) & ~jnp.all(done_B)
-
-  def body(carry):
-    i, token_B, done_B, tokens_BN, logprobs_BN, lengths_B, cache = carry
-    # Feed token i-1 (cache slot P - 1 + i, position length + i - 1), then choose token i.
+  def step(i, token_B, tokens_BN, logprobs_BN, cache):
+    # Feed token i-1 (cache slot P - 1 + i, position length + i - 1), then choose token i. Rows
+    # that have ended keep going; what they emit is masked out after the loop.
     position_B1 = (prompt_lengths_B + i - 1)[:, None]
     logits_B1V, cache = llama.apply_with_cache(
         cfg, params, token_B[:, None], position_B1, jnp.ones((b, 1), jnp.int32), cache,
         p - 1 + i)
-    token_B, done_B, tokens_BN, logprobs_BN, inc_B = emit(
-        i, logits_B1V[:, 0], done_B, tokens_BN, logprobs_BN)
-    return i + 1, token_B, done_B, tokens_BN, logprobs_BN, lengths_B + inc_B, cache
+    token_B, tokens_BN, logprobs_BN = emit(i, logits_B1V[:, 0], tokens_BN, logprobs_BN)
+    return token_B, tokens_BN, logprobs_BN, cache
 
-  carry = (jnp.ones((), jnp.int32), token_B, done_B, tokens_BN, logprobs_BN, lengths_B, cache)
-  _, _, done_B, tokens_BN, logprobs_BN, lengths_B, _ = jax.lax.while_loop(cond, body, carry)
-  mask_BN = (jnp.arange(n, dtype=jnp.int32)[None, :] < lengths_B[:, None]).astype(jnp.float32)
-  return {"tokens": tokens_BN, "lengths": lengths_B, "logprobs": logprobs_BN,
-          "mask_BN": mask_BN, "stopped_B": done_B}
+  tokens_BN = jnp.full((b, n), PAD_ID, jnp.int32)
+  logprobs_BN = jnp.zeros((b, n), jnp.float32)
+  token_B, tokens_BN, logprobs_BN = emit(0, logits_BPV[:, -1], tokens_BN, logprobs_BN)
+  if can_stop:
+    def cond(carry):
+      i, _, done_B, *_ = carry
+      return (i < n) & ~jnp.all(done_B)
+
+    def body(carry):
+      i, token_B, done_B, *rest = carry
+      token_B, *rest = step(i, token_B, *rest)
+      return (i + 1, token_B, done_B | is_stop(token_B), *rest)
+
+    carry = (jnp.ones((), jnp.int32), token_B, is_stop(token_B), tokens_BN, logprobs_BN, cache)
+    tokens_BN, logprobs_BN = jax.lax.while_loop(cond, body, carry)[3:5]
+  else:
+    tokens_BN, logprobs_BN = jax.lax.fori_loop(
+        1, n, lambda i, carry: step(i, *carry), (token_B, tokens_BN, logprobs_BN, cache))[1:3]
+
+  # Each row ends at its first stop token; steps the loop skipped hold PAD, after every row ended.
+  stop_BN = is_stop(tokens_BN)
+  stopped_B = jnp.any(stop_BN, axis=-1)
+  lengths_B = jnp.where(stopped_B, jnp.argmax(stop_BN, axis=-1) + 1, n).astype(jnp.int32)
+  live_BN = jnp.arange(n, dtype=jnp.int32)[None, :] < lengths_B[:, None]
+  return {"tokens": jnp.where(live_BN, tokens_BN, PAD_ID),
+          "lengths": lengths_B,
+          "logprobs": jnp.where(live_BN, logprobs_BN, 0.0),
+          "mask_BN": live_BN.astype(jnp.float32),
+          "stopped_B": stopped_B}
 
 
 def make_generate(cfg: llama.LlamaConfig, max_new_tokens: int, temperature: float = 0.0,

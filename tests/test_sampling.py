@@ -137,8 +137,9 @@ def test_sampled_logprobs_and_determinism(params):
   np.testing.assert_array_equal(cold["tokens"], greedy["tokens"])
 
 
-def test_first_token_distribution_follows_softmax_over_temperature(params):
-  temperature, rows = 2.0, 4000
+@pytest.mark.parametrize("temperature", [1.0, 2.0])   # 1.0: the unfiltered fast path
+def test_first_token_distribution_follows_softmax_over_temperature(params, temperature):
+  rows = 4000
   prompt_BP, lengths_B = sampling.left_pad([np.array([1, 9, 4])] * rows, 3)
   out = sampling.generate(CFG, params, prompt_BP, lengths_B, 1, jax.random.key(5),
                           temperature=temperature, eos_id=-1)
@@ -310,3 +311,65 @@ def test_traces_once_with_options(params):
     sampling.make_generate(CFG, N, temperature=1.0, top_p=1.5)
   with pytest.raises(ValueError, match="top_k"):
     sampling.make_generate(CFG, N, temperature=1.0, top_k=-2)
+
+
+def test_inverse_cdf_matches_numpy_and_never_draws_zero_weight():
+  weights = np.array([[0.0, 1.0, 0.0, 3.0, 0.0], [2.0, 0.0, 0.0, 0.0, 1e-30]], np.float32)
+  uniforms = np.array([np.finfo(np.float32).tiny, 1e-7, 0.25, 0.2500001, 0.5, 0.999, 1.0],
+                      np.float32)
+  got = np.stack([np.asarray(jax.jit(sampling._inverse_cdf)(weights, np.full(2, u, np.float32)))
+                  for u in uniforms])
+  cdf = np.cumsum(weights, axis=-1)
+  # The first slot whose running sum reaches u * total.
+  want = np.stack([[np.searchsorted(c, u * c[-1], side="left") for c in cdf] for u in uniforms])
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got[:, 0], [1, 1, 1, 3, 3, 3, 3])
+  assert np.all(np.take_along_axis(weights, got.T, axis=-1) > 0)
+
+
+def _pooled_chisquare_ok(counts, probs, rows):
+  """Chi-square of ``counts`` against ``probs``, the bins expecting fewer than 5 pooled into one
+  (itself merged into the smallest other bin if it still expects fewer than 5)."""
+  expected = probs * rows
+  big = expected >= 5
+  counts_k, expected_k = counts[big].astype(np.float64), expected[big]
+  pool_count, pool_expected = counts[~big].sum(), expected[~big].sum()
+  if pool_expected >= 5:
+    counts_k, expected_k = np.r_[counts_k, pool_count], np.r_[expected_k, pool_expected]
+  else:
+    smallest = np.argmin(expected_k)
+    counts_k[smallest] += pool_count
+    expected_k[smallest] += pool_expected
+  return _chisquare_pvalue_ok(counts_k, expected_k)
+
+
+def test_later_tokens_follow_the_model_given_earlier_ones(params):
+  """Step 1 draws with its own random numbers: given the first token, the second follows the
+  softmax of the full forward on prompt + first token."""
+  rows, prompt = 6000, [1, 9, 4]
+  prompt_BP, lengths_B = sampling.left_pad([np.array(prompt)] * rows, 3)
+  tokens = np.asarray(sampling.make_generate(CFG, 2, temperature=1.0, eos_id=-1)(
+      params, prompt_BP, lengths_B, jax.random.key(21))["tokens"])
+  first = np.bincount(tokens[:, 0], minlength=CFG.vocab_size).argmax()
+  second = tokens[tokens[:, 0] == first, 1]
+  assert len(second) >= 500
+  logits = np.asarray(_full_forward(CFG, params, np.array([prompt + [first]], np.int32),
+                                    np.array([4], np.int32)))[0, -1].astype(np.float64)
+  probs = np.exp(logits - logits.max())
+  probs /= probs.sum()
+  counts = np.bincount(second, minlength=CFG.vocab_size)
+  assert _pooled_chisquare_ok(counts, probs, len(second))
+
+
+def test_fixed_length_and_early_exit_loops_agree(params):
+  """With no stop id in the vocabulary the loop runs a fixed N - 1 steps; with one that is never
+  drawn it may exit early but does not: both give the same tokens from the same key."""
+  prompt_BP, lengths_B = sampling.left_pad(PROMPTS, P)
+  fixed = sampling.generate(CFG, params, prompt_BP, lengths_B, N, jax.random.key(4),
+                            temperature=1.5, eos_id=-1)
+  unused = next(t for t in range(3, CFG.vocab_size) if t not in np.asarray(fixed["tokens"]))
+  looped = sampling.generate(CFG, params, prompt_BP, lengths_B, N, jax.random.key(4),
+                             temperature=1.5, eos_id=unused)
+  for key in ("tokens", "lengths", "logprobs", "mask_BN", "stopped_B"):
+    np.testing.assert_array_equal(looped[key], fixed[key])
+  assert not np.asarray(looped["stopped_B"]).any()
