@@ -192,3 +192,66 @@ def test_multi_turn_play_attributes_every_move_and_scores_the_last():
   np.testing.assert_allclose(facts["behaviour_logprobs"], forward, atol=2e-4)
   agent_next = records.next_token_weights(moves, (records.AGENT,))
   assert ((facts["behaviour_logprobs"] != 0) == (agent_next > 0)).all()
+
+
+def _grpo_game(judge):
+  from gamejax.payoffs import grpo
+  apply = functools.partial(llama.apply, CFG)
+  learner = game_step.Learner(apply, grpo(2, beta=0.04), optax.adam(1e-3))
+  return game_step.Game({"agent": learner},
+                        play=policy.sampled_play(CFG, 2, 12, temperature=1.0),
+                        respond=judges.responders(judge, reference.reference(apply)))
+
+
+def _rl_state(game):
+  params = llama.init_params(CFG, jax.random.PRNGKey(0))
+  return game_step.init_state(game, {"agent": params}, jax.random.PRNGKey(1),
+                              frozen={"reference": jax.tree.map(jnp.copy, params)})
+
+
+def test_rl_step_compiles_once_and_learns_in_place():
+  """The whole GRPO game step (sample, judge, reference, payoff, update) traces once over calls."""
+  game = _grpo_game(judges.arena_judge(partial_credit=1.0))
+  state = _rl_state(game)
+  traces = []
+  step, shardings = game_step.make_step(game, _mesh(), jax.eval_shape(lambda: state),
+                                        on_trace=lambda: traces.append(1))
+  state = jax.device_put(state, shardings)             # as the run places it
+  before = jax.device_get(state.params["agent"])
+  for seed in range(3):
+    batch, _ = _prompt_batch(2)
+    batch = {k: np.stack([v, np.roll(v, seed, axis=0)]) for k, v in batch.items()}  # K = 2 steps
+    state, metrics = step(state, batch)
+  assert len(traces) == 1 and int(state.step) == 6
+  assert np.all(np.isfinite(jax.device_get(metrics["loss"])))
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before,
+                         jax.device_get(state.params["agent"]))
+  assert any(jax.tree.leaves(changed))
+
+
+def test_a_nan_judge_is_counted_and_never_reaches_the_params():
+  nan_judge = judges.function_judge(lambda moves, facts: jnp.full((moves.tokens.shape[0],),
+                                                                  jnp.nan))
+  game = _grpo_game(nan_judge)
+  state = _rl_state(game)
+  before = jax.device_get(state.params["agent"])
+  batch, _ = _prompt_batch(2)
+  state, metrics = jax.jit(functools.partial(game_step.game_step, game))(state, batch)
+  assert float(metrics["agent/skipped_nonfinite"]) == 1.0
+  assert float(metrics["agent/nonfinite_rewards"]) == 4.0
+  jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(state.params["agent"]))
+
+
+def test_reward_model_judge_refuses_a_different_vocabulary():
+  from gamejax.models import reward
+  small = llama.LlamaConfig(vocab_size=128, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                            d_ff=64)
+  judge = judges.reward_model_judge(CFG, functools.partial(reward.apply, small))
+  game = _grpo_game(judge)
+  params = llama.init_params(CFG, jax.random.PRNGKey(0))
+  state = game_step.init_state(game, {"agent": params}, jax.random.PRNGKey(1),
+                               frozen={"reference": jax.tree.map(jnp.copy, params),
+                                       judges.JUDGE: reward.init_params(small, jax.random.PRNGKey(2))})
+  batch, _ = _prompt_batch(2)
+  with pytest.raises(reward.RewardModelError, match="128 token ids.*vocab_size is 272"):
+    jax.jit(functools.partial(game_step.game_step, game))(state, batch)

@@ -109,3 +109,25 @@ def test_ppo_stage_plays_with_an_actor_critic(tmp_path):
   assert {"agent/value_loss", "agent/explained_variance", "judge/exact"} <= set(row)
   restored = run.restore_params(exp, index, str(tmp_path / "run"))
   jax.tree.map(np.testing.assert_array_equal, restored, result.params)
+
+
+@pytest.mark.parametrize("name, metric", [
+    ("dpo", "agent/reward_margin"), ("ipo", "agent/reward_margin"),
+    ("rloo", "agent/rloo/reward_mean"), ("reward_model", "agent/accuracy")])
+def test_each_arithmetic_experiment_plays_its_last_stage(tmp_path, name, metric):
+  """experiments/arithmetic/<name>.gin builds; its last stage runs two steps of its game."""
+  config.parse([f"{EXP}/arithmetic/{name}.gin", f"{EXP}/models/tiny.gin"],
+               [f"{name}/Stage.steps=2", "Stage.steps_per_call=2", "GROUP_SIZE=2",
+                f"{name}/Stage.batch_size=4", "rloo/arena.num_train=50",
+                "arena_preferences.num_train=40", "arena_preferences.num_test=10",
+                "eval/arena.num_test=10", "Evaluation.num_examples=10",
+                "Evaluation.batch_size=10", f"Experiment.data_dir='{tmp_path / 'data'}'"])
+  exp = config.build_experiment()
+  index = len(exp.stages) - 1
+  assert exp.stages[index].name == name
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  result = run.run_stage(exp, index, None, str(tmp_path / "run"), mesh, progress=False,
+                         eval_examples=run.load_eval_examples(exp), log=lambda _: None)
+  assert np.isfinite(result.metrics["loss"]) and result.metrics["skipped_nonfinite"] == 0
+  row = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+  assert metric in row, sorted(row)
