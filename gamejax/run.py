@@ -72,15 +72,11 @@ class Optimizer:
 
 ANSWER_WIDTH = 19       # digits of the judge's answer key (arena answers fit int64)
 PLAYERS = ("policy", "policy_value", "reward_model")
-# Per-step event counts summed into the stage's summary (metric -> summary key). Counts of a
-# stage interrupted and resumed restart from the resumption.
+# Per-step event counts summed into the stage's summary (metric -> summary key); checkpoints
+# carry them, so a resumed stage goes on counting.
 COUNTED = {"agent/skipped_nonfinite": "skipped_nonfinite", "play/no_stop": "no_stop_completions",
            "agent/nonfinite_rewards": "nonfinite_rewards"}
 PAIR_SOURCES = ("arena_preferences",)
-
-
-def exp_player(exp: "Experiment", stage_name: str) -> str | None:
-  return next((s.player for s in exp.stages if s.name == stage_name), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,59 +168,65 @@ class Experiment:
         close = difflib.get_close_matches(spec.name, list(sources.SOURCES), n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ExperimentError(f"unknown dataset {spec.name!r}.{hint} Known: {sorted(sources.SOURCES)}")
-    for s in self.stages:
-      for field in ("steps", "batch_size", "seq_len", "steps_per_call", "checkpoint_every"):
-        if getattr(s, field) <= 0:
-          raise ExperimentError(f"Stage {s.name!r}: {field} must be positive, got {getattr(s, field)}")
-      if s.steps % s.steps_per_call:
-        raise ExperimentError(f"Stage {s.name!r}: steps={s.steps} is not a multiple of "
-                              f"steps_per_call={s.steps_per_call}")
-      if s.data.too_long not in ("truncate", "skip", "error"):
-        raise ExperimentError(f"Stage {s.name!r}: data too_long={s.data.too_long!r}; expected "
-                              "'truncate', 'skip' or 'error'")
-      earlier = names[:names.index(s.name)]
-      if s.init_from not in (None, "previous", *earlier):
-        raise ExperimentError(f"Stage {s.name!r}: init_from={s.init_from!r}; expected 'previous', "
-                              f"None or an earlier stage's name ({earlier})")
-      if s.player not in PLAYERS:
-        raise ExperimentError(f"Stage {s.name!r}: player={s.player!r}; expected one of {PLAYERS}")
-      if s.data.name in PAIR_SOURCES and s.batch_size % 2:
-        raise ExperimentError(f"Stage {s.name!r}: batch_size={s.batch_size} must be even for "
-                              f"preference pairs (chosen and rejected rows)")
-      if s.epochs < 1 or s.minibatches < 1:
-        raise ExperimentError(f"Stage {s.name!r}: epochs={s.epochs} and minibatches="
-                              f"{s.minibatches} must be >= 1")
-      if s.player == "policy_value" and s.rollout is None:
-        raise ExperimentError(f"Stage {s.name!r}: player='policy_value' (PPO) needs a rollout")
-      if s.player == "reward_model" and (s.rollout is not None or s.reference):
-        raise ExperimentError(f"Stage {s.name!r}: a reward model learns from preference records; "
-                              "it takes no rollout or reference")
-      if s.rollout is not None:
-        r = s.rollout
-        if r.judge == "reward_model":
-          if r.judge_from not in earlier or exp_player(self, r.judge_from) != "reward_model":
-            raise ExperimentError(f"Stage {s.name!r}: Rollout.judge='reward_model' needs "
-                                  f"judge_from naming an earlier reward_model stage; got "
-                                  f"{r.judge_from!r}")
-        elif isinstance(r.judge, str) and r.judge != "arena":
-          raise ExperimentError(f"Stage {s.name!r}: Rollout.judge={r.judge!r}; expected 'arena', "
-                                "'reward_model' or a responder function")
-        if r.turns < 1 or (r.turns > 1) != (r.opponent is not None):
-          raise ExperimentError(f"Stage {s.name!r}: Rollout.turns={r.turns} needs an opponent "
-                                "exactly when turns > 1")
-        if r.group_size < 1 or r.prompt_len < 1 or (r.max_new_tokens or 1) < 1:
-          raise ExperimentError(f"Stage {s.name!r}: Rollout group_size, prompt_len and "
-                                f"max_new_tokens must be positive; got {r}")
-        if r.max_new_tokens is None and s.data.name != "arithmetic_arena":
-          raise ExperimentError(f"Stage {s.name!r}: Rollout.max_new_tokens must be set for "
-                                f"dataset {s.data.name!r} (only the arena implies it)")
-        wanted = getattr(s.payoff, "group_size", r.group_size)
-        if wanted != r.group_size:
-          raise ExperimentError(f"Stage {s.name!r}: the payoff groups {wanted} completions per "
-                                f"prompt but Rollout.group_size={r.group_size}")
-        if r.judge in (None, "arena") and s.data.name != "arithmetic_arena":
-          raise ExperimentError(f"Stage {s.name!r}: Rollout.judge must be set for dataset "
-                                f"{s.data.name!r} (the default judge is the arena's)")
+    for i, s in enumerate(self.stages):
+      _validate_stage(s, self.stages[:i])
+
+
+def _validate_stage(s: Stage, earlier: Sequence[Stage]) -> None:
+  for field in ("steps", "batch_size", "seq_len", "steps_per_call", "checkpoint_every",
+                "epochs", "minibatches"):
+    if getattr(s, field) <= 0:
+      raise ExperimentError(f"Stage {s.name!r}: {field} must be positive, got {getattr(s, field)}")
+  if s.steps % s.steps_per_call:
+    raise ExperimentError(f"Stage {s.name!r}: steps={s.steps} is not a multiple of "
+                          f"steps_per_call={s.steps_per_call}")
+  if s.data.too_long not in ("truncate", "skip", "error"):
+    raise ExperimentError(f"Stage {s.name!r}: data too_long={s.data.too_long!r}; expected "
+                          "'truncate', 'skip' or 'error'")
+  names = [e.name for e in earlier]
+  if s.init_from not in (None, "previous", *names):
+    raise ExperimentError(f"Stage {s.name!r}: init_from={s.init_from!r}; expected 'previous', "
+                          f"None or an earlier stage's name ({names})")
+  if s.player not in PLAYERS:
+    raise ExperimentError(f"Stage {s.name!r}: player={s.player!r}; expected one of {PLAYERS}")
+  if s.data.name in PAIR_SOURCES and s.batch_size % 2:
+    raise ExperimentError(f"Stage {s.name!r}: batch_size={s.batch_size} must be even for "
+                          f"preference pairs (chosen and rejected rows)")
+  if s.player == "policy_value" and s.rollout is None:
+    raise ExperimentError(f"Stage {s.name!r}: player='policy_value' (PPO) needs a rollout")
+  if s.player == "reward_model" and (s.rollout is not None or s.reference):
+    raise ExperimentError(f"Stage {s.name!r}: a reward model learns from preference records; "
+                          "it takes no rollout or reference")
+  if s.rollout is not None:
+    _validate_rollout(s, earlier)
+
+
+def _validate_rollout(s: Stage, earlier: Sequence[Stage]) -> None:
+  r = s.rollout
+  if r.judge == "reward_model":
+    players = {e.name: e.player for e in earlier}
+    if players.get(r.judge_from) != "reward_model":
+      raise ExperimentError(f"Stage {s.name!r}: Rollout.judge='reward_model' needs judge_from "
+                            f"naming an earlier reward_model stage; got {r.judge_from!r}")
+  elif isinstance(r.judge, str) and r.judge != "arena":
+    raise ExperimentError(f"Stage {s.name!r}: Rollout.judge={r.judge!r}; expected 'arena', "
+                          "'reward_model' or a responder function")
+  if r.judge in (None, "arena") and s.data.name != "arithmetic_arena":
+    raise ExperimentError(f"Stage {s.name!r}: Rollout.judge must be set for dataset "
+                          f"{s.data.name!r} (the default judge is the arena's)")
+  if r.turns < 1 or (r.turns > 1) != (r.opponent is not None):
+    raise ExperimentError(f"Stage {s.name!r}: Rollout.turns={r.turns} needs an opponent "
+                          "exactly when turns > 1")
+  if r.group_size < 1 or r.prompt_len < 1 or (r.max_new_tokens or 1) < 1:
+    raise ExperimentError(f"Stage {s.name!r}: Rollout group_size, prompt_len and "
+                          f"max_new_tokens must be positive; got {r}")
+  if r.max_new_tokens is None and s.data.name != "arithmetic_arena":
+    raise ExperimentError(f"Stage {s.name!r}: Rollout.max_new_tokens must be set for "
+                          f"dataset {s.data.name!r} (only the arena implies it)")
+  wanted = getattr(s.payoff, "group_size", r.group_size)
+  if wanted != r.group_size:
+    raise ExperimentError(f"Stage {s.name!r}: the payoff groups {wanted} completions per "
+                          f"prompt but Rollout.group_size={r.group_size}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,9 +377,11 @@ def run_stage(exp: Experiment, index: int, init_params: Any, workdir: str, mesh,
                           abstract, state_sharding)
     state, extra = ckpt.restore(target)
     loader.set_state(extra["data"])
+    resumed_counts = dict(extra.get("counts", {}))
     log(f"[{stage.name}] resumed from step {start}")
   else:
     state = jax.jit(make_state, out_shardings=state_sharding)(init_params)
+    resumed_counts = {}
     start = 0
 
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
@@ -386,7 +390,7 @@ def run_stage(exp: Experiment, index: int, init_params: Any, workdir: str, mesh,
   bar = _progress(stage.name, start, stage.steps, progress)
   clock = Throughput()
   last_loss, pending, tokens = math.nan, None, 0
-  counts = {}      # events summed over the stage (see COUNTED)
+  counts = resumed_counts      # events summed over the stage (see COUNTED)
 
   def flush(step_no, metrics):
     """Logs a call's metrics once the next call is queued, so reading them never stalls."""
@@ -414,11 +418,12 @@ def run_stage(exp: Experiment, index: int, init_params: Any, workdir: str, mesh,
         flush(*pending)
       pending = (step_no, metrics)
       if step_no % stage.checkpoint_every == 0 and step_no < end:
-        ckpt.save(step_no, state, {"data": loader.get_state(), "stage": stage.name})
+        ckpt.save(step_no, state, {"data": loader.get_state(), "stage": stage.name,
+                                   "counts": counts})
     if pending is not None:
       flush(*pending)
     if end > start:
-      ckpt.save(end, state, {"data": loader.get_state(), "stage": stage.name})
+      ckpt.save(end, state, {"data": loader.get_state(), "stage": stage.name, "counts": counts})
   finally:
     bar.close()
     writer.close()
@@ -568,7 +573,9 @@ def stage_table(exp: Experiment, summary: Mapping[str, Any]) -> str:
     rows.append((f"{label} ({r.get('player', '?')})", _fmt(r.get("accuracy")), "-", "-", "-"))
   for s in exp.stages:
     r = summary.get(s.name, {})
-    rows.append((s.name, _fmt(r.get("accuracy")), _fmt(r.get("loss")),
+    held_out = (_fmt(r.get("pair_accuracy")) + " (pairs)" if "pair_accuracy" in r
+                else _fmt(r.get("accuracy")))
+    rows.append((s.name, held_out, _fmt(r.get("loss")),
                  _fmt(r.get("tokens_per_s"), "{:.0f}"), str(r.get("steps", "-"))))
   widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
   lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]

@@ -99,3 +99,21 @@ def test_workdir_with_another_run_is_refused(tmp_path, capsys):
 def test_eval_without_run(tmp_path, capsys):
   assert cli.main(["eval", f"--workdir={tmp_path}"]) == 2
   assert "config.gin" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("grpo/Rollout.group_size=4", "the payoff groups 8 completions per prompt but "
+                                  "Rollout.group_size=4"),
+    ("grpo/Rollout.judge='judge_me'", "Rollout.judge='judge_me'; expected 'arena'"),
+    ("grpo_rm/Rollout.judge_from='sft'", "needs judge_from naming an earlier reward_model stage"),
+    ("grpo/Rollout.turns=2", "Rollout.turns=2 needs an opponent"),
+    ("grpo/Stage.player='critic'", "player='critic'; expected one of"),
+    ("grpo/Stage.init_from='grpo_rm'", "init_from='grpo_rm'; expected 'previous', None or an "
+                                       "earlier stage's name"),
+    ("reward_model/Stage.batch_size=31", "batch_size=31 must be even for preference pairs"),
+])
+def test_bad_game_settings_are_config_errors(tmp_path, capsys, binding, message):
+  work = tmp_path / "run"
+  code, err = _train([f"--gin_file={PIPELINE}", f"--gin.{binding}", f"--workdir={work}"], capsys)
+  assert code == 2 and message in err, err
+  assert not work.exists()

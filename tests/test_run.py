@@ -113,18 +113,20 @@ def test_ppo_stage_plays_with_an_actor_critic(tmp_path):
 
 @pytest.mark.parametrize("name, metric", [
     ("dpo", "agent/reward_margin"), ("ipo", "agent/reward_margin"),
-    ("rloo", "agent/rloo/reward_mean"), ("reward_model", "agent/accuracy")])
+    ("rloo", "agent/rloo/reward_mean"), ("reward_model", "agent/accuracy"),
+    ("grpo_retry", "judge/exact")])
 def test_each_arithmetic_experiment_plays_its_last_stage(tmp_path, name, metric):
   """experiments/arithmetic/<name>.gin builds; its last stage runs two steps of its game."""
+  stage = name.split("_retry")[0]
   config.parse([f"{EXP}/arithmetic/{name}.gin", f"{EXP}/models/tiny.gin"],
-               [f"{name}/Stage.steps=2", "Stage.steps_per_call=2", "GROUP_SIZE=2",
-                f"{name}/Stage.batch_size=4", "rloo/arena.num_train=50",
+               [f"{stage}/Stage.steps=2", "Stage.steps_per_call=2", "GROUP_SIZE=2",
+                f"{stage}/Stage.batch_size=4", "rloo/arena.num_train=50", "grpo/arena.num_train=50",
                 "arena_preferences.num_train=40", "arena_preferences.num_test=10",
                 "eval/arena.num_test=10", "Evaluation.num_examples=10",
                 "Evaluation.batch_size=10", f"Experiment.data_dir='{tmp_path / 'data'}'"])
   exp = config.build_experiment()
   index = len(exp.stages) - 1
-  assert exp.stages[index].name == name
+  assert exp.stages[index].name == stage
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   result = run.run_stage(exp, index, None, str(tmp_path / "run"), mesh, progress=False,
                          eval_examples=run.load_eval_examples(exp), log=lambda _: None)
