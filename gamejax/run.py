@@ -223,10 +223,13 @@ def _validate_rollout(s: Stage, earlier: Sequence[Stage]) -> None:
   if r.max_new_tokens is None and s.data.name != "arithmetic_arena":
     raise ExperimentError(f"Stage {s.name!r}: Rollout.max_new_tokens must be set for "
                           f"dataset {s.data.name!r} (only the arena implies it)")
-  wanted = getattr(s.payoff, "group_size", r.group_size)
-  if wanted != r.group_size:
+  wanted = getattr(s.payoff, "group_size", None)
+  if wanted is not None and wanted != r.group_size:
     raise ExperimentError(f"Stage {s.name!r}: the payoff groups {wanted} completions per "
                           f"prompt but Rollout.group_size={r.group_size}")
+  if wanted is not None and s.minibatches > 1:
+    raise ExperimentError(f"Stage {s.name!r}: minibatches={s.minibatches} would split the groups "
+                          f"of {wanted} completions the payoff compares; use minibatches=1")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -111,6 +111,7 @@ def test_eval_without_run(tmp_path, capsys):
     ("grpo/Stage.init_from='grpo_rm'", "init_from='grpo_rm'; expected 'previous', None or an "
                                        "earlier stage's name"),
     ("reward_model/Stage.batch_size=31", "batch_size=31 must be even for preference pairs"),
+    ("grpo/Stage.minibatches=2", "minibatches=2 would split the groups of 8 completions"),
 ])
 def test_bad_game_settings_are_config_errors(tmp_path, capsys, binding, message):
   work = tmp_path / "run"

@@ -407,3 +407,12 @@ def test_errors(data):
   for payoff, key in cases:
     with pytest.raises(KeyError, match=key):
       _run(payoff, data, {k: v for k, v in full.items() if k != key})
+
+
+def test_weighted_keeps_the_group_size_the_run_checks():
+  from gamejax.payoffs import weighted
+  mix = weighted({"rloo": (1.0, rloo(4)), "kl": (0.1, kl_to_reference())})
+  assert mix.group_size == 4
+  assert not hasattr(weighted({"kl": (0.1, kl_to_reference())}), "group_size")
+  with pytest.raises(ValueError, match="group sizes \\[2, 4\\]"):
+    weighted({"a": (1.0, rloo(4)), "b": (1.0, grpo(2))})

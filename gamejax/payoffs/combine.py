@@ -29,6 +29,11 @@ def weighted(parts: Mapping[str, tuple[float, Payoff]]) -> Payoff:
     metrics["loss"] = -total
     return total, metrics
 
+  groups = {getattr(part, "group_size") for _, part in parts.values() if hasattr(part, "group_size")}
+  if len(groups) > 1:
+    raise ValueError(f"weighted() parts group completions differently: group sizes {sorted(groups)}")
+  if groups:
+    payoff.group_size = groups.pop()     # the run checks it against the rollout's group size
   return payoff
 
 
