@@ -17,9 +17,13 @@ def _np_sequence_logprobs(table, record, who):
   return np_token_logliks(table, record.tokens, record.players, record.segment_ids, who)[0]
 
 
-def _np_preference(table, record, ref, beta, kind):
-  """DPO (Rafailov et al. 2023, eq. 7) / IPO (Azar et al. 2023, eq. 17), mean over pairs."""
-  logp = _np_sequence_logprobs(table, record, (records.AGENT,))
+def _np_preference(table, record, ref, beta, kind, average=False):
+  """DPO (Rafailov et al. 2023, eq. 7) / IPO (Azar et al. 2023, eq. 17), mean over pairs; with
+  ``average``, per-token average log-probs of policy and reference."""
+  logp, counts = np_token_logliks(table, record.tokens, record.players, record.segment_ids,
+                                  (records.AGENT,))
+  if average:
+    logp, ref = logp / np.maximum(counts, 1), ref / np.maximum(counts, 1)
   p = len(logp) // 2
   losses, margins = [], []
   for i in range(p):
@@ -175,3 +179,24 @@ def test_weighted_composes_with_imitation(batch):
   assert {"dpo/loss", "dpo/accuracy", "dpo/reward_margin", "sft/loss", "loss"} <= set(metrics)
   grad = jax.jit(jax.grad(lambda p: combo(p, play)[0]))(params)
   assert np.isfinite(np.asarray(grad["table"])).all()
+
+
+@pytest.mark.parametrize("kind", ["dpo", "ipo"])
+def test_average_log_probs_option_matches_numpy(batch, kind):
+  record, table, ref = batch
+  payoff = FACTORIES[kind](beta=0.2, average_log_probs=True)
+  value, _ = _jitted(payoff)({"table": jnp.asarray(table)}, record, ref)
+  loss = _np_preference(table, record, ref.astype(np.float64), 0.2, kind, average=True)[0]
+  np.testing.assert_allclose(value, -loss, rtol=1e-5, atol=1e-5)
+  summed = _np_preference(table, record, ref.astype(np.float64), 0.2, kind)[0]
+  assert abs(loss - summed) > 1e-3         # the option changes the objective
+  grad = jax.jit(jax.grad(lambda p: payoff(p, _play(record, ref))[0]))(
+      {"table": jnp.asarray(table)})["table"]
+  eps, (i, j) = 1e-3, np.unravel_index(np.argmax(np.abs(grad)), grad.shape)
+  up, down = table.astype(np.float64).copy(), table.astype(np.float64).copy()
+  up[i, j] += eps
+  down[i, j] -= eps
+  ref64 = ref.astype(np.float64)
+  fd = -(_np_preference(up, record, ref64, 0.2, kind, True)[0]
+         - _np_preference(down, record, ref64, 0.2, kind, True)[0]) / (2 * eps)
+  np.testing.assert_allclose(grad[i, j], fd, rtol=1e-3, atol=1e-4)

@@ -61,8 +61,11 @@ def ipo_pair_loss(pi_c, pi_r, ref_c, ref_r, beta):
 
 
 def _preference(pair_loss: PairLoss, beta: float, players: Sequence[str | int],
-                name: str) -> Payoff:
-  """The payoff ``-mean_i pair_loss(pair i)`` over a chosen-then-rejected preference batch."""
+                name: str, average_log_probs: bool = False) -> Payoff:
+  """The payoff ``-mean_i pair_loss(pair i)`` over a chosen-then-rejected preference batch.
+
+  With ``average_log_probs`` the policy's and the reference's sequence log-probs are divided by
+  the row's number of scored tokens (per-token averages, as TRL's IPO uses them)."""
   if not beta > 0:
     raise ValueError(f"{name}: beta must be > 0, got {beta}")
   ids = records.player_ids(players)
@@ -82,6 +85,9 @@ def _preference(pair_loss: PairLoss, beta: float, players: Sequence[str | int],
     ref_2P = jax.lax.stop_gradient(ref_2P)
     logits_BTV = play.apply(params, moves.tokens, moves.positions, moves.segment_ids)
     logp_2P = sequence_logprobs(logits_BTV, moves, ids)
+    if average_log_probs:
+      n_2P = jnp.maximum(records.next_token_weights(moves, ids).sum(axis=-1), 1.0)
+      logp_2P, ref_2P = logp_2P / n_2P, ref_2P / n_2P
     p = rows // 2
     pi_c_P, pi_r_P = logp_2P[:p], logp_2P[p:]
     ref_c_P, ref_r_P = ref_2P[:p], ref_2P[p:]
@@ -97,14 +103,19 @@ def _preference(pair_loss: PairLoss, beta: float, players: Sequence[str | int],
   return payoff
 
 
-def dpo(beta: float = 0.1, players: Sequence[str | int] = ("agent",)) -> Payoff:
+def dpo(beta: float = 0.1, players: Sequence[str | int] = ("agent",),
+        average_log_probs: bool = False) -> Payoff:
   """Direct Preference Optimisation (Rafailov et al. 2023) as a payoff: minus the mean DPO loss."""
-  return _preference(dpo_pair_loss, beta, players, "dpo")
+  return _preference(dpo_pair_loss, beta, players, "dpo", average_log_probs)
 
 
-def ipo(beta: float = 0.1, players: Sequence[str | int] = ("agent",)) -> Payoff:
-  """Identity Preference Optimisation (Azar et al. 2023) as a payoff: minus the mean IPO loss."""
-  return _preference(ipo_pair_loss, beta, players, "ipo")
+def ipo(beta: float = 0.1, players: Sequence[str | int] = ("agent",),
+        average_log_probs: bool = False) -> Payoff:
+  """Identity Preference Optimisation (Azar et al. 2023) as a payoff: minus the mean IPO loss.
+
+  The published loss uses summed log-probs; its target margin ``1 / (2 beta)`` is then small
+  against long answers. ``average_log_probs=True`` uses per-token averages (as TRL does)."""
+  return _preference(ipo_pair_loss, beta, players, "ipo", average_log_probs)
 
 
 def bradley_terry_pair_loss(s_c, s_r):
