@@ -8,6 +8,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from gamejax import hostenv
 from gamejax.models import llama
 
 
@@ -22,6 +23,30 @@ def model_config(args) -> llama.LlamaConfig:
   return llama.LlamaConfig(vocab_size=args.vocab_size, d_model=args.d_model, d_ff=args.d_ff,
                            n_layers=args.n_layers, n_heads=args.n_heads,
                            n_kv_heads=args.n_kv_heads)
+
+
+def parse_args(p: argparse.ArgumentParser, argv=None):
+  """Adds ``--no_hugepages``, parses, and (run as a script) re-executes with glibc malloc on
+  transparent huge pages (``gamejax.hostenv``), the setting a CPU run should use too."""
+  p.add_argument("--no_hugepages", action="store_true",
+                 help="keep 4 KiB pages for malloc (no re-exec with GLIBC_TUNABLES)")
+  args = p.parse_args(argv)
+  if argv is None and not args.no_hugepages:
+    hostenv.reexec_with_malloc_hugepages()
+  return args
+
+
+def median_step_seconds(step, state, batch, n: int):
+  """``(median seconds, final state)`` of ``n`` calls of ``step(state, batch)``, each blocking on
+  its metrics, after two warm-up calls (the first compiles)."""
+  holder = [state]
+
+  def one():
+    holder[0], metrics = step(holder[0], batch)
+    jax.block_until_ready(metrics)
+
+  secs = statistics.median(time_calls(one, n, warmup=2))
+  return secs, holder[0]
 
 
 def time_calls(fn, n: int, warmup: int = 1) -> list[float]:

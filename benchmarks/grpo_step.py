@@ -50,11 +50,7 @@ def main(argv=None):
   for name, value in (("prompts", 2), ("group_size", 8), ("prompt_len", 16), ("new_tokens", 32),
                       ("steps", 7)):
     p.add_argument(f"--{name}", type=int, default=value)
-  p.add_argument("--no_hugepages", action="store_true",
-                 help="keep 4 KiB pages for malloc (no re-exec with GLIBC_TUNABLES)")
-  args = p.parse_args(argv)
-  if argv is None and not args.no_hugepages:
-    hostenv.reexec_with_malloc_hugepages()
+  args = common.parse_args(p, argv)
   cfg = common.model_config(args)
   g, n, length = args.group_size, args.new_tokens, args.prompt_len
   rows = args.prompts * g
@@ -78,18 +74,12 @@ def main(argv=None):
            "prompt_lengths": np.full((1, args.prompts), length, np.int32)}
   batch = jax.device_put(batch, sharding.batch_sharding(mesh, leading=1))
 
-  holder = [state]
-
-  def one_step():
-    holder[0], metrics = step(holder[0], batch)
-    jax.block_until_ready(metrics)
-
-  secs = statistics.median(common.time_calls(one_step, args.steps, warmup=2))
+  secs, state = common.median_step_seconds(step, state, batch, args.steps)
   generate = sampling.make_generate(cfg, n, temperature=1.0, eos_id=NEVER)
   prompts = jnp.repeat(batch["prompt"][0], g, axis=0)
   lengths = jnp.repeat(batch["prompt_lengths"][0], g, axis=0)
   sample_secs = statistics.median(common.time_calls(
-      lambda: jax.block_until_ready(generate(holder[0].params["agent"], prompts, lengths,
+      lambda: jax.block_until_ready(generate(state.params["agent"], prompts, lengths,
                                              jax.random.PRNGKey(2))),
       args.steps, warmup=2))
   peak = common.matmul_peak_flops()

@@ -100,11 +100,7 @@ def main(argv=None):
   p.add_argument("--prompt_len", type=int, default=16)
   p.add_argument("--new_tokens", type=int, default=32)
   p.add_argument("--calls", type=int, default=7, help="timed calls of each decoder (>= 5)")
-  p.add_argument("--no_hugepages", action="store_true",
-                 help="keep 4 KiB pages for malloc (no re-exec with GLIBC_TUNABLES)")
-  args = p.parse_args(argv)
-  if argv is None and not args.no_hugepages:
-    hostenv.reexec_with_malloc_hugepages()
+  args = common.parse_args(p, argv)
   if args.calls < 5:
     p.error(f"--calls must be >= 5; got {args.calls}")
   cfg = common.model_config(args)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 
 import jax
 import numpy as np
@@ -36,11 +35,7 @@ def main(argv=None):
   p.add_argument("--seq_len", type=int, default=256)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--steps", type=int, default=5, help="timed calls (one game step each)")
-  p.add_argument("--no_hugepages", action="store_true",
-                 help="keep 4 KiB pages for malloc (no re-exec with GLIBC_TUNABLES)")
-  args = p.parse_args(argv)
-  if argv is None and not args.no_hugepages:
-    hostenv.reexec_with_malloc_hugepages()
+  args = common.parse_args(p, argv)
   cfg = common.model_config(args)
 
   learner = game_step.Learner(functools.partial(llama.apply, cfg),
@@ -59,13 +54,7 @@ def main(argv=None):
                players=rng.integers(1, 3, shape).astype(np.int32))
   batch = jax.device_put(batch, sharding.batch_sharding(mesh, leading=1))
 
-  holder = [state]
-
-  def one():
-    holder[0], metrics = fn(holder[0], batch)
-    jax.block_until_ready(metrics)
-
-  secs = statistics.median(common.time_calls(one, args.steps, warmup=2))
+  secs, _ = common.median_step_seconds(fn, state, batch, args.steps)
   tokens = args.batch * args.seq_len
   flops = llama.flops_per_token(cfg, args.seq_len) * tokens / secs
   peak = common.matmul_peak_flops()

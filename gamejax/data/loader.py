@@ -17,22 +17,15 @@ across epoch boundaries. The loader's position is just ``(epoch, index)``, so
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from gamejax.data.errors import DataError
+from gamejax.data.reader import EpochReader
 
 TOO_LONG_MODES = ("truncate", "skip", "error")
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "players")
-_ORDER_KEYS = ("seed", "shuffle", "num_examples")  # state entries that must match on resume
-
-
-def _examples(source, indices: Sequence[int]) -> list:
-  getitems = getattr(source, "__getitems__", None)
-  if getitems is not None:
-    return list(getitems(list(indices)))
-  return [source[i] for i in indices]
 
 
 def _arrays(example, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,7 +37,7 @@ def _arrays(example, index: int) -> tuple[np.ndarray, np.ndarray]:
   return tokens, players
 
 
-class PackedLoader:
+class PackedLoader(EpochReader):
   """Infinite iterator of packed NumPy batches ``dict(tokens, positions, segment_ids, players)``.
 
   Every field is ``int32[batch_size, seq_len]`` (the fields of ``gamejax.records.GameRecord``).
@@ -61,48 +54,13 @@ class PackedLoader:
       raise DataError(f"too_long={too_long!r} is not one of {TOO_LONG_MODES}")
     if int(batch_size) < 1 or int(seq_len) < 1:
       raise DataError(f"batch_size={batch_size} and seq_len={seq_len} must be >= 1")
-    self._num = len(source)
-    if self._num == 0:
-      raise DataError(f"data source {getattr(source, 'name', type(source).__name__)!r} has zero "
-                       "examples")
-    self.source = source
-    name = getattr(source, "name", None)
-    self._what = (f"data source {name!r}" if isinstance(name, str)
-                  else f"data source ({type(source).__name__} of {self._num} examples)")
-    self.batch_size, self.seq_len, self.seed = int(batch_size), int(seq_len), int(seed)
-    self.shuffle, self.too_long = bool(shuffle), too_long
-    self._keep_all = self._num <= cache_limit
-    self._fetch_size = max(1, int(fetch_size))
-    self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    self._order_epoch, self._order = -1, None
-    self._epoch, self._index, self._batches = 0, 0, 0
+    super().__init__(source, seed, shuffle, cache_limit, fetch_size)
+    self.batch_size, self.seq_len, self.too_long = int(batch_size), int(seq_len), too_long
+    self._batches = 0
     self._stats = {"examples": 0, "truncated": 0, "skipped": 0}
 
-  # -- position and order ------------------------------------------------------------------------
-
-  def order(self, epoch: int) -> np.ndarray:
-    """The example order of ``epoch``."""
-    if epoch != self._order_epoch:
-      if self.shuffle:
-        self._order = np.random.default_rng([self.seed, epoch]).permutation(self._num)
-      else:
-        self._order = np.arange(self._num)
-      self._order_epoch = epoch
-    return self._order
-
-  def _fetch(self, epoch: int, pos: int) -> tuple[np.ndarray, np.ndarray]:
-    order = self.order(epoch)
-    index = int(order[pos])
-    hit = self._cache.get(index)
-    if hit is not None:
-      return hit
-    if not self._keep_all:
-      self._cache.clear()
-    ahead = [int(i) for i in order[pos:pos + self._fetch_size]]
-    ahead = [i for i in dict.fromkeys(ahead) if i not in self._cache]
-    for i, ex in zip(ahead, _examples(self.source, ahead)):
-      self._cache[i] = _arrays(ex, i)
-    return self._cache[index]
+  def _decode(self, example, index: int) -> tuple[np.ndarray, np.ndarray]:
+    return _arrays(example, index)
 
   # -- iteration ---------------------------------------------------------------------------------
 
@@ -157,28 +115,13 @@ class PackedLoader:
     """Counts so far (restored by ``set_state``): examples packed, truncated, skipped."""
     return dict(self._stats)
 
-  @property
-  def epoch(self) -> int:
-    return self._epoch
-
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable position: epoch, index within its order, batches, stats, and settings."""
-    return {"epoch": self._epoch, "index": self._index, "batches": self._batches,
-            "stats": dict(self._stats), "seed": self.seed, "shuffle": self.shuffle,
-            "num_examples": self._num, "batch_size": self.batch_size, "seq_len": self.seq_len,
-            "too_long": self.too_long}
+    return {**self._order_state(), "batches": self._batches, "stats": dict(self._stats),
+            "batch_size": self.batch_size, "seq_len": self.seq_len, "too_long": self.too_long}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues from ``state`` (of ``get_state``); seed, shuffle and source size must match."""
-    mine = self.get_state()
-    bad = [f"{k}: state has {state.get(k)!r}, loader has {mine[k]!r}" for k in _ORDER_KEYS
-           if k in state and state[k] != mine[k]]
-    if bad:
-      raise DataError("loader state does not match this loader (" + "; ".join(bad) + ")")
-    epoch, index = int(state["epoch"]), int(state["index"])
-    if epoch < 0 or not 0 <= index <= self._num:
-      raise DataError(f"loader state has invalid position epoch={epoch}, index={index} "
-                       f"for {self._num} examples")
-    self._epoch, self._index = epoch, index
+    self._epoch, self._index = self._position_from(state)
     self._batches = int(state.get("batches", 0))
     self._stats = {k: int(state.get("stats", {}).get(k, 0)) for k in self._stats}

@@ -23,28 +23,21 @@ raises ``DataError`` naming the example.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from gamejax.data.errors import DataError
+from gamejax.data.loader import BATCH_KEYS
+from gamejax.data.reader import EpochReader
 from gamejax.records import AGENT, OPPONENT
 
-BATCH_KEYS = ("tokens", "positions", "segment_ids", "players")
 SIDES = ("chosen", "rejected")
-_ORDER_KEYS = ("seed", "shuffle", "num_examples")  # state entries that must match on resume
 
 Side = tuple[np.ndarray, np.ndarray]
 
 
-def _examples(source, indices: Sequence[int]) -> list:
-  getitems = getattr(source, "__getitems__", None)
-  if getitems is not None:
-    return list(getitems(list(indices)))
-  return [source[i] for i in indices]
-
-
-class PairLoader:
+class PairLoader(EpochReader):
   """Infinite iterator of preference batches ``dict(tokens, positions, segment_ids, players)``.
 
   Every field is ``int32[2 * pairs_per_batch, seq_len]`` (the fields of ``GameRecord``).
@@ -53,24 +46,15 @@ class PairLoader:
   examples; otherwise ``fetch_size`` are read at once.
   """
 
+  kind, unit = "pair loader", "preference pairs"
+
   def __init__(self, source, pairs_per_batch: int, seq_len: int, seed: int, shuffle: bool = True,
                cache_limit: int = 200_000, fetch_size: int = 512):
     if int(pairs_per_batch) < 1 or int(seq_len) < 1:
       raise DataError(f"pairs_per_batch={pairs_per_batch} and seq_len={seq_len} must be >= 1")
-    self._num = len(source)
-    name = getattr(source, "name", None)
-    self._what = (f"data source {name!r}" if isinstance(name, str)
-                  else f"data source ({type(source).__name__} of {self._num} pairs)")
-    if self._num == 0:
-      raise DataError(f"{self._what} has zero preference pairs")
-    self.source = source
-    self.pairs_per_batch, self.seq_len, self.seed = int(pairs_per_batch), int(seq_len), int(seed)
-    self.shuffle = bool(shuffle)
-    self._keep_all = self._num <= cache_limit
-    self._fetch_size = max(1, int(fetch_size))
-    self._cache: dict[int, tuple[Side, Side]] = {}
-    self._order_epoch, self._order = -1, None
-    self._epoch, self._index, self._batches = 0, 0, 0
+    self.pairs_per_batch, self.seq_len = int(pairs_per_batch), int(seq_len)
+    super().__init__(source, seed, shuffle, cache_limit, fetch_size)
+    self._batches = 0
 
   # -- checks ------------------------------------------------------------------------------------
 
@@ -94,7 +78,7 @@ class PairLoader:
                       f"seq_len={self.seq_len}")
     return tokens, players
 
-  def _check(self, example, index: int) -> tuple[Side, Side]:
+  def _decode(self, example, index: int) -> tuple[Side, Side]:
     chosen, rejected = (self._side(example, index, side) for side in SIDES)
     where = f"example {index} of {self._what}"
     if np.array_equal(chosen[0], rejected[0]):
@@ -105,32 +89,6 @@ class PairLoader:
       raise DataError(f"{where}: chosen and rejected answer different prompts (opponent tokens "
                       f"{prompts[0].tolist()} vs {prompts[1].tolist()})")
     return chosen, rejected
-
-  # -- position and order ------------------------------------------------------------------------
-
-  def order(self, epoch: int) -> np.ndarray:
-    """The pair order of ``epoch``."""
-    if epoch != self._order_epoch:
-      if self.shuffle:
-        self._order = np.random.default_rng([self.seed, epoch]).permutation(self._num)
-      else:
-        self._order = np.arange(self._num)
-      self._order_epoch = epoch
-    return self._order
-
-  def _fetch(self, epoch: int, pos: int) -> tuple[Side, Side]:
-    order = self.order(epoch)
-    index = int(order[pos])
-    hit = self._cache.get(index)
-    if hit is not None:
-      return hit
-    if not self._keep_all:
-      self._cache.clear()
-    ahead = [int(i) for i in order[pos:pos + self._fetch_size]]
-    ahead = [i for i in dict.fromkeys(ahead) if i not in self._cache]
-    for i, ex in zip(ahead, _examples(self.source, ahead)):
-      self._cache[i] = self._check(ex, i)
-    return self._cache[index]
 
   # -- iteration ---------------------------------------------------------------------------------
 
@@ -157,26 +115,12 @@ class PairLoader:
 
   # -- state -------------------------------------------------------------------------------------
 
-  @property
-  def epoch(self) -> int:
-    return self._epoch
-
   def get_state(self) -> dict[str, Any]:
     """JSON-serialisable position: epoch, index within its order, batches, and settings."""
-    return {"epoch": self._epoch, "index": self._index, "batches": self._batches,
-            "seed": self.seed, "shuffle": self.shuffle, "num_examples": self._num,
+    return {**self._order_state(), "batches": self._batches,
             "pairs_per_batch": self.pairs_per_batch, "seq_len": self.seq_len}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues from ``state`` (of ``get_state``); seed, shuffle and source size must match."""
-    mine = self.get_state()
-    bad = [f"{k}: state has {state.get(k)!r}, loader has {mine[k]!r}" for k in _ORDER_KEYS
-           if k in state and state[k] != mine[k]]
-    if bad:
-      raise DataError("pair loader state does not match this loader (" + "; ".join(bad) + ")")
-    epoch, index = int(state["epoch"]), int(state["index"])
-    if epoch < 0 or not 0 <= index <= self._num:
-      raise DataError(f"pair loader state has invalid position epoch={epoch}, index={index} "
-                      f"for {self._num} pairs")
-    self._epoch, self._index = epoch, index
+    self._epoch, self._index = self._position_from(state)
     self._batches = int(state.get("batches", 0))

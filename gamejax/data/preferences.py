@@ -119,7 +119,7 @@ def generate_pairs(cfg: PreferencesBuilderConfig, split: str,
   problem_seq, player_seq = np.random.SeedSequence(
       [cfg.seed, arithmetic.SPLITS.index(split), 1]).spawn(2)
   # The arena's split logic: train / test by a stable hash of the question, test never repeats.
-  stream = arithmetic._problem_stream(  # pylint: disable=protected-access
+  stream = arithmetic.problem_stream(
       np.random.default_rng(problem_seq), cfg.arena, split)
   rng = np.random.default_rng(player_seq)
   width = cfg.arena.width

@@ -19,9 +19,8 @@ import numpy as np
 
 from gamejax import records
 from gamejax.data.errors import DataError
+from gamejax.data.reader import EpochReader
 from gamejax.games.arithmetic import answer_digits
-
-_ORDER_KEYS = ("seed", "shuffle", "num_examples")
 
 
 def opening_move(tokens, players) -> np.ndarray:
@@ -32,49 +31,32 @@ def opening_move(tokens, players) -> np.ndarray:
   return np.asarray(tokens[:n], np.int32)
 
 
-class PromptLoader:
+class PromptLoader(EpochReader):
   """Infinite iterator of ``{"prompt": int32[B, L], "prompt_lengths": int32[B]}`` (+ with
   ``answer_width > 0``, ``"answer_digits": int32[B, answer_width]`` from each example's
   ``"answer"``). A prompt longer than ``prompt_len``, or an example without an opening move, is a
   ``DataError`` naming the example."""
+  kind = "prompt loader"
 
   def __init__(self, source, batch_size: int, prompt_len: int, seed: int, shuffle: bool = True,
                answer_width: int = 0):
     if int(batch_size) < 1 or int(prompt_len) < 1:
       raise DataError(f"batch_size={batch_size} and prompt_len={prompt_len} must be >= 1")
-    self._num = len(source)
-    name = getattr(source, "name", None)
-    self._what = f"data source {name!r}" if isinstance(name, str) else "data source"
-    if self._num == 0:
-      raise DataError(f"{self._what} has zero examples")
-    self.source, self.batch_size, self.prompt_len = source, int(batch_size), int(prompt_len)
-    self.seed, self.shuffle, self.answer_width = int(seed), bool(shuffle), int(answer_width)
-    self._epoch, self._index = 0, 0
-    self._order_epoch, self._order = -1, None
-    self._cache: dict[int, tuple[np.ndarray, Any]] = {}
+    self.batch_size, self.prompt_len = int(batch_size), int(prompt_len)
+    self.answer_width = int(answer_width)
+    super().__init__(source, seed, shuffle)
 
-  def order(self, epoch: int) -> np.ndarray:
-    if epoch != self._order_epoch:
-      self._order = (np.random.default_rng([self.seed, epoch]).permutation(self._num)
-                     if self.shuffle else np.arange(self._num))
-      self._order_epoch = epoch
-    return self._order
-
-  def _prompt(self, index: int) -> tuple[np.ndarray, Any]:
-    hit = self._cache.get(index)
-    if hit is None:
-      ex = self.source[index]
-      prompt = opening_move(ex["tokens"], ex["players"])
-      if not 1 <= len(prompt) <= self.prompt_len:
-        raise DataError(f"example {index} of {self._what}: its opening move has {len(prompt)} "
-                        f"tokens; prompts need 1 to prompt_len={self.prompt_len}")
-      answer = None
-      if self.answer_width:
-        if "answer" not in ex:
-          raise DataError(f"example {index} of {self._what} has no 'answer' field for the judge")
-        answer = answer_digits(int(ex["answer"]), self.answer_width)
-      hit = self._cache[index] = (prompt, answer)
-    return hit
+  def _decode(self, example, index: int) -> tuple[np.ndarray, Any]:
+    prompt = opening_move(example["tokens"], example["players"])
+    if not 1 <= len(prompt) <= self.prompt_len:
+      raise DataError(f"example {index} of {self._what}: its opening move has {len(prompt)} "
+                      f"tokens; prompts need 1 to prompt_len={self.prompt_len}")
+    answer = None
+    if self.answer_width:
+      if "answer" not in example:
+        raise DataError(f"example {index} of {self._what} has no 'answer' field for the judge")
+      answer = answer_digits(int(example["answer"]), self.answer_width)
+    return prompt, answer
 
   def __iter__(self):
     return self
@@ -88,7 +70,7 @@ class PromptLoader:
     for row in range(b):
       if pos >= self._num:
         epoch, pos = epoch + 1, 0
-      prompt, answer = self._prompt(int(self.order(epoch)[pos]))
+      prompt, answer = self._fetch(epoch, pos)
       out["prompt"][row, length - len(prompt):] = prompt
       out["prompt_lengths"][row] = len(prompt)
       if answer is not None:
@@ -97,20 +79,8 @@ class PromptLoader:
     self._epoch, self._index = epoch, pos
     return out
 
-  @property
-  def stats(self) -> dict[str, int]:
-    return {"epoch": self._epoch}
-
   def get_state(self) -> dict[str, Any]:
-    return {"epoch": self._epoch, "index": self._index, "seed": self.seed,
-            "shuffle": self.shuffle, "num_examples": self._num}
+    return self._order_state()
 
   def set_state(self, state: dict[str, Any]) -> None:
-    bad = [f"{k}: state has {state.get(k)!r}, loader has {getattr(self, k, self._num)!r}"
-           for k in _ORDER_KEYS if k in state and state[k] != self.get_state()[k]]
-    if bad:
-      raise DataError("prompt loader state does not match this loader (" + "; ".join(bad) + ")")
-    epoch, index = int(state["epoch"]), int(state["index"])
-    if epoch < 0 or not 0 <= index <= self._num:
-      raise DataError(f"prompt loader state has invalid position epoch={epoch}, index={index}")
-    self._epoch, self._index = epoch, index
+    self._epoch, self._index = self._position_from(state)

@@ -120,7 +120,7 @@ def _check_split(split: str) -> str:
   return split
 
 
-def _problem_stream(rng: np.random.Generator, cfg: ArenaConfig, split: str) -> Iterator[Problem]:
+def problem_stream(rng: np.random.Generator, cfg: ArenaConfig, split: str) -> Iterator[Problem]:
   """Endless problems of ``split`` (rejection sampling); test problems never repeat."""
   want_test, seen, misses, found = split == "test", set(), 0, 0
   if cfg.test_fraction == (0.0 if want_test else 1.0):
@@ -146,7 +146,7 @@ def sample_problems(rng: np.random.Generator, cfg: ArenaConfig, n: int, split: s
   >>> all(is_test(p, ArenaConfig()) for p in ps)
   True
   """
-  stream = _problem_stream(rng, cfg, _check_split(split))
+  stream = problem_stream(rng, cfg, _check_split(split))
   return [next(stream) for _ in range(n)]
 
 
@@ -336,7 +336,7 @@ def generate_examples(cfg: ArenaConfig, split: str, num_examples: int, seed: int
     raise ValueError(f"player weights {weights.tolist()} must be finite, >= 0, with a positive sum")
   problem_seq, player_seq = np.random.SeedSequence(
       [seed, SPLITS.index(_check_split(split))]).spawn(2)
-  stream = _problem_stream(np.random.default_rng(problem_seq), cfg, split)
+  stream = problem_stream(np.random.default_rng(problem_seq), cfg, split)
   return _examples(stream, np.random.default_rng(player_seq), split, num_examples, parsed,
                    weights / weights.sum(), worked, outcome_tag, cfg.width)
 
