@@ -2,20 +2,35 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
+import gin
 import jax
 import jax.numpy as jnp
 
-from gamejax import hostenv
+from gamejax import config, hostenv
 from gamejax.models import llama
 
 
-def add_model_flags(p: argparse.ArgumentParser, **defaults) -> None:
-  d = dict(vocab_size=512, d_model=512, d_ff=1376, n_layers=8, n_heads=8, n_kv_heads=8)
-  d.update(defaults)
-  for name, value in d.items():
+MODEL_FLAGS = ("vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads")
+
+
+def model_sizes(gin_file: str) -> dict[str, int]:
+  """The ``LlamaConfig`` sizes bound in ``experiments/<gin_file>`` (one place for each model)."""
+  path = os.path.join(config.repo_experiments_dir(), gin_file)
+  config.register()
+  gin.clear_config()
+  gin.parse_config_file(path)
+  sizes = {name: gin.query_parameter(f"LlamaConfig.{name}") for name in MODEL_FLAGS}
+  gin.clear_config()
+  return sizes
+
+
+def add_model_flags(p: argparse.ArgumentParser, gin_file: str = "models/bench.gin") -> None:
+  """``--vocab_size --d_model ...`` flags whose defaults are the sizes in ``gin_file``."""
+  for name, value in model_sizes(gin_file).items():
     p.add_argument(f"--{name}", type=int, default=value)
 
 

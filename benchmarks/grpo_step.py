@@ -45,8 +45,7 @@ NEVER = -1     # a stop id the sampler cannot draw: every completion has new_tok
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__)
-  common.add_model_flags(p, vocab_size=320, d_model=256, d_ff=688, n_layers=4, n_heads=4,
-                         n_kv_heads=2)
+  common.add_model_flags(p, "models/bench_sampling.gin")
   for name, value in (("prompts", 2), ("group_size", 8), ("prompt_len", 16), ("new_tokens", 32),
                       ("steps", 7)):
     p.add_argument(f"--{name}", type=int, default=value)

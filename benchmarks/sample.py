@@ -94,8 +94,7 @@ def make_uncached_generate(cfg: llama.LlamaConfig, new_tokens: int, temperature:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__)
-  common.add_model_flags(p, vocab_size=320, d_model=256, d_ff=688, n_layers=4, n_heads=4,
-                         n_kv_heads=2)
+  common.add_model_flags(p, "models/bench_sampling.gin")
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--prompt_len", type=int, default=16)
   p.add_argument("--new_tokens", type=int, default=32)

@@ -36,9 +36,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
-
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores ``step`` (default: the latest) into arrays shaped and sharded like
     ``abstract_state`` (a pytree of ``jax.ShapeDtypeStruct`` with shardings, or of arrays)."""

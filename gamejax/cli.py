@@ -1,8 +1,11 @@
 """``gamejax`` command line.
 
   gamejax train --gin_file=FILE [--gin_file=...] [--gin.KEY=VALUE ...] --workdir=DIR
-                [--resume | --overwrite] [--no_progress]
-  gamejax eval --workdir=DIR
+                [--resume | --overwrite] [--no_progress] [--dry_run]
+  gamejax eval --workdir=DIR [--stage=NAME]
+  gamejax generate --workdir=DIR [--stage=NAME] (--prompt=TEXT ... | --prompts=FILE.jsonl)
+                   [--num_samples=N] [--temperature=T] [--top_k=K] [--top_p=P]
+                   [--max_new_tokens=N] [--seed=S] [--output=FILE.jsonl]
 
 Exit codes: 0 success; 2 bad input (config, workdir, data, checkpoint); 1 anything else.
 """
@@ -52,9 +55,26 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--resume", action="store_true", help="continue the run in --workdir")
   g.add_argument("--overwrite", action="store_true", help="delete the run in --workdir first")
   t.add_argument("--no_progress", action="store_true", help="no progress bar")
+  t.add_argument("--dry_run", action="store_true",
+                 help="parse and validate the config, print it and the stages; create nothing")
   e = sub.add_parser("eval", help="evaluate a run's latest checkpoint on the held-out split")
   e.add_argument("--workdir", required=True)
   e.add_argument("--stage", default=None, help="stage to evaluate (default: the last one trained)")
+  g = sub.add_parser("generate", help="sample completions of prompts from a stage's checkpoint")
+  g.add_argument("--workdir", required=True)
+  g.add_argument("--stage", default=None,
+                 help="policy stage to sample (default: the last policy stage with a checkpoint)")
+  src = g.add_mutually_exclusive_group(required=True)
+  src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+  src.add_argument("--prompts", help='a JSONL file of {"prompt": TEXT} lines')
+  g.add_argument("--num_samples", type=int, default=1, help="completions per prompt")
+  g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+  g.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest (0: off)")
+  g.add_argument("--top_p", type=float, default=1.0, help="nucleus mass (1: off)")
+  g.add_argument("--max_new_tokens", type=int, default=None,
+                 help="completion budget (default: the arena's answer length, else 128)")
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--output", default=None, help="also write the completions as JSONL here")
   return p
 
 
@@ -81,6 +101,13 @@ def train(args, bindings) -> int:
   if _holds_run(workdir) and not (args.overwrite or args.resume):
     raise UsageError(f"{workdir} holds another run; pass --resume to continue it or "
                      "--overwrite to replace it")
+  if args.dry_run:
+    what = ("would resume the run there" if args.resume and _holds_run(workdir) else
+            "would replace the run there" if args.overwrite and _holds_run(workdir) else
+            "would start a run there")
+    print(f"# gamejax train --dry_run: the operative config\n{operative}\n"
+          f"# stages\n{run.describe_stages(exp)}\n# workdir {workdir}: {what} (nothing created)")
+    return 0
   run.prepare_data(exp)                 # bad data fails here, before the workdir is touched
   if _holds_run(workdir):
     if args.overwrite:
@@ -99,30 +126,117 @@ def train(args, bindings) -> int:
   return 0
 
 
-def evaluate(args) -> int:
-  from gamejax import config, run
-  workdir = os.path.abspath(args.workdir)
+def _load_run(workdir: str):
+  """``(experiment, stage names)`` of the run in ``workdir`` (from its config.gin)."""
+  from gamejax import config
   cfg_path = os.path.join(workdir, "config.gin")
   if not os.path.exists(cfg_path):
     raise UsageError(f"{workdir}: no config.gin here; is it a gamejax run directory?")
   config.parse([cfg_path], [])
   exp = config.build_experiment(cfg_path)
-  if exp.evaluation is None:
-    raise UsageError(f"{cfg_path}: the experiment has no Evaluation configured")
-  names = [s.name for s in exp.stages]
-  if args.stage is not None and args.stage not in names:
-    raise UsageError(f"--stage={args.stage!r} is not a stage of this run; stages: {names}")
-  candidates = [args.stage] if args.stage else list(reversed(names))
-  for name in candidates:
-    if os.path.isdir(os.path.join(workdir, "checkpoints", name)) and os.listdir(
-        os.path.join(workdir, "checkpoints", name)):
-      params = run.restore_params(exp, names.index(name), workdir)
-      examples = run.load_eval_examples(exp)
-      out = {name: run.evaluate_stage(exp, names.index(name), params, examples)}
-      out.update(run.reference_accuracies(exp, examples))
-      print(json.dumps(out, indent=2, sort_keys=True))
-      return 0
-  raise UsageError(f"{workdir}/checkpoints: no checkpoint of stage(s) {candidates}")
+  return exp, [s.name for s in exp.stages]
+
+
+def _checkpointed(workdir: str, name: str) -> bool:
+  path = os.path.join(workdir, "checkpoints", name)
+  return os.path.isdir(path) and bool(os.listdir(path))
+
+
+def _pick_stage(workdir: str, names: list[str], wanted: str | None,
+                allowed: list[str] | None = None, what: str = "stage") -> str:
+  """The stage to read: ``wanted``, else the last of ``allowed`` (default: all) with a checkpoint.
+  A UsageError names the stages, and those with checkpoints, when there is none to read."""
+  allowed = names if allowed is None else allowed
+  have = [n for n in names if _checkpointed(workdir, n)]
+  where = (f"checkpoints exist for {have}" if have else
+           f"{os.path.join(workdir, 'checkpoints')} holds no checkpoint")
+  if wanted is not None:
+    if wanted not in names:
+      raise UsageError(f"--stage={wanted!r} is not a stage of this run; stages: {names}")
+    if wanted not in allowed:
+      raise UsageError(f"--stage={wanted!r} is not a {what}; {what} stages: {allowed}")
+    if wanted not in have:
+      raise UsageError(f"--stage={wanted!r} has no checkpoint in {workdir}; {where}")
+    return wanted
+  for name in reversed(allowed):
+    if name in have:
+      return name
+  raise UsageError(f"{workdir}: no checkpoint of any {what} stage ({allowed}); {where}")
+
+
+def evaluate(args) -> int:
+  from gamejax import run
+  workdir = os.path.abspath(args.workdir)
+  exp, names = _load_run(workdir)
+  name = _pick_stage(workdir, names, args.stage)
+  index = names.index(name)
+  params = run.restore_params(exp, index, workdir)
+  examples = run.load_eval_examples(exp)
+  figures = run.evaluate_stage(exp, index, params, examples)
+  if not figures:
+    raise UsageError(f"stage {name!r} has no held-out figure: the experiment has no Evaluation "
+                     "and the stage's data holds no test split")
+  out = {name: figures}
+  if examples is not None:
+    out.update(run.reference_accuracies(exp, examples))
+  print(json.dumps(out, indent=2, sort_keys=True))
+  return 0
+
+
+def _read_prompts(path: str) -> list[str]:
+  """The prompts of a JSONL file: ``{"prompt": TEXT}`` per non-blank line."""
+  if not os.path.isfile(path):
+    raise UsageError(f"--prompts={path}: no such file")
+  prompts = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise UsageError(f"{path}:{number}: not JSON ({e.msg})") from None
+      if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)):
+        raise UsageError(f'{path}:{number}: expected {{"prompt": TEXT}}; got {line.strip()[:80]}')
+      prompts.append(record["prompt"])
+  if not prompts:
+    raise UsageError(f"{path}: no prompts in it")
+  return prompts
+
+
+def generate(args) -> int:
+  from gamejax import generate as gen, run
+  from gamejax.evaluation import arena as arena_eval
+  for flag, ok in (("--num_samples", args.num_samples >= 1), ("--top_k", args.top_k >= 0),
+                   ("--temperature", args.temperature >= 0), ("--top_p", 0 < args.top_p <= 1),
+                   ("--max_new_tokens", args.max_new_tokens is None or args.max_new_tokens >= 1)):
+    if not ok:
+      raise UsageError(f"{flag}={getattr(args, flag[2:])} is out of range")
+  prompts = args.prompt if args.prompt else _read_prompts(args.prompts)
+  workdir = os.path.abspath(args.workdir)
+  exp, names = _load_run(workdir)
+  policies = [s.name for s in exp.stages if s.player != "reward_model"]
+  name = _pick_stage(workdir, names, args.stage, policies, what="policy")
+  index = names.index(name)
+  stage = exp.stages[index]
+  budget = args.max_new_tokens or (arena_eval.answer_budget(dict(stage.data.params))
+                                   if stage.data.name == "arithmetic_arena" else 128)
+  from gamejax.models import policy_value
+  params = policy_value.policy_params(run.restore_params(exp, index, workdir))
+  rows = gen.complete(exp.model, params, prompts, budget, args.num_samples, args.temperature,
+                      args.top_k, args.top_p, args.seed)
+  for i, prompt in enumerate(prompts):
+    print(f">>> {prompt}")
+    for r in rows[i * args.num_samples:(i + 1) * args.num_samples]:
+      print(f"[{r['sample']}] {r['completion']}" + ("" if r["stopped"] else "  (no EOS)"))
+  if args.output:
+    tmp = f"{args.output}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      for r in rows:
+        f.write(json.dumps({"stage": name, **r}) + "\n")
+    os.replace(tmp, args.output)
+    print(f"# {len(rows)} completions of stage {name!r} written to {args.output}", file=sys.stderr)
+  return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,11 +247,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"gamejax: error: {e}", file=sys.stderr)
     return 2
   args = _parser().parse_args(rest)   # argparse exits 2 on its own errors
+  if bindings and args.command != "train":
+    print(f"gamejax: error: --gin. bindings apply to `gamejax train` only (the run's config.gin "
+          f"configures {args.command}); got --gin.{bindings[0]}", file=sys.stderr)
+    return 2
   from gamejax.checkpoint import CheckpointError
   from gamejax.config import ConfigError
   from gamejax.data.errors import DataError
   try:
-    return train(args, bindings) if args.command == "train" else evaluate(args)
+    return {"train": lambda: train(args, bindings), "eval": lambda: evaluate(args),
+            "generate": lambda: generate(args)}[args.command]()
   except (ConfigError, UsageError, CheckpointError, DataError) as e:
     print(f"gamejax: error: {e}", file=sys.stderr)
     return 2

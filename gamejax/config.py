@@ -84,10 +84,12 @@ def arena_preferences(min_digits: int = 1, max_digits: int = 3, ops: Sequence[st
 
 
 def local_text(path: str = gin.REQUIRED, split_paragraphs: bool = False,
-               test_fraction: float = 0.05, too_long: str = "truncate") -> run.DataSpec:
-  """A user's own folder of ``.txt`` / ``.jsonl`` files."""
+               test_fraction: float = 0.05, test_count: int | None = None,
+               too_long: str = "truncate") -> run.DataSpec:
+  """A user's own folder of ``.txt`` / ``.jsonl`` files; ``test_count`` records (None:
+  ``test_fraction`` of them) are held out for the held-out loss and perplexity."""
   params = dict(path=os.path.abspath(os.path.expanduser(path)), split_paragraphs=split_paragraphs,
-                test_fraction=test_fraction)
+                test_fraction=test_fraction, test_count=test_count)
   return run.DataSpec("local_text", params, too_long)
 
 
@@ -176,11 +178,33 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     try:
       gin.parse_config(binding)
     except (Exception, SyntaxError) as e:
-      raise explain(e, f"--gin.{binding}") from None
+      err = explain(e, f"--gin.{binding}")
+      raise ConfigError(f"{err}{quoting_hint(binding, e)}") from None
   try:
     gin.finalize()                      # runs gin's check that no %gin.REQUIRED is left unset
   except (Exception, SyntaxError) as e:
     raise explain(e, ", ".join(gin_files)) from None
+
+
+def quoting_hint(binding: str, err: BaseException) -> str:
+  """For a ``--gin.KEY=VALUE`` whose value does not parse: the quoting that works.
+
+  gin reads a value as a Python literal, so a string needs quotes of its own, inside the shell's:
+  ``--gin.local_text.path="'/path/to/folder'"``.
+  """
+  key, sep, value = binding.partition("=")
+  value = value.strip()
+  if not sep or not value or not isinstance(err, (SyntaxError, ValueError)):
+    return ""
+  if value[0] not in "'\"[({@%" and "'" not in value:
+    return (f"\n  gin reads --gin. values as Python literals: a string needs its own quotes, "
+            f"inside the shell's: --gin.{key.strip()}=\"'{value}'\"")
+  token = re.search(r"Failed to parse token '([^']+)'", str(err))
+  if token:
+    return (f"\n  gin reads --gin. values as Python literals: quote the string '{token.group(1)}' "
+            f"inside the value, and the whole flag for the shell, e.g. "
+            f"--gin.{key.strip()}=\"{value.replace(token.group(1), repr(token.group(1)), 1)}\"")
+  return ""
 
 
 def build_experiment(where: str = "the gin config") -> run.Experiment:

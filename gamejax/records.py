@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import flax.struct
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -91,39 +90,3 @@ def from_transcripts(transcripts: Iterable[tuple[np.ndarray, np.ndarray]], seq_l
     segments[row, :n] = 1
     positions[row, :n] = np.arange(n)
   return GameRecord(tokens=tokens, positions=positions, segment_ids=segments, players=players)
-
-
-def with_completions(prompt_BP, prompt_lengths_B, completion_BN, mask_BN) -> GameRecord:
-  """The record of left-padded opponent prompts followed by the agent's sampled completions.
-
-  ``[B, P + N]``: prompt tokens are the OPPONENT's, completion tokens under ``mask_BN`` the
-  AGENT's; leading prompt padding and the completion's tail are padding (segment 0, NOBODY).
-  Positions count from each row's first real token. Works under jit (static shapes).
-
-  >>> r = with_completions(jnp.array([[0, 1, 7]]), jnp.array([2]), jnp.array([[8, 2, 0]]),
-  ...                      jnp.array([[1.0, 1.0, 0.0]]))
-  >>> r.tokens.tolist(), r.players.tolist(), r.positions.tolist()
-  ([[0, 1, 7, 8, 2, 0]], [[0, 2, 2, 1, 1, 0]], [[0, 0, 1, 2, 3, 0]])
-  """
-  b, p = prompt_BP.shape
-  n = completion_BN.shape[1]
-  slots_P = jnp.arange(p, dtype=jnp.int32)
-  real_BP = slots_P[None, :] >= (p - prompt_lengths_B)[:, None]
-  moved_BN = mask_BN > 0
-  real_BT = jnp.concatenate([real_BP, moved_BN], axis=1)
-  players_BT = jnp.concatenate([jnp.where(real_BP, OPPONENT, NOBODY),
-                                jnp.where(moved_BN, AGENT, NOBODY)], axis=1).astype(jnp.int32)
-  first_B1 = (p - prompt_lengths_B)[:, None]
-  slots_T = jnp.arange(p + n, dtype=jnp.int32)
-  positions_BT = jnp.where(real_BT, slots_T[None, :] - first_B1, 0).astype(jnp.int32)
-  tokens_BT = jnp.where(real_BT, jnp.concatenate([prompt_BP, completion_BN], axis=1), 0)
-  return GameRecord(tokens=tokens_BT.astype(jnp.int32), positions=positions_BT,
-                    segment_ids=real_BT.astype(jnp.int32), players=players_BT)
-
-
-def align_to_next_tokens(values_BN, prompt_len: int, total_len: int):
-  """Places per-completion-token values ``[B, N]`` (token ``i`` at column ``P + i``) at the
-  positions that predict them (column ``P + i - 1``), zeros elsewhere: ``[B, total_len]``."""
-  b, n = values_BN.shape
-  out = jnp.zeros((b, total_len), values_BN.dtype)
-  return jax.lax.dynamic_update_slice(out, values_BN, (0, prompt_len - 1))

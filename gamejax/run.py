@@ -29,7 +29,7 @@ from gamejax.data.loader import PackedLoader
 from gamejax.data.pairs import PairLoader
 from gamejax.data.prompts import PromptLoader
 from gamejax.data.tokenizer import VOCAB_SIZE
-from gamejax.evaluation import arena as arena_eval, reward as reward_eval
+from gamejax.evaluation import arena as arena_eval, heldout as heldout_eval, reward as reward_eval
 from gamejax.models import llama, policy_value, reward
 from gamejax.payoffs.base import Payoff
 from gamejax.players import judges, policy, reference as reference_player
@@ -72,10 +72,11 @@ class Optimizer:
 
 ANSWER_WIDTH = 19       # digits of the judge's answer key (arena answers fit int64)
 PLAYERS = ("policy", "policy_value", "reward_model")
-# Per-step event counts summed into the stage's summary (metric -> summary key); checkpoints
-# carry them, so a resumed stage goes on counting.
-COUNTED = {"agent/skipped_nonfinite": "skipped_nonfinite", "play/no_stop": "no_stop_completions",
-           "agent/nonfinite_rewards": "nonfinite_rewards"}
+# Per-step event counts summed into the stage's summary (the last part of a metric's name ->
+# summary key), found however the payoff nests (``agent/rloo/nonfinite_rewards`` under
+# ``weighted``); checkpoints carry them, so a resumed stage goes on counting.
+COUNTED = {"skipped_nonfinite": "skipped_nonfinite", "no_stop": "no_stop_completions",
+           "nonfinite_rewards": "nonfinite_rewards"}
 PAIR_SOURCES = ("arena_preferences",)
 
 
@@ -97,6 +98,17 @@ class Rollout:
   # (``opponents.arena_feedback()``, ``opponents.fixed_reply(text)``); judges score the last move.
   turns: int = 1
   opponent: Any = None
+  # Score at the sampler's temperature (the TRL / verl convention): the behaviour, the learner's
+  # and the reference's log-probs are all of ``logits / temperature``, so the first update's
+  # importance ratio is 1 and KL terms refer to the policy that sampled. False: all at
+  # temperature 1 (gamejax 0.1), which scores the moves under another policy than the one that
+  # sampled them whenever temperature != 1.
+  score_at_temperature: bool = True
+
+  @property
+  def score_temperature(self) -> float:
+    """The temperature the stage's log-probs are computed at."""
+    return self.temperature if self.score_at_temperature else 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +180,10 @@ class Experiment:
         close = difflib.get_close_matches(spec.name, list(sources.SOURCES), n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ExperimentError(f"unknown dataset {spec.name!r}.{hint} Known: {sorted(sources.SOURCES)}")
+      folder = spec.params.get("path") if spec.name == "local_text" else None
+      if folder is not None and not os.path.isdir(folder):
+        raise ExperimentError(f"local_text.path={folder!r}: "
+                              f"{'not a folder' if os.path.exists(folder) else 'no such folder'}")
     for i, s in enumerate(self.stages):
       _validate_stage(s, self.stages[:i])
 
@@ -288,22 +304,26 @@ def stage_game(exp: Experiment, index: int) -> game_step.Game:
   """The game of stage ``index``: the agent learns ``stage.payoff``; it reads records, or plays
   against a judge (and a frozen reference) when the stage has a ``rollout``."""
   stage, cfg = exp.stages[index], exp.model
-  apply = functools.partial(llama.apply, cfg)
-  learner_apply = {"policy": apply, "policy_value": functools.partial(policy_value.apply, cfg),
+  r = stage.rollout
+  temperature = 1.0 if r is None else r.score_temperature
+  apply = policy.at_temperature(functools.partial(llama.apply, cfg), temperature)
+  learner_apply = {"policy": apply,
+                   "policy_value": policy.at_temperature(functools.partial(policy_value.apply, cfg),
+                                                         temperature),
                    "reward_model": functools.partial(reward.apply, cfg)}[stage.player]
   learner = game_step.Learner(apply=learner_apply, payoff=stage.payoff,
                               optimizer=stage.optimizer.build(stage.steps),
                               prepare=stage.prepare, epochs=stage.epochs,
                               minibatches=stage.minibatches)
   parts = [reference_player.reference(apply)] if stage.reference else []
-  r = stage.rollout
   if r is None:
     respond = judges.responders(*parts) if parts else game_step.no_response
     return game_step.Game(learners={"agent": learner}, respond=respond)
   budget = r.max_new_tokens or arena_eval.answer_budget(dict(stage.data.params))
   play = policy.sampled_play(cfg, r.group_size, budget, r.temperature, r.top_k, r.top_p,
                              turns=r.turns, opponent=r.opponent,
-                             params_of=policy_value.policy_params)
+                             params_of=policy_value.policy_params,
+                             scaled_logprobs=r.score_at_temperature)
   if r.judge in (None, "arena"):
     judge = judges.arena_judge()
   elif r.judge == "reward_model":
@@ -361,7 +381,6 @@ def run_stage(exp: Experiment, index: int, init_params: Any, workdir: str, mesh,
               stop_after_steps: int | None = None, judge_params=None) -> StageResult:
   """Plays one stage from its latest checkpoint (if any) to ``stage.steps``."""
   stage = exp.stages[index]
-  cfg = exp.model
   sharding.check_batch_size(mesh, stage.batch_size)
   data_dir = sources.resolve_data_dir(exp.data_dir)
   source = stage.data.load("train", data_dir)
@@ -402,9 +421,8 @@ def run_stage(exp: Experiment, index: int, init_params: Any, workdir: str, mesh,
     tokens += int(np.sum(metrics.get("play/tokens", metrics.get("play/completion_tokens", 0))))
     row = {"stage": stage.name, "step": step_no}
     row.update({key: float(np.mean(v)) for key, v in metrics.items()})
-    for key, label in COUNTED.items():
-      if key in metrics:
-        counts[label] = counts.get(label, 0) + int(np.sum(metrics[key]))
+    for label, n in count_events(metrics).items():
+      counts[label] = counts.get(label, 0) + n
     rate = clock.mark(tokens)
     if math.isfinite(rate):              # the first read has no interval before it
       row["tokens_per_s"] = rate
@@ -449,16 +467,56 @@ def run_stage(exp: Experiment, index: int, init_params: Any, workdir: str, mesh,
   return StageResult(params=params, metrics=result)
 
 
+def count_events(metrics: Mapping[str, Any]) -> dict[str, int]:
+  """The counted events (``COUNTED``) of one call's metrics, summed over its K steps.
+
+  Within a step, the metrics of one event are summed over players (``agent/...``, ``play/...``)
+  and, within a player, the largest count of its payoff's parts is taken: two parts that read the
+  same rewards (``weighted({"rloo": ..., "grpo": ...})``) count a non-finite reward once.
+  """
+  per_step: dict[str, dict[str, np.ndarray]] = {}
+  for key, value in metrics.items():
+    label = COUNTED.get(key.rsplit("/", 1)[-1])
+    if label is None:
+      continue
+    player = key.split("/", 1)[0]
+    value = np.asarray(value, np.float64)
+    seen = per_step.setdefault(label, {})
+    seen[player] = np.maximum(seen[player], value) if player in seen else value
+  return {label: int(round(float(sum(np.sum(v) for v in by_player.values()))))
+          for label, by_player in per_step.items()}
+
+
 def evaluate_stage(exp: Experiment, index: int, params: Any, examples=None) -> dict:
-  """Held-out figures of a stage's params: a policy's arena accuracy on ``examples`` (none
-  without an Evaluation), a reward model's pair accuracy on its data's test split."""
+  """Held-out figures of a stage's params: a reward model's pair accuracy on its data's test
+  split; a policy's arena accuracy on ``examples`` (none without an Evaluation) and, for a stage
+  that imitates records, its held-out loss and perplexity on its data's test split."""
   stage = exp.stages[index]
   if stage.player == "reward_model":
     test = stage.data.load("test", sources.resolve_data_dir(exp.data_dir))
     return reward_eval.pair_accuracy(exp.model, params, test, stage.seq_len)
-  if examples is None:
+  policy_params = policy_value.policy_params(params)
+  out = heldout(exp, index, policy_params)
+  if examples is not None:
+    out.update(evaluate(exp, policy_params, examples))
+  return out
+
+
+def heldout(exp: Experiment, index: int, params: Any) -> dict:
+  """Held-out loss and perplexity of a stage that imitates records (no rollout, no pairs), on the
+  test split of its data, scoring the players its payoff imitates (``payoff.players``; every
+  player when the payoff does not say). Empty when the data holds no test records."""
+  stage = exp.stages[index]
+  if stage.rollout is not None or stage.data.name in PAIR_SOURCES:
     return {}
-  return evaluate(exp, policy_value.policy_params(params), examples)
+  data_dir = sources.resolve_data_dir(exp.data_dir)
+  if not sources.has_split(stage.data.name, "test", data_dir, **dict(stage.data.params)):
+    return {}
+  test = stage.data.load("test", data_dir)
+  if not len(test):
+    return {}
+  players = getattr(stage.payoff, "players", ("agent", "opponent"))
+  return heldout_eval.heldout_loss(exp.model, params, test, players, stage.seq_len)
 
 
 class Throughput:
@@ -569,16 +627,36 @@ def restore_params(exp: Experiment, index: int, workdir: str, init_params=None):
   return state.params["agent"]
 
 
+def describe_stages(exp: Experiment) -> str:
+  """One line per stage: what it plays, how long, from what (``gamejax train --dry_run``)."""
+  lines = []
+  for i, s in enumerate(exp.stages):
+    game = "records" if s.rollout is None else (
+        f"plays: {s.rollout.group_size} per prompt, temperature {s.rollout.temperature} "
+        f"(scored at {s.rollout.score_temperature}), judge "
+        f"{s.rollout.judge if isinstance(s.rollout.judge, str) else s.rollout.judge or 'arena'}"
+        + (f", {s.rollout.turns} turns" if s.rollout.turns > 1 else ""))
+    payoff = getattr(s.payoff, "__qualname__", type(s.payoff).__name__).split(".<locals>")[0]
+    init = {None: "fresh", "previous": "previous stage"}.get(s.init_from, s.init_from)
+    lines.append(f"  {i + 1}. {s.name}: {s.player}, payoff {payoff}, {s.steps} steps x "
+                 f"{s.batch_size} x {s.seq_len}, data {s.data.name}, {game}, from {init}"
+                 + (", frozen reference" if s.reference else ""))
+  return "\n".join(lines)
+
+
 def stage_table(exp: Experiment, summary: Mapping[str, Any]) -> str:
-  rows = [("stage", "held-out acc", "loss", "tokens/s", "steps")]
+  rows = [("stage", "held-out acc", "held-out loss (ppl)", "loss", "tokens/s", "steps")]
   for label in (exp.evaluation.reference_players if exp.evaluation else {}):
     r = summary.get(label, {})
-    rows.append((f"{label} ({r.get('player', '?')})", _fmt(r.get("accuracy")), "-", "-", "-"))
+    rows.append((f"{label} ({r.get('player', '?')})", _fmt(r.get("accuracy")), "-", "-", "-",
+                 "-"))
   for s in exp.stages:
     r = summary.get(s.name, {})
     held_out = (_fmt(r.get("pair_accuracy")) + " (pairs)" if "pair_accuracy" in r
                 else _fmt(r.get("accuracy")))
-    rows.append((s.name, held_out, _fmt(r.get("loss")),
+    loss = ("-" if r.get("heldout_loss") is None else
+            f"{r['heldout_loss']:.4f} ({r['heldout_perplexity']:.3f})")
+    rows.append((s.name, held_out, loss, _fmt(r.get("loss")),
                  _fmt(r.get("tokens_per_s"), "{:.0f}"), str(r.get("steps", "-"))))
   widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
   lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]

@@ -103,10 +103,13 @@ def _inverse_cdf(weights_BV, uniform_B):
   return jnp.sum(cdf_BV < uniform_B[:, None] * cdf_BV[:, -1:], axis=-1).astype(jnp.int32)
 
 
-def _choose(logits_BV, uniform_B, temperature: float, top_k: int = 0, top_p: float = 1.0):
+def _choose(logits_BV, uniform_B, temperature: float, top_k: int = 0, top_p: float = 1.0,
+            scaled_logprobs: bool = False):
   """``(token_B, logprob_B)``: greedy at temperature 0, else a draw from ``softmax(logits /
-  temperature)`` restricted to the ``top_k`` / ``top_p`` set, by inverse CDF with ``uniform_B``
-  (one number in ``(0, 1]`` per row). ``logprob`` is ``log_softmax(logits)`` at the token.
+  temperature)`` restricted to the ``top_k`` / ``top_p`` set (top-k first, then top-p over what
+  it kept), by inverse CDF with ``uniform_B`` (one number in ``(0, 1]`` per row). ``logprob`` is
+  ``log_softmax(logits)`` at the token, or with ``scaled_logprobs`` ``log_softmax(logits /
+  temperature)`` (the tempered policy, unfiltered; temperature 0 scores at 1).
 
   One uniform per row rather than Gumbel noise over the whole vocabulary: the random numbers for
   every step are drawn before the decode loop, and a step does no PRNG work (on CPU each
@@ -123,6 +126,9 @@ def _choose(logits_BV, uniform_B, temperature: float, top_k: int = 0, top_p: flo
     scaled_BV = top_p_logits(top_k_logits(logits_BV / temperature, top_k), top_p)
     token_B = _inverse_cdf(jnp.exp(scaled_BV - jnp.max(scaled_BV, axis=-1, keepdims=True)),
                            uniform_B)
+  if scaled_logprobs and temperature not in (0.0, 1.0):
+    logits_BV, max_B1 = logits_BV / temperature, max_B1 / temperature
+    exp_BV = jnp.exp(logits_BV - max_B1)
   logit_B = jnp.take_along_axis(logits_BV, token_B[:, None], axis=-1)[:, 0]
   logprob_B = logit_B - max_B1[:, 0] - jnp.log(jnp.sum(exp_BV, axis=-1))
   return token_B, logprob_B
@@ -142,10 +148,11 @@ def _check_options(name: str, max_new_tokens, temperature, top_k, top_p, stop_id
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "eos_id",
-                                             "top_k", "top_p", "stop_ids"))
+                                             "top_k", "top_p", "stop_ids", "scaled_logprobs"))
 def generate(cfg: llama.LlamaConfig, params, prompt_BP, prompt_lengths_B, max_new_tokens: int,
              rng, temperature: float = 0.0, eos_id: int = 2, *, top_k: int = 0,
-             top_p: float = 1.0, stop_ids: tuple[int, ...] = ()) -> dict:
+             top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
+             scaled_logprobs: bool = False) -> dict:
   """Samples up to ``max_new_tokens`` (N) continuation tokens of left-padded prompts.
 
   Args:
@@ -161,14 +168,16 @@ def generate(cfg: llama.LlamaConfig, params, prompt_BP, prompt_lengths_B, max_ne
     top_p: if < 1, sample only from the nucleus of ``softmax(logits / temperature)`` (after
       ``top_k``) whose mass reaches ``top_p`` (static; ignored by greedy).
     stop_ids: further tokens that end a row, like ``eos_id`` (static tuple).
+    scaled_logprobs: report ``log_softmax(logits / temperature)`` instead of temperature-1
+      log-probs (static; the convention of RL scoring, see ``gamejax.players.policy``).
 
   Returns:
     ``{"tokens": int32[B, N], "lengths": int32[B], "logprobs": float32[B, N],
     "mask_BN": float32[B, N], "stopped_B": bool[B]}``: tokens up to and including the first stop
     token (``eos_id`` or one of ``stop_ids``) then PAD; lengths count those tokens (N if no stop);
-    logprobs are the model's ``log_softmax(logits)`` at the chosen tokens -- always at temperature
-    1 and unfiltered by ``top_k``/``top_p``, i.e. NOT the sampling distribution's log-prob -- and 0
-    after the end; ``mask_BN`` is 1.0 on the ``lengths`` generated tokens, 0.0 after;
+    logprobs are the model's ``log_softmax(logits)`` at the chosen tokens -- at temperature 1
+    (``log_softmax(logits / temperature)`` with ``scaled_logprobs``) and unfiltered by
+    ``top_k``/``top_p`` -- and 0 after the end; ``mask_BN`` is 1.0 on the ``lengths`` generated tokens, 0.0 after;
     ``stopped_B`` says whether the row emitted a stop token within its N tokens (False: it ran
     into the ``max_new_tokens`` limit). See the module docstring for an example.
   """
@@ -199,7 +208,8 @@ def generate(cfg: llama.LlamaConfig, params, prompt_BP, prompt_lengths_B, max_ne
   can_stop = any(0 <= s < cfg.vocab_size for s in (eos_id,) + tuple(stop_ids))
 
   def emit(i, logits_BV, tokens_BN, logprobs_BN):
-    token_B, logprob_B = _choose(logits_BV, uniforms_NB[i], temperature, top_k, top_p)
+    token_B, logprob_B = _choose(logits_BV, uniforms_NB[i], temperature, top_k, top_p,
+                                 scaled_logprobs)
     tokens_BN = jax.lax.dynamic_update_slice(tokens_BN, token_B[:, None], (0, i))
     logprobs_BN = jax.lax.dynamic_update_slice(logprobs_BN, logprob_B[:, None], (0, i))
     return token_B, tokens_BN, logprobs_BN
@@ -250,7 +260,7 @@ def generate(cfg: llama.LlamaConfig, params, prompt_BP, prompt_lengths_B, max_ne
 
 def make_generate(cfg: llama.LlamaConfig, max_new_tokens: int, temperature: float = 0.0,
                   eos_id: int = 2, *, top_k: int = 0, top_p: float = 1.0,
-                  stop_ids: Sequence[int] = ()):
+                  stop_ids: Sequence[int] = (), scaled_logprobs: bool = False):
   """``fn(params, prompt_BP, prompt_lengths_B, rng) -> generate(...)`` output, jitted once per
   input shape. The options are as in ``generate`` (``stop_ids`` may be any sequence of ints).
 
@@ -270,6 +280,6 @@ def make_generate(cfg: llama.LlamaConfig, max_new_tokens: int, temperature: floa
   def fn(params, prompt_BP, prompt_lengths_B, rng):
     return generate(cfg, params, prompt_BP, prompt_lengths_B, max_new_tokens, rng,
                     temperature=temperature, eos_id=eos_id, top_k=top_k, top_p=top_p,
-                    stop_ids=stop_ids)
+                    stop_ids=stop_ids, scaled_logprobs=scaled_logprobs)
 
   return fn

@@ -30,3 +30,16 @@ def np_token_logliks(table, tokens, players, segments, who):
       sums[b] += np_log_softmax(table[tokens[b, t]])[tokens[b, t + 1]]
       counts[b] += 1
   return sums, counts
+
+
+def np_next_token_logliks(table, tokens, players, segments, who):
+  """``[B, T]``: at ``t``, log softmax(table[x_t])[x_{t+1}] where token t+1 continues the segment
+  and was moved by ``who``; 0 elsewhere (the alignment of ``records.next_token_weights``)."""
+  tokens, players, segments = map(np.asarray, (tokens, players, segments))
+  B, T = tokens.shape
+  out = np.zeros((B, T))
+  for b in range(B):
+    for t in range(T - 1):
+      if segments[b, t] and segments[b, t + 1] == segments[b, t] and players[b, t + 1] in who:
+        out[b, t] = np_log_softmax(table[tokens[b, t]])[tokens[b, t + 1]]
+  return out

@@ -1,4 +1,6 @@
 """Imitation and the combinators against a hand-written NumPy per-token reference."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +8,7 @@ import pytest
 
 from bigram_reference import bigram_apply, np_token_logliks
 from gamejax import records
+from gamejax.models.llama import LlamaConfig
 from gamejax.payoffs import Play, imitation, scaled, weighted
 
 
@@ -78,3 +81,49 @@ def test_weighted_sums_parts_and_names_metrics(packed):
   np.testing.assert_allclose(scaled(2.0, a)(params, play)[0], 2 * va, rtol=1e-6)
   with pytest.raises(ValueError):
     weighted({})
+
+
+COMBINATIONS = {
+    "bare": lambda p: p,
+    "weighted": lambda p: weighted({"rloo": (1.0, p)}),
+    "scaled": lambda p: scaled(0.5, p),
+    "weighted_of_scaled": lambda p: weighted({"rl": (1.0, scaled(2.0, p)),
+                                              "sft": (0.1, imitation(["agent"]))}),
+    "scaled_of_weighted": lambda p: scaled(0.5, weighted({"rloo": (1.0, p)})),
+    "weighted_of_weighted": lambda p: weighted({"outer": (1.0, weighted({"inner": (1.0, p)}))}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMBINATIONS))
+def test_counted_events_and_group_size_survive_every_combinator(name):
+  """A non-finite reward is counted (``run.count_events``) and the group size is carried,
+  however the payoff nests; so the run's group and minibatch checks still apply."""
+  from gamejax import run
+  from gamejax.payoffs import rloo
+  payoff = COMBINATIONS[name](rloo(2))
+  assert payoff.group_size == 2
+  O, A = records.OPPONENT, records.AGENT
+  moves = records.from_transcripts(
+      [(np.array([3, 4, 5, 6]), np.array([O, O, A, A]))] * 4, seq_len=5)
+  rewards = jnp.array([1.0, jnp.nan, 0.0, 1.0])
+  play = Play(bigram_apply, jax.tree.map(jnp.asarray, moves), {"rewards": rewards},
+              jax.random.PRNGKey(0))
+  _, metrics = jax.jit(lambda p: payoff(p, play))({"table": jnp.zeros((8, 8))})
+  step_metrics = {f"agent/{k}": jnp.stack([v, v]) for k, v in metrics.items()}   # K = 2 steps
+  step_metrics["agent/skipped_nonfinite"] = jnp.array([1.0, 1.0])
+  step_metrics["play/no_stop"] = jnp.array([3.0, 0.0])
+  assert run.count_events(step_metrics) == {"nonfinite_rewards": 2, "skipped_nonfinite": 2,
+                                            "no_stop_completions": 3}
+
+
+def test_a_mismatched_group_is_refused_under_scaled():
+  from gamejax import config, run
+  from gamejax.payoffs import rloo
+  stage = run.Stage(name="rl", data=config.arena(), payoff=scaled(0.5, rloo(4)), steps=10,
+                    rollout=run.Rollout(group_size=8))
+  exp = run.Experiment(stages=[stage], model=LlamaConfig())
+  with pytest.raises(run.ExperimentError, match="groups 4 completions per prompt"):
+    exp.validate()
+  with pytest.raises(run.ExperimentError, match="would split the groups of 4"):
+    run.Experiment(stages=[dataclasses.replace(stage, rollout=run.Rollout(group_size=4),
+                                               minibatches=2)], model=exp.model).validate()

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigram_reference import bigram_apply, np_token_logliks
+from bigram_reference import bigram_apply, np_next_token_logliks, np_token_logliks
 from gamejax import records
 from gamejax.payoffs import (Play, dpo, dpo_pair_loss, imitation, ipo, ipo_pair_loss,
                              sequence_logprobs, weighted)
@@ -17,11 +17,11 @@ def _np_sequence_logprobs(table, record, who):
   return np_token_logliks(table, record.tokens, record.players, record.segment_ids, who)[0]
 
 
-def _np_preference(table, record, ref, beta, kind, average=False):
+def _np_preference(table, record, ref, beta, kind, average=False, who=(records.AGENT,)):
   """DPO (Rafailov et al. 2023, eq. 7) / IPO (Azar et al. 2023, eq. 17), mean over pairs; with
-  ``average``, per-token average log-probs of policy and reference."""
-  logp, counts = np_token_logliks(table, record.tokens, record.players, record.segment_ids,
-                                  (records.AGENT,))
+  ``average``, per-token average log-probs of policy and reference. ``ref``: the reference's
+  per-row sums over ``who``'s tokens."""
+  logp, counts = np_token_logliks(table, record.tokens, record.players, record.segment_ids, who)
   if average:
     logp, ref = logp / np.maximum(counts, 1), ref / np.maximum(counts, 1)
   p = len(logp) // 2
@@ -52,12 +52,28 @@ def batch():
   assert (np.asarray(record.segment_ids) == 0).any()  # some padding
   table = rng.normal(size=(V, V)).astype(np.float32)
   ref_table = rng.normal(size=(V, V)).astype(np.float32)
-  ref = _np_sequence_logprobs(ref_table, record, (records.AGENT,)).astype(np.float32)
+  # The frozen reference's per-token log-probs of every moved token (the reference responder's
+  # "reference_token_logprobs"); the payoffs sum the ones their players moved.
+  ref = np_next_token_logliks(ref_table, record.tokens, record.players, record.segment_ids,
+                              (records.AGENT, records.OPPONENT)).astype(np.float32)
   return record, table, ref
 
 
+def _sums(record, ref, who=(records.AGENT,)):
+  """Per row: the reference's summed log-probs of ``who``'s tokens (NumPy)."""
+  return (ref.astype(np.float64) * _moved_by(record, who)).sum(axis=1)
+
+
+def _moved_by(record, who):
+  """``[B, T]``: token t+1 continues t's segment and was moved by ``who``."""
+  seg, ply = np.asarray(record.segment_ids), np.asarray(record.players)
+  out = np.zeros(seg.shape, bool)
+  out[:, :-1] = (seg[:, :-1] > 0) & (seg[:, 1:] == seg[:, :-1]) & np.isin(ply[:, 1:], who)
+  return out
+
+
 def _play(record, ref):
-  judgments = {} if ref is None else {"reference_logprobs": jnp.asarray(ref)}
+  judgments = {} if ref is None else {"reference_token_logprobs": jnp.asarray(ref)}
   return Play(bigram_apply, jax.tree.map(jnp.asarray, record), judgments, jax.random.PRNGKey(0))
 
 
@@ -73,14 +89,15 @@ FACTORIES = {"dpo": dpo, "ipo": ipo}
 def test_value_and_metrics_match_numpy(batch, kind, beta):
   record, table, ref = batch
   value, metrics = _jitted(FACTORIES[kind](beta=beta))({"table": jnp.asarray(table)}, record, ref)
-  loss, margins, logp = _np_preference(table, record, ref.astype(np.float64), beta, kind)
+  loss, margins, logp = _np_preference(table, record, _sums(record, ref), beta, kind)
   np.testing.assert_allclose(value, -loss, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(metrics["reward_margin"], margins.mean(), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(metrics["accuracy"], (margins > 0).mean(), atol=1e-7)
-  np.testing.assert_allclose(metrics["chosen_logratio"], (logp[:P] - ref[:P]).mean(), rtol=1e-5,
+  sums = _sums(record, ref)
+  np.testing.assert_allclose(metrics["chosen_logratio"], (logp[:P] - sums[:P]).mean(), rtol=1e-5,
                              atol=1e-5)
-  np.testing.assert_allclose(metrics["rejected_logratio"], (logp[P:] - ref[P:]).mean(),
+  np.testing.assert_allclose(metrics["rejected_logratio"], (logp[P:] - sums[P:]).mean(),
                              rtol=1e-5, atol=1e-5)
 
 
@@ -96,7 +113,7 @@ def test_gradient_matches_finite_differences(batch, kind):
   big = np.unravel_index(np.argsort(-np.abs(grad), axis=None)[:3], grad.shape)
   coords = list(zip(*big)) + [(0, 0), (4, 2)]
   eps = 1e-3
-  ref64 = ref.astype(np.float64)
+  ref64 = _sums(record, ref)
   for (i, j) in coords:
     up, down = table.astype(np.float64).copy(), table.astype(np.float64).copy()
     up[i, j] += eps
@@ -159,7 +176,7 @@ def test_errors(batch):
   odd = jax.tree.map(lambda x: x[:2 * P - 1], record)
   with pytest.raises(ValueError, match=r"even.*\(5, 10\)"):
     _jitted(dpo())(params, odd, ref[:2 * P - 1])
-  with pytest.raises(KeyError, match="reference_logprobs"):
+  with pytest.raises(KeyError, match="reference_token_logprobs"):
     _jitted(ipo())(params, record, None)
   for factory in (dpo, ipo):
     with pytest.raises(ValueError, match="beta"):
@@ -186,9 +203,9 @@ def test_average_log_probs_option_matches_numpy(batch, kind):
   record, table, ref = batch
   payoff = FACTORIES[kind](beta=0.2, average_log_probs=True)
   value, _ = _jitted(payoff)({"table": jnp.asarray(table)}, record, ref)
-  loss = _np_preference(table, record, ref.astype(np.float64), 0.2, kind, average=True)[0]
+  loss = _np_preference(table, record, _sums(record, ref), 0.2, kind, average=True)[0]
   np.testing.assert_allclose(value, -loss, rtol=1e-5, atol=1e-5)
-  summed = _np_preference(table, record, ref.astype(np.float64), 0.2, kind)[0]
+  summed = _np_preference(table, record, _sums(record, ref), 0.2, kind)[0]
   assert abs(loss - summed) > 1e-3         # the option changes the objective
   grad = jax.jit(jax.grad(lambda p: payoff(p, _play(record, ref))[0]))(
       {"table": jnp.asarray(table)})["table"]
@@ -196,7 +213,23 @@ def test_average_log_probs_option_matches_numpy(batch, kind):
   up, down = table.astype(np.float64).copy(), table.astype(np.float64).copy()
   up[i, j] += eps
   down[i, j] -= eps
-  ref64 = ref.astype(np.float64)
+  ref64 = _sums(record, ref)
   fd = -(_np_preference(up, record, ref64, 0.2, kind, True)[0]
          - _np_preference(down, record, ref64, 0.2, kind, True)[0]) / (2 * eps)
   np.testing.assert_allclose(grad[i, j], fd, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["dpo", "ipo"])
+@pytest.mark.parametrize("who", [("opponent",), ("agent", "opponent")])
+def test_players_score_the_same_tokens_of_policy_and_reference(batch, kind, who):
+  """With ``players=`` the policy's and the reference's sums run over the same players' tokens."""
+  record, table, ref = batch
+  ids = records.player_ids(who)
+  value, _ = _jitted(FACTORIES[kind](beta=0.3, players=who))({"table": jnp.asarray(table)},
+                                                              record, ref)
+  loss = _np_preference(table, record, _sums(record, ref, ids), 0.3, kind, who=ids)[0]
+  np.testing.assert_allclose(value, -loss, rtol=1e-5, atol=1e-5)
+  if who == ("opponent",):   # (a pair's sides share their prompt: with both players the
+    # opponent's part cancels in the margin) a reference summed over the agent alone disagrees
+    agent_only = _np_preference(table, record, _sums(record, ref), 0.3, kind, who=ids)[0]
+    assert abs(agent_only - loss) > 1e-3

@@ -133,3 +133,66 @@ def test_each_arithmetic_experiment_plays_its_last_stage(tmp_path, name, metric)
   assert np.isfinite(result.metrics["loss"]) and result.metrics["skipped_nonfinite"] == 0
   row = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
   assert metric in row, sorted(row)
+
+
+def test_resume_restores_the_counted_events(tmp_path):
+  """Counts of a stage interrupted after a checkpoint and resumed equal an uninterrupted run's."""
+  from gamejax.payoffs import rloo, scaled, weighted
+  from gamejax.players import judges
+  import jax.numpy as jnp
+  nan_judge = judges.function_judge(
+      lambda moves, facts: jnp.where(jnp.arange(moves.tokens.shape[0]) % 2 == 0, jnp.nan, 1.0))
+  stage = run.Stage(name="rl", data=config.arena(players=[("perfect", 1.0)], num_train=50,
+                                                 num_test=10, max_digits=2),
+                    payoff=scaled(1.0, weighted({"rloo": (1.0, rloo(2))})), steps=6,
+                    batch_size=2, steps_per_call=2, checkpoint_every=2,
+                    rollout=run.Rollout(group_size=2, max_new_tokens=2, prompt_len=12,
+                                        judge=nan_judge))
+  exp = run.Experiment(stages=[stage], data_dir=str(tmp_path / "data"),
+                       model=LlamaConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64))
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  quiet = dict(progress=False, log=lambda _: None)
+  straight = run.run_stage(exp, 0, None, str(tmp_path / "a"), mesh, **quiet).metrics
+  run.run_stage(exp, 0, None, str(tmp_path / "b"), mesh, stop_after_steps=4, **quiet)
+  resumed = run.run_stage(exp, 0, None, str(tmp_path / "b"), mesh, **quiet).metrics
+  counted = ("nonfinite_rewards", "skipped_nonfinite", "no_stop_completions")
+  assert {k: straight[k] for k in counted} == {"nonfinite_rewards": 12, "skipped_nonfinite": 6,
+                                               "no_stop_completions": straight["no_stop_completions"]}
+  assert straight["no_stop_completions"] > 12
+  assert {k: resumed[k] for k in counted} == {k: straight[k] for k in counted}
+
+
+def test_own_text_reports_held_out_loss_and_talks_back(tmp_path, capsys, monkeypatch):
+  """A local_text run holds out test_count records and reports their loss and perplexity (table,
+  summary.json, gamejax eval); gamejax generate samples its checkpoint."""
+  monkeypatch.setenv("GAMEJAX_DATA_DIR", str(tmp_path / "data"))
+  texts = tmp_path / "texts"
+  texts.mkdir()
+  with open(texts / "chat.jsonl", "w") as f:
+    for i in range(40):
+      f.write(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n")
+  work = tmp_path / "run"
+  args = [f"--gin_file={EXP}/text/sft.gin", f"--gin_file={EXP}/models/tiny.gin",
+          f"--gin.local_text.path='{texts}'", "--gin.local_text.test_count=6",
+          "--gin.sft/Stage.steps=4", "--gin.sft/Stage.steps_per_call=2",
+          "--gin.sft/Stage.batch_size=4", "--gin.sft/Stage.seq_len=32", f"--workdir={work}",
+          "--no_progress"]
+  assert cli.main(["train", *args]) == 0
+  out = capsys.readouterr().out
+  summary = json.load(open(work / "summary.json"))["sft"]
+  assert summary["heldout_records"] == 6 and summary["heldout_tokens"] > 6
+  assert summary["heldout_perplexity"] == pytest.approx(np.exp(summary["heldout_loss"]))
+  assert "held-out loss (ppl)" in out and f"{summary['heldout_loss']:.4f}" in out
+  assert cli.main(["eval", f"--workdir={work}"]) == 0
+  evaluated = json.loads(capsys.readouterr().out)["sft"]
+  assert evaluated["heldout_loss"] == pytest.approx(summary["heldout_loss"], rel=1e-6)
+  output = tmp_path / "out.jsonl"
+  assert cli.main(["generate", f"--workdir={work}", "--prompt=3+1=", "--prompt=7+1=",
+                   "--num_samples=2", "--temperature=1.0", "--max_new_tokens=5",
+                   f"--output={output}"]) == 0
+  printed = capsys.readouterr().out
+  rows = [json.loads(l) for l in open(output)]
+  assert [(r["prompt"], r["sample"]) for r in rows] == [("3+1=", 0), ("3+1=", 1), ("7+1=", 0),
+                                                       ("7+1=", 1)]
+  assert all(r["stage"] == "sft" and r["tokens"] <= 5 for r in rows)
+  assert ">>> 3+1=" in printed and f"[1] {rows[1]['completion']}" in printed

@@ -55,15 +55,17 @@ def _naive_greedy(params, prompts, n, eos_id):
   return out
 
 
-def _full_logprobs(params, prompts, tokens_BN):
-  """log_softmax of the full forward on prompt + generated tokens, at the generated tokens."""
+def _full_logprobs(params, prompts, tokens_BN, temperature=1.0):
+  """log_softmax of the full forward (over ``temperature``) on prompt + generated tokens, at the
+  generated tokens."""
   width = P + N
   buf = np.zeros((len(prompts), width), np.int32)
   for b, prompt in enumerate(prompts):
     buf[b, :len(prompt)] = prompt
     buf[b, len(prompt):len(prompt) + N] = tokens_BN[b]
   logp = jax.nn.log_softmax(
-      _full_forward(CFG, params, buf, np.full(len(prompts), width, np.int32)), axis=-1)
+      _full_forward(CFG, params, buf, np.full(len(prompts), width, np.int32)) / temperature,
+      axis=-1)
   return np.stack([np.asarray(logp[b, len(p) - 1:len(p) - 1 + N])[np.arange(N), tokens_BN[b]]
                    for b, p in enumerate(prompts)])
 
@@ -135,6 +137,36 @@ def test_sampled_logprobs_and_determinism(params):
       params, prompt_BP, lengths_B, jax.random.key(3))
   greedy = sampling.generate(CFG, params, prompt_BP, lengths_B, N, jax.random.key(0), eos_id=-1)
   np.testing.assert_array_equal(cold["tokens"], greedy["tokens"])
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (5, 0.8)])
+def test_scaled_logprobs_are_the_tempered_policys(params, top_k, top_p):
+  """``scaled_logprobs``: log_softmax(logits / temperature) at the drawn tokens (unfiltered), the
+  policy the RL payoffs score; otherwise temperature-1 log-probs."""
+  prompt_BP, lengths_B = sampling.left_pad(PROMPTS, P)
+  options = dict(temperature=1.7, eos_id=-1, top_k=top_k, top_p=top_p)
+  scaled = sampling.make_generate(CFG, N, scaled_logprobs=True, **options)(
+      params, prompt_BP, lengths_B, jax.random.key(4))
+  plain = sampling.make_generate(CFG, N, **options)(params, prompt_BP, lengths_B, jax.random.key(4))
+  np.testing.assert_array_equal(scaled["tokens"], plain["tokens"])
+  tokens = np.asarray(scaled["tokens"])
+  want = _full_logprobs(params, PROMPTS, tokens, temperature=1.7)
+  np.testing.assert_allclose(scaled["logprobs"], want, atol=1e-4)
+  np.testing.assert_allclose(plain["logprobs"], _full_logprobs(params, PROMPTS, tokens), atol=1e-4)
+  assert np.abs(want - _full_logprobs(params, PROMPTS, tokens)).max() > 0.05
+
+
+def test_top_k_is_applied_before_top_p():
+  """Probabilities .4 .3 .2 .1: top-k 2 keeps {0, 1} (then 4/7, 3/7) and top-p 0.5 of those keeps
+  {0}. Top-p first would keep {0, 1} and top-k then both, drawing token 1 about 3/7 of the time."""
+  rows = 2000
+  logits_BV = jnp.log(jnp.tile(jnp.array([[0.4, 0.3, 0.2, 0.1]]), (rows, 1)))
+  uniform_B = 1.0 - jax.random.uniform(jax.random.key(5), (rows,))
+  choose = jax.jit(sampling._choose, static_argnums=(2, 3, 4))   # pylint: disable=protected-access
+  tokens_B, _ = choose(logits_BV, uniform_B, 1.0, 2, 0.5)
+  np.testing.assert_array_equal(np.unique(np.asarray(tokens_B)), [0])
+  tokens_B, _ = choose(logits_BV, uniform_B, 1.0, 2, 0.8)         # both of the top-2 kept
+  assert 0.35 < float(np.mean(np.asarray(tokens_B) == 1)) < 0.5
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])   # 1.0: the unfiltered fast path

@@ -78,6 +78,25 @@ def test_nonfinite_payoff_never_reaches_params():
   assert int(state.step) == 2
 
 
+def test_finite_payoff_with_infinite_gradient_never_reaches_params():
+  """sqrt at 0: the payoff is finite, its gradient infinite; the guard reads the gradient too."""
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+
+  def steep_payoff(params, play):
+    value, m = imitation(("agent",))(params, play)
+    scale = params["final_norm"]["scale"]
+    kink = jnp.sqrt(scale - jax.lax.stop_gradient(scale))
+    return value + kink.sum(), m
+
+  fn, state, _ = _setup(mesh, payoff=steep_payoff)
+  before = jax.device_get(state.params)
+  state, metrics = fn(state, _batches(2, 8, 36, 0))
+  assert np.isfinite(metrics["agent/loss"]).all()
+  assert not np.isfinite(metrics["agent/grad_norm"]).any()
+  np.testing.assert_array_equal(metrics["agent/skipped_nonfinite"], [1.0, 1.0])
+  jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(state.params))
+
+
 SHARDED = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, %r)

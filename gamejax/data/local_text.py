@@ -8,8 +8,10 @@ Records (searched recursively, files in sorted order):
   ``{"prompt": ..., "response": ...}`` (``BOS + prompt`` OPPONENT, ``response + EOS`` AGENT).
 
 The config name hashes the folder path, the parameters and every file's name, size and mtime, so
-editing the folder builds a new dataset. The "test" split holds ``round(test_fraction * N)``
-records chosen by a stable hash of their ``file:line`` keys (left out when that is 0).
+editing the folder builds a new dataset. The "test" split holds ``test_count`` records (or, when
+that is None, ``round(test_fraction * N)``) chosen by a stable hash of their ``file:line`` keys,
+never all of them (left out when that is 0); training never reads it, and each stage that imitates
+these records reports its held-out loss and perplexity on it.
 
 >>> cfg = local_text_config("/path/to/my_notes", split_paragraphs=True)  # doctest: +SKIP
 >>> builder = LocalText(config=cfg, data_dir="/tmp/gamejax_data")  # doctest: +SKIP
@@ -47,9 +49,10 @@ class LocalTextConfig(tfds.core.BuilderConfig):
   path: str = ""
   split_paragraphs: bool = False
   test_fraction: float = 0.1
+  test_count: int | None = None
 
 
-PARAM_NAMES = ("path", "split_paragraphs", "test_fraction")
+PARAM_NAMES = ("path", "split_paragraphs", "test_fraction", "test_count")
 
 
 def list_files(path: str) -> list[str]:
@@ -69,23 +72,27 @@ def list_files(path: str) -> list[str]:
 
 
 def local_text_config(path: str, *, split_paragraphs: bool = False,
-                      test_fraction: float = 0.1) -> LocalTextConfig:
+                      test_fraction: float = 0.1, test_count: int | None = None) -> LocalTextConfig:
   """Validated :class:`LocalTextConfig` named ``<folder>_<hash of path, options and files>``."""
   path = os.path.realpath(os.path.expanduser(os.fspath(path)))
   if not 0.0 <= float(test_fraction) < 1.0:
     raise LocalTextError(f"local_text test_fraction={test_fraction} is not in [0, 1)")
+  if test_count is not None and (isinstance(test_count, bool) or not isinstance(test_count, int)
+                                 or test_count < 0):
+    raise LocalTextError(f"local_text test_count={test_count!r} must be None or an int >= 0")
   files = []
   for rel in list_files(path):
     st = os.stat(os.path.join(path, rel))
     files.append([rel, st.st_size, st.st_mtime_ns])
   fingerprint = json.dumps({"path": path, "split_paragraphs": bool(split_paragraphs),
-                            "test_fraction": float(test_fraction), "files": files,
+                            "test_fraction": float(test_fraction), "test_count": test_count,
+                            "files": files,
                             "format": _FORMAT_VERSION}, sort_keys=True)
   digest = hashlib.sha256(fingerprint.encode("utf-8")).hexdigest()[:10]
   prefix = re.sub(r"[^a-z0-9]+", "_", os.path.basename(path).lower()).strip("_")[:40] or "folder"
   return LocalTextConfig(name=f"{prefix}_{digest}", description=f"text files under {path}",
                          path=path, split_paragraphs=bool(split_paragraphs),
-                         test_fraction=float(test_fraction))
+                         test_fraction=float(test_fraction), test_count=test_count)
 
 
 def text_record(text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -172,9 +179,11 @@ def read_records(path: str, split_paragraphs: bool = False) -> list[tuple[str, d
   return records
 
 
-def split_records(records: list[tuple[str, dict]], test_fraction: float):
-  """``(train, test)``: the ``round(test_fraction * N)`` records of smallest key hash are test."""
-  n_test = int(round(test_fraction * len(records)))
+def split_records(records: list[tuple[str, dict]], test_fraction: float,
+                  test_count: int | None = None):
+  """``(train, test)``: the ``test_count`` (None: ``round(test_fraction * N)``) records of smallest
+  key hash are test."""
+  n_test = int(round(test_fraction * len(records))) if test_count is None else int(test_count)
   ranked = sorted(range(len(records)),
                   key=lambda i: (zlib.crc32(records[i][0].encode("utf-8")), records[i][0]))
   test_ids = set(ranked[:n_test])
@@ -211,10 +220,12 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     cfg = self.builder_config
-    train, test = split_records(read_records(cfg.path, cfg.split_paragraphs), cfg.test_fraction)
+    train, test = split_records(read_records(cfg.path, cfg.split_paragraphs), cfg.test_fraction,
+                                cfg.test_count)
     if not train:
       raise LocalTextError(f"local_text folder {cfg.path!r}: no records left for the train split "
-                           f"(test_fraction={cfg.test_fraction})")
+                           f"(test_fraction={cfg.test_fraction}, test_count={cfg.test_count}, "
+                           f"{len(test)} held out)")
     splits = {"train": self._generate_examples(train)}
     if test:
       splits["test"] = self._generate_examples(test)

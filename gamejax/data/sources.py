@@ -128,6 +128,12 @@ class Source:
     return f"Source({self.name!r}, split={self.split!r}, config={config!r})"
 
 
+def has_split(name: str, split: str, data_dir: str | os.PathLike | None = None,
+              **params: Any) -> bool:
+  """Whether source ``name`` (built with ``params``, once) has split ``split``."""
+  return split in prepare_builder(name, data_dir, **params).info.splits.keys()
+
+
 def load_source(name: str, split: str = "train", data_dir: str | os.PathLike | None = None,
                 **params: Any) -> Source:
   """Random-access split ``split`` of data source ``name`` ("arithmetic_arena" or "local_text").

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from gamejax import records, sampling
+from gamejax import sampling
 from gamejax.data.prompts import opening_move
 from gamejax.data.tokenizer import ByteTokenizer, EOS
 from gamejax.games import arithmetic

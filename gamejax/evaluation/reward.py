@@ -2,7 +2,6 @@
 pair above the rejected one (pairs of the test split, never trained on)."""
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax

@@ -3,6 +3,11 @@
 ``weighted({"sft": (1.0, imitation(("agent",))), "lm": (0.1, imitation(("opponent",)))})`` is a
 payoff whose value is the weighted sum of its parts and whose metrics are each part's metrics under
 the part's name (``sft/loss``, ``lm/loss``, ...), plus each part's value (``sft/payoff``).
+
+A payoff may carry static attributes the run reads (``PROPAGATED``): ``group_size`` (it compares
+groups of completions of one prompt: the run checks it against the rollout and refuses
+minibatches that would split the groups) and ``players`` (whose moves it imitates: held-out loss is
+measured on those). Combinators carry their parts' attributes, however deeply they nest.
 """
 from __future__ import annotations
 
@@ -34,12 +39,21 @@ def weighted(parts: Mapping[str, tuple[float, Payoff]]) -> Payoff:
     raise ValueError(f"weighted() parts group completions differently: group sizes {sorted(groups)}")
   if groups:
     payoff.group_size = groups.pop()     # the run checks it against the rollout's group size
+  players = [getattr(part, "players") for _, part in parts.values() if hasattr(part, "players")]
+  if players:
+    payoff.players = tuple(sorted(set().union(*players)))
   return payoff
 
 
+PROPAGATED = ("group_size", "players")
+
+
 def scaled(weight: float, part: Payoff) -> Payoff:
-  """``weight`` times a payoff, metrics unchanged."""
+  """``weight`` times a payoff, metrics and attributes (``PROPAGATED``) unchanged."""
   def payoff(params, play: Play):
     value, metrics = part(params, play)
     return weight * value, metrics
+  for name in PROPAGATED:
+    if hasattr(part, name):
+      setattr(payoff, name, getattr(part, name))
   return payoff

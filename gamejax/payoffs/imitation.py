@@ -43,4 +43,5 @@ def imitation(players: Sequence[str] = ("agent",)) -> Payoff:
                "tokens": weights_BT.sum()}
     return value, metrics
 
+  payoff.players = ids       # held-out loss is measured on the same players' moves
   return payoff

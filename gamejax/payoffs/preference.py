@@ -4,8 +4,10 @@ and the Bradley-Terry loss (Bradley & Terry 1952; Ouyang et al. 2022) for a rewa
 A preference batch is a ``GameRecord`` with ``2P`` rows, one transcript per row: rows ``[0, P)``
 are the chosen transcripts and rows ``[P, 2P)`` the rejected ones, so pair ``i`` is
 ``(row i, row P + i)`` (same prompt, different agent answers). The frozen reference model's
-per-row sequence log-probs arrive in ``play.judgments["reference_logprobs"]`` (``float32[2P]``),
-computed by the respond stage; they are treated as constants. ``bradley_terry`` trains a reward
+per-token log-probs arrive in ``play.judgments["reference_token_logprobs"]`` (``float32[2P, T]``,
+index ``t`` holding token ``t+1``'s, as ``gamejax.players.reference`` computes them for every
+moved token); a payoff sums those of the tokens its ``players`` moved, the same tokens as the
+policy's sums, and treats them as constants. ``bradley_terry`` trains a reward
 model (``gamejax.models.reward``) on the same layout; it needs no reference.
 
 >>> pref = dpo(beta=0.1)
@@ -24,7 +26,7 @@ from gamejax.models.reward import sequence_scores
 from gamejax.payoffs.base import Payoff, Play
 from gamejax.payoffs.imitation import token_log_likelihood
 
-REFERENCE_LOGPROBS = "reference_logprobs"
+REFERENCE_TOKEN_LOGPROBS = "reference_token_logprobs"
 
 PairLoss = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, float], jax.Array]
 
@@ -77,16 +79,18 @@ def _preference(pair_loss: PairLoss, beta: float, players: Sequence[str | int],
     if rows % 2:
       raise ValueError(f"{name}: a preference batch needs an even number of rows (chosen rows then "
                        f"rejected rows); got moves of shape {moves.shape}")
-    if REFERENCE_LOGPROBS not in play.judgments:
-      raise KeyError(f"{name}: play.judgments lacks {REFERENCE_LOGPROBS!r} (float32[{rows}], the "
-                     f"frozen reference's sequence log-probs); have {sorted(play.judgments)}")
-    ref_2P = jnp.asarray(play.judgments[REFERENCE_LOGPROBS], jnp.float32)
-    chex.assert_shape(ref_2P, (rows,))
-    ref_2P = jax.lax.stop_gradient(ref_2P)
+    if REFERENCE_TOKEN_LOGPROBS not in play.judgments:
+      raise KeyError(f"{name}: play.judgments lacks {REFERENCE_TOKEN_LOGPROBS!r} (float32"
+                     f"{list(moves.shape)}, the frozen reference's per-token log-probs); have "
+                     f"{sorted(play.judgments)}")
+    ref_BT = jnp.asarray(play.judgments[REFERENCE_TOKEN_LOGPROBS], jnp.float32)
+    chex.assert_shape(ref_BT, moves.shape)
+    weights_BT = records.next_token_weights(moves, ids)
+    ref_2P = jax.lax.stop_gradient((ref_BT * weights_BT).sum(axis=-1))
     logits_BTV = play.apply(params, moves.tokens, moves.positions, moves.segment_ids)
     logp_2P = sequence_logprobs(logits_BTV, moves, ids)
     if average_log_probs:
-      n_2P = jnp.maximum(records.next_token_weights(moves, ids).sum(axis=-1), 1.0)
+      n_2P = jnp.maximum(weights_BT.sum(axis=-1), 1.0)
       logp_2P, ref_2P = logp_2P / n_2P, ref_2P / n_2P
     p = rows // 2
     pi_c_P, pi_r_P = logp_2P[:p], logp_2P[p:]

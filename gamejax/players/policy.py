@@ -7,11 +7,21 @@ attributed to the opponent, completion tokens to the agent) plus the facts of pl
 completion in group-major order (the ``G`` completions of prompt ``g`` are rows ``g*G .. g*G+G-1``):
 
 - ``behaviour_logprobs``: float32[B, T], the sampling policy's log-prob of each agent token, at
-  the position that predicts it (temperature-1, unfiltered; see ``sampling.generate``);
+  the position that predicts it: of ``logits / temperature`` (the default,
+  ``scaled_logprobs=True``) or of the temperature-1 logits; unfiltered by top-k/top-p either way
+  (see ``sampling.generate``);
 - ``completion_mask``: float32[B, N]; ``stopped``: bool[B] (False: the row hit the length limit);
 - every other batch field (e.g. the judge's answer key) repeated ``group_size`` times;
 - ``metrics``: the number of completions that hit the length limit without a stop token (they
   are judged as they are, and counted in the run's summary), the mean completion length.
+
+Scoring at the sampler's temperature (the convention of TRL and verl): with ``scaled_logprobs``
+the behaviour log-probs are those of ``softmax(logits / temperature)``, and the learner's and the
+reference's log-probs must be computed from ``logits / temperature`` too (``at_temperature``
+wraps an ``apply``; the run does both from ``Rollout.score_at_temperature``). Then the importance
+ratio of the first update is 1 on every sampled token, and KL estimates refer to the policy that
+sampled. With ``scaled_logprobs=False`` everything is scored at temperature 1 (gamejax 0.1's
+behaviour): the moves come from another distribution than the one the payoff scores.
 """
 from __future__ import annotations
 
@@ -30,11 +40,33 @@ PROMPT_KEYS = ("prompt", "prompt_lengths")
 Opponent = Callable[[jax.Array, Mapping[str, Any], jax.Array], tuple[jax.Array, jax.Array]]
 
 
+def at_temperature(apply: Callable[..., Any], temperature: float) -> Callable[..., Any]:
+  """``apply`` with its logits divided by ``temperature`` (an actor-critic's values untouched).
+
+  Temperature 0 (greedy) and 1 leave ``apply`` as it is.
+
+  >>> apply = lambda params, tokens, positions, segment_ids: (params * 1.0, params * 0.0)
+  >>> [float(x) for x in at_temperature(apply, 2.0)(jnp.array(3.0), None, None, None)]
+  [1.5, 0.0]
+  """
+  if temperature in (0.0, 1.0):
+    return apply
+
+  def scaled(params, tokens, positions, segment_ids):
+    out = apply(params, tokens, positions, segment_ids)
+    if isinstance(out, tuple):      # (logits, values): an actor-critic
+      return (out[0] / temperature,) + tuple(out[1:])
+    return out / temperature
+
+  return scaled
+
+
 def sampled_play(cfg: llama.LlamaConfig, group_size: int, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  eos_id: int = EOS, stop_ids: Sequence[int] = (), player: str = "agent",
                  turns: int = 1, opponent: Opponent | None = None,
-                 params_of: Callable[[Any], Any] = lambda params: params):
+                 params_of: Callable[[Any], Any] = lambda params: params,
+                 scaled_logprobs: bool = True):
   """``play(state, batch, rng) -> (moves, facts)`` sampling ``state.params[player]``.
 
   With ``turns > 1`` the game goes on after the agent's move: ``opponent(completion_BN, facts,
@@ -43,6 +75,8 @@ def sampled_play(cfg: llama.LlamaConfig, group_size: int, max_new_tokens: int,
   move, each token attributed to the player who made it (left-padded, contiguous); ``facts``
   describe the last agent move (``completion``, ``completion_mask``, ``stopped``), which is what
   judges read. ``params_of`` picks the policy out of the player's params (e.g. an actor-critic's).
+  ``scaled_logprobs``: behaviour log-probs of ``logits / temperature`` (score the learner with
+  ``at_temperature(apply, temperature)`` then), else of the temperature-1 logits.
   """
   if group_size < 1:
     raise ValueError(f"sampled_play group_size must be >= 1; got {group_size}")
@@ -67,7 +101,8 @@ def sampled_play(cfg: llama.LlamaConfig, group_size: int, max_new_tokens: int,
     for turn in range(turns):
       k_sample, k_reply = jax.random.split(jax.random.fold_in(rng, turn))
       out = sampling.generate(cfg, params, tokens_BL, lengths_B, max_new_tokens, k_sample,
-                              temperature, eos_id, top_k=top_k, top_p=top_p, stop_ids=stop_ids)
+                              temperature, eos_id, top_k=top_k, top_p=top_p, stop_ids=stop_ids,
+                              scaled_logprobs=scaled_logprobs)
       mask_BN = out["mask_BN"]
       facts.update(completion=out["tokens"], completion_mask=mask_BN, stopped=out["stopped_B"])
       no_stop = no_stop + (~out["stopped_B"]).sum()

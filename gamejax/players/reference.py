@@ -1,8 +1,9 @@
-"""A frozen reference policy as a responder: its per-token log-probs of the agent's moves.
+"""A frozen reference policy as a responder: its per-token log-probs of every moved token.
 
 The reference's params live in ``state.frozen[name]`` (set when the stage starts, usually the
-policy's own initial params); it never learns. Its log-probs feed KL terms (GRPO's k3 penalty,
-``kl_to_reference``) as constants.
+policy's own initial params); it never learns. Its log-probs are constants for the payoffs, each
+of which reads the tokens of the players it scores: KL terms (GRPO's k3 penalty,
+``kl_to_reference``, PPO's reward penalty) the agent's, DPO and IPO those of their ``players``.
 """
 from __future__ import annotations
 
@@ -26,20 +27,22 @@ def token_logprobs(apply: Callable, params, moves: records.GameRecord,
   return picked_BT * records.next_token_weights(moves, records.player_ids(players))
 
 
-REFERENCE_LOGPROBS = "reference_logprobs"
+ALL_PLAYERS = ("agent", "opponent")
 
 
 def reference(apply: Callable, name: str = "reference"):
-  """Responder adding the frozen player ``name``'s log-probs of the agent's moves: per token
-  (``"reference_token_logprobs"``, float32[B, T], for KL terms) and summed per row
-  (``"reference_logprobs"``, float32[B], for DPO/IPO)."""
+  """Responder adding the frozen player ``name``'s log-probs of every moved token
+  (``"reference_token_logprobs"``, float32[B, T]: at ``t``, token ``t+1``'s; 0 on padding).
+
+  Each payoff masks them to the players it scores, so a payoff and the reference always sum
+  over the same tokens."""
 
   def respond(state, moves, facts, rng):
     del facts, rng
     if name not in state.frozen:
       raise KeyError(f"the reference responder needs a frozen player {name!r}; the state has "
                      f"{sorted(state.frozen)}")
-    lp_BT = jax.lax.stop_gradient(token_logprobs(apply, state.frozen[name], moves))
-    return {REFERENCE_TOKEN_LOGPROBS: lp_BT, REFERENCE_LOGPROBS: lp_BT.sum(axis=-1)}
+    lp_BT = token_logprobs(apply, state.frozen[name], moves, ALL_PLAYERS)
+    return {REFERENCE_TOKEN_LOGPROBS: jax.lax.stop_gradient(lp_BT)}
 
   return respond

@@ -1,0 +1,60 @@
+"""Talking to a trained model: completions of text prompts with the KV-cached sampler.
+
+``complete(cfg, params, prompts, ...)`` encodes each prompt as the opponent's opening move
+(``BOS + text``, as the arena and ``local_text`` records begin), samples ``num_samples``
+completions of each (greedy at temperature 0; else temperature / top-k / top-p), in fixed-shape
+batches, and decodes them up to the first EOS. ``gamejax generate`` (``gamejax.cli``) calls it on a
+stage's checkpoint.
+
+>>> import jax
+>>> from gamejax.models import llama
+>>> cfg = llama.LlamaConfig(vocab_size=272, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+...                         d_ff=32)
+>>> params = llama.init_params(cfg, jax.random.key(0))
+>>> out = complete(cfg, params, ["12+3="], max_new_tokens=4, num_samples=2, temperature=1.0)
+>>> [(o["prompt"], o["sample"], o["tokens"] <= 4) for o in out]
+[('12+3=', 0, True), ('12+3=', 1, True)]
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from gamejax import sampling
+from gamejax.data.tokenizer import BOS, EOS, ByteTokenizer
+from gamejax.models import llama
+
+
+def complete(cfg: llama.LlamaConfig, params: Any, prompts: Sequence[str], max_new_tokens: int,
+             num_samples: int = 1, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0, batch_size: int = 64) -> list[dict]:
+  """One dict per (prompt, sample), prompts in order: ``prompt``, ``sample`` (0-based),
+  ``completion`` (text up to EOS), ``tokens`` (generated, EOS included) and ``stopped`` (False:
+  the completion ran into ``max_new_tokens``)."""
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+  if not prompts:
+    raise ValueError("no prompts given")
+  tok = ByteTokenizer()
+  encoded = [np.concatenate([[BOS], tok.encode(p)]).astype(np.int32) for p in prompts]
+  rows = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
+  width = max(len(e) for e in encoded)
+  batch = min(batch_size, len(rows))
+  generate = sampling.make_generate(cfg, max_new_tokens, temperature=temperature, eos_id=EOS,
+                                    top_k=top_k, top_p=top_p)
+  out = []
+  for call, start in enumerate(range(0, len(rows), batch)):
+    chunk = rows[start:start + batch]
+    padded = chunk + [chunk[-1]] * (batch - len(chunk))      # static shapes: pad the last call
+    prompt_BP, lengths_B = sampling.left_pad([encoded[i] for i, _ in padded], width)
+    result = jax.device_get(generate(params, prompt_BP, lengths_B,
+                                     jax.random.fold_in(jax.random.PRNGKey(seed), call)))
+    for row, (i, s) in enumerate(chunk):
+      n = int(result["lengths"][row])
+      generated = result["tokens"][row, :n]
+      out.append({"prompt": prompts[i], "sample": s,
+                  "completion": tok.decode_until_eos(generated), "tokens": n,
+                  "stopped": bool(result["stopped_B"][row])})
+  return out
