@@ -11,6 +11,11 @@ CFG = llama.LlamaConfig(vocab_size=40, d_model=32, n_layers=1, n_heads=2, n_kv_h
                         init_std=0.3)
 
 
+@jax.jit
+def _forward(params, tokens, positions, segments):
+  return llama.apply(CFG, params, tokens, positions, segments)
+
+
 def _np_nll(params, source, who, seq_len):
   """Sum of -log softmax(logits)[next] over tokens moved by ``who``, one record at a time."""
   total, count = 0.0, 0
@@ -18,8 +23,8 @@ def _np_nll(params, source, who, seq_len):
     tokens = np.asarray(ex["tokens"])[:seq_len]
     players = np.asarray(ex["players"])[:seq_len]
     n = len(tokens)
-    logits = np.asarray(llama.apply(CFG, params, tokens[None], np.arange(n)[None],
-                                    np.ones((1, n), np.int32)))[0].astype(np.float64)
+    logits = np.asarray(_forward(params, tokens[None], np.arange(n)[None],
+                                 np.ones((1, n), np.int32)))[0].astype(np.float64)
     for t in range(n - 1):
       if players[t + 1] in who:
         row = logits[t] - logits[t].max()

@@ -82,10 +82,8 @@ def test_cli_pipeline_writes_run_directory_and_evaluates(tmp_path, capsys, monke
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated[stage][key] == pytest.approx(summary[stage][key])
 
-  # A resume with a different config is refused; --overwrite starts afresh.
+  # A resume with a different config is refused (--overwrite: test_own_text_...).
   assert cli.main(["train", *TINY_ARENA, "--gin.sft/Stage.steps=6", f"--workdir={work}", "--resume"]) == 2
-  assert cli.main(["train", *TINY_ARENA, f"--workdir={work}", "--overwrite"]) == 0
-  assert len(open(work / "metrics.jsonl").readlines()) == 2 * len(STAGES)
 
 
 def test_ppo_stage_plays_with_an_actor_critic(tmp_path):
@@ -196,3 +194,7 @@ def test_own_text_reports_held_out_loss_and_talks_back(tmp_path, capsys, monkeyp
                                                        ("7+1=", 1)]
   assert all(r["stage"] == "sft" and r["tokens"] <= 5 for r in rows)
   assert ">>> 3+1=" in printed and f"[1] {rows[1]['completion']}" in printed
+  # --overwrite starts afresh: the old run's files go, the new run writes its own.
+  assert cli.main(["train", *args, "--gin.sft/Stage.steps=2", "--overwrite"]) == 0
+  assert [json.loads(l)["step"] for l in open(work / "metrics.jsonl")] == [2]
+  assert json.load(open(work / "summary.json"))["sft"]["steps"] == 2
