@@ -29,9 +29,8 @@ from gamejax.payoffs.imitation import token_log_likelihood
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "players"))
-def _nll(cfg: llama.LlamaConfig, params, batch: dict, players: tuple[int, ...]):
+def _nll(cfg: llama.LlamaConfig, params, record: records.GameRecord, players: tuple[int, ...]):
   """(summed negative log-likelihood, number of scored tokens) of one batch."""
-  record = records.GameRecord(**batch)
   logits_BTV = llama.apply(cfg, params, record.tokens, record.positions, record.segment_ids)
   weights_BT = records.next_token_weights(record, players)
   loglik_BT = token_log_likelihood(logits_BTV, records.next_tokens(record))
@@ -47,15 +46,10 @@ def heldout_loss(cfg: llama.LlamaConfig, params: Any, source, players: Sequence[
   n = len(source)
   nll, tokens = 0.0, 0.0
   for start in range(0, n, batch_size):
-    batch = {k: np.zeros((batch_size, seq_len), np.int32)
-             for k in ("tokens", "positions", "segment_ids", "players")}
-    for row, i in enumerate(range(start, min(start + batch_size, n))):
-      example = source[i]
-      t = np.asarray(example["tokens"], np.int32)[:seq_len]
-      batch["tokens"][row, :len(t)] = t
-      batch["players"][row, :len(t)] = np.asarray(example["players"], np.int32)[:seq_len]
-      batch["segment_ids"][row, :len(t)] = 1
-      batch["positions"][row, :len(t)] = np.arange(len(t))
+    cut = [(np.asarray(source[i]["tokens"], np.int32)[:seq_len],
+            np.asarray(source[i]["players"], np.int32)[:seq_len])
+           for i in range(start, min(start + batch_size, n))]
+    batch = records.from_transcripts(cut, seq_len, batch_size)
     s, c = jax.device_get(_nll(cfg, params, batch, ids))
     nll, tokens = nll + float(s), tokens + float(c)
   loss = nll / tokens if tokens else math.nan
