@@ -2,7 +2,8 @@
 
   gamejax train --gin_file=FILE [--gin_file=...] [--gin.KEY=VALUE ...] --workdir=DIR
                 [--resume | --overwrite] [--no_progress] [--dry_run]
-  gamejax eval --workdir=DIR [--stage=NAME]
+  gamejax eval --workdir=DIR [--stage=NAME] [--player=NAME]
+  gamejax plot --workdir=DIR [--output=FOLDER]
   gamejax generate --workdir=DIR [--stage=NAME] (--prompt=TEXT ... | --prompts=FILE.jsonl)
                    [--num_samples=N] [--temperature=T] [--top_k=K] [--top_p=P]
                    [--max_new_tokens=N] [--seed=S] [--output=FILE.jsonl]
@@ -60,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
   e = sub.add_parser("eval", help="evaluate a run's latest checkpoint on the held-out split")
   e.add_argument("--workdir", required=True)
   e.add_argument("--stage", default=None, help="stage to evaluate (default: the last one trained)")
+  e.add_argument("--player", default=None,
+                 help="a learner of the stage: its own figures (default: every player's)")
+  pl = sub.add_parser("plot", help="PNG curves of a run's logged metrics (needs matplotlib)")
+  pl.add_argument("--workdir", required=True)
+  pl.add_argument("--output", default=None, help="folder for the PNGs (default: WORKDIR/plots)")
   g = sub.add_parser("generate", help="sample completions of prompts from a stage's checkpoint")
   g.add_argument("--workdir", required=True)
   g.add_argument("--stage", default=None,
@@ -170,9 +176,17 @@ def evaluate(args) -> int:
   exp, names = _load_run(workdir)
   name = _pick_stage(workdir, names, args.stage)
   index = names.index(name)
-  params = run.restore_params(exp, index, workdir)
+  stage = exp.stages[index]
+  if args.player is not None and args.player not in stage.players:
+    raise UsageError(f"--player={args.player!r} is not a learner of stage {name!r}; its learners: "
+                     f"{sorted(stage.players)}")
+  players, frozen = run.restore_players(exp, index, workdir)
   examples = run.load_eval_examples(exp)
-  figures = run.evaluate_stage(exp, index, params, examples)
+  figures = run.evaluate_stage(exp, index, players, examples, frozen=frozen)
+  if args.player is not None and "seats" in figures:       # the seats this player sits in
+    figures["seats"] = {seat: f for seat, f in figures["seats"].items()
+                        if stage.seated[seat] == args.player}
+    figures["player"] = args.player
   if not figures:
     raise UsageError(f"stage {name!r} has no held-out figure: the experiment has no Evaluation "
                      "and the stage's data holds no test split")
@@ -221,8 +235,7 @@ def generate(args) -> int:
   stage = exp.stages[index]
   budget = args.max_new_tokens or (arena_eval.answer_budget(dict(stage.data.params))
                                    if stage.data.name == "arithmetic_arena" else 128)
-  from gamejax.models import policy_value
-  params = policy_value.policy_params(run.restore_params(exp, index, workdir))
+  params = run.policies_of(exp, index, run.restore_params(exp, index, workdir))["agent"]
   rows = gen.complete(exp.model, params, prompts, budget, args.num_samples, args.temperature,
                       args.top_k, args.top_p, args.seed)
   for i, prompt in enumerate(prompts):
@@ -236,6 +249,13 @@ def generate(args) -> int:
         f.write(json.dumps({"stage": name, **r}) + "\n")
     os.replace(tmp, args.output)
     print(f"# {len(rows)} completions of stage {name!r} written to {args.output}", file=sys.stderr)
+  return 0
+
+
+def plot(args) -> int:
+  from gamejax import plot as plotting
+  for path in plotting.plot_run(os.path.abspath(args.workdir), args.output):
+    print(path)
   return 0
 
 
@@ -254,10 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   from gamejax.checkpoint import CheckpointError
   from gamejax.config import ConfigError
   from gamejax.data.errors import DataError
+  from gamejax.plot import PlotError
   try:
     return {"train": lambda: train(args, bindings), "eval": lambda: evaluate(args),
-            "generate": lambda: generate(args)}[args.command]()
-  except (ConfigError, UsageError, CheckpointError, DataError) as e:
+            "generate": lambda: generate(args), "plot": lambda: plot(args)}[args.command]()
+  except (ConfigError, UsageError, CheckpointError, DataError, PlotError) as e:
     print(f"gamejax: error: {e}", file=sys.stderr)
     return 2
 

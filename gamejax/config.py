@@ -2,10 +2,11 @@
 that name the file, the line and the unknown name (with close matches).
 
 Configurables (use these names in ``.gin`` files):
-  run structure: ``Experiment``, ``Stage``, ``Optimizer``, ``Evaluation``, ``Rollout``,
-    ``LlamaConfig``;
+  run structure: ``Experiment``, ``Stage``, ``Player``, ``Optimizer``, ``Evaluation``,
+    ``Rollout``, ``LlamaConfig``;
+  games and their players: ``matrix_game``; followers ``snapshot``, ``lagged``, ``ema``;
   payoffs: ``imitation``, ``weighted``, ``grpo``, ``rloo``, ``reinforce``, ``kl_to_reference``,
-    ``dpo``, ``ipo``, ``bradley_terry``, ``ppo``, ``ppo_prepare``;
+    ``dpo``, ``ipo``, ``bradley_terry``, ``ppo``, ``ppo_prepare``, ``mmd``;
   judges and opponents: ``arena_judge``, ``arena_feedback``, ``fixed_reply``;
   data sources: ``arena``, ``arena_preferences``, ``local_text``.
 """
@@ -27,7 +28,8 @@ from gamejax.data import arena as arena_data
 from gamejax.models.llama import LlamaConfig
 from gamejax import payoffs
 from gamejax.data import preferences as preference_data
-from gamejax.players import judges, opponents
+from gamejax.games import matrix
+from gamejax.players import judges, opponents, selfplay
 
 
 class ConfigError(ValueError):
@@ -42,14 +44,15 @@ def register() -> None:
   global _REGISTERED
   if _REGISTERED:
     return
-  for obj in (run.Experiment, run.Stage, run.Optimizer, run.Evaluation, run.DataSpec, run.Rollout,
-              LlamaConfig):
+  for obj in (run.Experiment, run.Stage, run.Player, run.Optimizer, run.Evaluation, run.DataSpec,
+              run.Rollout, LlamaConfig):
     gin.external_configurable(obj, name=obj.__name__, module="gamejax")
   for fn in (payoffs.imitation, payoffs.weighted, payoffs.grpo, payoffs.rloo, payoffs.reinforce,
              payoffs.kl_to_reference, payoffs.dpo, payoffs.ipo, payoffs.bradley_terry,
-             payoffs.ppo, payoffs.ppo_prepare):
+             payoffs.ppo, payoffs.ppo_prepare, payoffs.mmd):
     gin.external_configurable(fn, name=fn.__name__, module="gamejax")
-  for fn in (judges.arena_judge, opponents.arena_feedback, opponents.fixed_reply):
+  for fn in (judges.arena_judge, opponents.arena_feedback, opponents.fixed_reply,
+             selfplay.snapshot, selfplay.lagged, selfplay.ema, matrix.matrix_game):
     gin.external_configurable(fn, name=fn.__name__, module="gamejax")
   gin.external_configurable(arena, name="arena", module="gamejax")
   gin.external_configurable(local_text, name="local_text", module="gamejax")

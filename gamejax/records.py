@@ -2,7 +2,11 @@
 
 A record batch has static shapes ``[B, T]``. Several transcripts may be packed into one row; each
 transcript is a *segment* with its own ``segment_id`` (1, 2, ...) and positions restarting at 0.
-Padding has ``segment_id == 0`` and ``player == NOBODY``.
+Padding has ``segment_id == 0`` and ``player == NOBODY``. Tokens of the game itself (a dealt card,
+a seat's label) are moved by ``CHANCE``: nobody learns to predict them.
+
+A game has two seats, ``agent`` (player 1) and ``opponent`` (player 2). Whatever a judge says about
+one seat is namespaced by it: ``seat_key("opponent", "rewards") == "opponent/rewards"``.
 
 Token ``t+1`` is predicted from tokens ``<= t`` of the same segment, so the loss weight of
 position ``t`` belongs to the player who moved token ``t+1``.
@@ -22,8 +26,10 @@ import flax.struct
 import jax.numpy as jnp
 import numpy as np
 
-NOBODY, AGENT, OPPONENT = 0, 1, 2
+NOBODY, AGENT, OPPONENT, CHANCE = 0, 1, 2, 3
 PLAYER_NAMES = {"agent": AGENT, "opponent": OPPONENT}
+SEATS = ("agent", "opponent")       # the two seats of every game, in player-id order
+OTHER_SEAT = {"agent": "opponent", "opponent": "agent"}
 
 
 @flax.struct.dataclass
@@ -37,6 +43,13 @@ class GameRecord:
   @property
   def shape(self):
     return self.tokens.shape
+
+
+def seat_key(seat: str, key: str) -> str:
+  """The judgment key of ``key`` for ``seat``: ``"agent/rewards"``, ``"opponent/rewards"``."""
+  if seat not in PLAYER_NAMES:
+    raise ValueError(f"unknown seat {seat!r}; expected one of {list(SEATS)}")
+  return f"{seat}/{key}"
 
 
 def player_ids(players: Sequence[str | int]) -> tuple[int, ...]:

@@ -24,9 +24,23 @@ from gamejax.records import GameRecord
 class GameState:
   params: dict            # learning players' params, by player name
   opt_state: dict         # their optimizer states
-  frozen: dict            # frozen players (a reference, a judge), by name
+  frozen: dict            # players that do not learn (a reference, a judge, a lagged copy), by name
   rng: jax.Array
   step: jax.Array
+
+
+def player_params(state: GameState, name: str):
+  """The params of player ``name``: a learner's (``state.params``) or a frozen player's.
+
+  A seat is sat by a player: ``play`` samples a seat's moves from ``player_params(state, who)``,
+  so one learner may sit in both seats (self-play) or face a frozen copy of itself.
+  """
+  if name in state.params:
+    return state.params[name]
+  if name in state.frozen:
+    return state.frozen[name]
+  raise KeyError(f"no player {name!r}: the learners are {sorted(state.params)}, the frozen "
+                 f"players {sorted(state.frozen)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +87,9 @@ RespondFn = Callable[[GameState, GameRecord, Mapping[str, Any], jax.Array], dict
 class Game:
   """Who learns, how moves are made and how the opponent responds.
 
-  ``play(state, batch, rng) -> (moves, facts)`` makes the moves (reads records, or samples the
-  agent: ``gamejax.players.policy.sampled_play``); ``respond(state, moves, facts, rng) ->
+  ``play(state, batch, rng) -> (moves, facts)`` makes the moves (reads records, samples the
+  agent: ``gamejax.players.policy.sampled_play``, or samples every seat of a game from the player
+  sitting in it, ``player_params``: ``gamejax.games.matrix``); ``respond(state, moves, facts, rng) ->
   judgments`` is the opponent's answer (a judge, a reference's log-probs:
   ``gamejax.players``). Each learner's payoff sees ``facts`` and the judgments merged; a
   ``"metrics"`` entry of either is logged instead.
@@ -82,6 +97,10 @@ class Game:
   learners: Mapping[str, Learner]
   play: PlayFn = records_play
   respond: RespondFn = no_response
+  # ``after(old_state, new_state) -> new_state``, run once the learners have updated: it keeps the
+  # frozen players that follow a learner (a lagged copy, an EMA, a league of snapshots;
+  # ``gamejax.players.selfplay``).
+  after: Callable[[GameState, GameState], GameState] | None = None
 
 
 def init_state(game: Game, params: Mapping[str, Any], rng: jax.Array,
@@ -104,12 +123,15 @@ def game_step(game: Game, state: GameState, batch: Any) -> tuple[GameState, dict
   params, opt_state = dict(state.params), dict(state.opt_state)
   total_loss = 0.0
   for i, (name, learner) in enumerate(sorted(game.learners.items())):
-    play = Play(learner.apply, moves, judgments, jax.random.fold_in(k_payoff, i))
+    play = Play(learner.apply, moves, judgments, jax.random.fold_in(k_payoff, i),
+                jax.lax.stop_gradient(state.frozen))
     params[name], opt_state[name], m = learner_updates(learner, params[name], opt_state[name], play)
     metrics.update({f"{name}/{k}": v for k, v in m.items()})
     total_loss = total_loss + m["loss"]
   metrics["loss"] = total_loss
   new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+  if game.after is not None:
+    new_state = game.after(state, new_state)
   return new_state, metrics
 
 

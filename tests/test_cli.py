@@ -103,7 +103,7 @@ def test_eval_without_run(tmp_path, capsys):
 @pytest.mark.parametrize("binding, message", [
     ("grpo/Rollout.group_size=4", "the payoff groups 8 completions per prompt but "
                                   "Rollout.group_size=4"),
-    ("grpo/Rollout.judge='judge_me'", "Rollout.judge='judge_me'; expected 'arena'"),
+    ("grpo/Rollout.judge='judge_me'", "Rollout.judge='judge_me'; expected one of ['arena', "),
     ("grpo_rm/Rollout.judge_from='sft'", "needs judge_from naming an earlier reward_model stage"),
     ("grpo/Rollout.turns=2", "Rollout.turns=2 needs an opponent"),
     ("grpo/Stage.player='critic'", "player='critic'; expected one of"),

@@ -106,7 +106,7 @@ def test_counted_events_and_group_size_survive_every_combinator(name):
   moves = records.from_transcripts(
       [(np.array([3, 4, 5, 6]), np.array([O, O, A, A]))] * 4, seq_len=5)
   rewards = jnp.array([1.0, jnp.nan, 0.0, 1.0])
-  play = Play(bigram_apply, jax.tree.map(jnp.asarray, moves), {"rewards": rewards},
+  play = Play(bigram_apply, jax.tree.map(jnp.asarray, moves), {"agent/rewards": rewards},
               jax.random.PRNGKey(0))
   _, metrics = jax.jit(lambda p: payoff(p, play))({"table": jnp.zeros((8, 8))})
   step_metrics = {f"agent/{k}": jnp.stack([v, v]) for k, v in metrics.items()}   # K = 2 steps

@@ -61,7 +61,7 @@ def test_arena_judge_rewards_with_partial_credit():
   facts = {"answer_digits": jnp.asarray(np.stack([key] * 3)), "completion": jnp.asarray(comp),
            "completion_mask": jnp.ones((3, 24))}
   out = judges.arena_judge(partial_credit=0.5)(None, moves, facts, jax.random.PRNGKey(0))
-  np.testing.assert_allclose(out["rewards"], [1.5, 1 / 3, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(out["agent/rewards"], [1.5, 1 / 3, 0.0], rtol=1e-6)
   with pytest.raises(KeyError, match="answer_digits"):
     judges.arena_judge()(None, moves, {"completion": facts["completion"]}, None)
 
@@ -74,7 +74,7 @@ def test_host_judge_runs_python_inside_jit():
   seen = []
   judge = judges.host_judge(lambda prompt, completion: seen.append((prompt, completion)) or 0.25)
   out = jax.jit(lambda m: judge(None, m, facts, None))(moves)
-  assert float(out["rewards"][0]) == 0.25
+  assert float(out["agent/rewards"][0]) == 0.25
   assert seen == [(TOK.decode([1, 60]), TOK.decode([61]))]
 
 
@@ -150,7 +150,7 @@ def test_sampled_moves_are_attributed_and_their_logprobs_match_a_forward_pass():
   step, _ = game_step.make_step(game, _mesh(), jax.eval_shape(lambda: state))
   new_state, metrics = step(state, jax.tree.map(lambda x: x[None], batch))
   j = jax.device_get(seen["judgments"])
-  assert {"rewards", "reference_token_logprobs", "behaviour_logprobs", "stopped"} <= set(j)
+  assert {"agent/rewards", "reference_token_logprobs", "behaviour_logprobs", "stopped"} <= set(j)
 
 
 def _mesh():

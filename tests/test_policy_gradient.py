@@ -80,7 +80,7 @@ def data():
 
 
 def _judgments(data, *, behaviour="behaviour", reference=True, rewards=None):
-  j = {"rewards": data["rewards"] if rewards is None else rewards}
+  j = {"agent/rewards": data["rewards"] if rewards is None else rewards}
   if behaviour:
     j["behaviour_logprobs"] = data[behaviour]
   if reference:
@@ -401,7 +401,7 @@ def test_errors(data):
   for payoff in (rloo(3), grpo(3)):
     with pytest.raises(ValueError, match=r"8 rows.*group_size=3"):
       _run(payoff, data, full)
-  cases = [(reinforce(), "rewards"), (rloo(G), "rewards"), (grpo(G), "rewards"),
+  cases = [(reinforce(), "agent/rewards"), (rloo(G), "agent/rewards"), (grpo(G), "agent/rewards"),
            (grpo(G), "behaviour_logprobs"), (grpo(G), "reference_token_logprobs"),
            (kl_to_reference(), "reference_token_logprobs")]
   for payoff, key in cases:

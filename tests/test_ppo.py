@@ -146,7 +146,7 @@ def np_prepare(data, value_table, gamma, lam, kl_coef, whiten, var_ddof=0, behav
     mean = sum(flat) / len(flat)
     var = sum((a - mean) ** 2 for a in flat) / (len(flat) - var_ddof)
     adv = np.where(on, (adv - mean) / np.sqrt(var + 1e-8), 0.0)
-  return {"advantages": adv, "returns": ret, "old_values": values}
+  return {"agent/advantages": adv, "agent/returns": ret, "agent/old_values": values}
 
 
 def np_ppo(table, value_table, data, judgments, clip_eps=0.2, value_clip_eps=0.2, value_coef=0.5,
@@ -154,7 +154,7 @@ def np_ppo(table, value_table, data, judgments, clip_eps=0.2, value_clip_eps=0.2
   """Schulman et al. (2017), eq. 7 and 9; the clipped value loss of OpenAI baselines' ppo2."""
   tok = np.asarray(data["record"].tokens)
   beh, adv, ret, old = (judgments[k].astype(np.float64) for k in
-                        ("behaviour_logprobs", "advantages", "returns", "old_values"))
+                        ("behaviour_logprobs", "agent/advantages", "agent/returns", "agent/old_values"))
   terms, stats = [], {k: [] for k in ("surr", "vloss", "clip", "vclip", "kl", "ent", "ratio", "A",
                                       "R", "V")}
   for b, steps in enumerate(data["positions"]):
@@ -281,14 +281,14 @@ def _prepared(case, params, data, judgments):
 @pytest.mark.parametrize("case", sorted(PREPARE_CASES))
 def test_ppo_prepare_matches_numpy(data, case):
   kwargs = {"gamma": 1.0, "lam": 0.95, "kl_coef": 0.0, "whiten": True, **PREPARE_CASES[case]}
-  judgments = {"rewards": data["rewards"], "behaviour_logprobs": data["behaviour"],
+  judgments = {"agent/rewards": data["rewards"], "behaviour_logprobs": data["behaviour"],
                "reference_token_logprobs": data["reference"]}
   got = _prepared(case, _params(data["old_table"], data["old_values"]), data, judgments)
   expected = np_prepare(data, data["old_values"].astype(np.float64), **kwargs)
-  assert set(got) == {"advantages", "returns", "old_values"}
+  assert set(got) == {"agent/advantages", "agent/returns", "agent/old_values"}
   for k in expected:
     np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-5, err_msg=k)
-  adv = np.asarray(got["advantages"])[data["on"]]
+  adv = np.asarray(got["agent/advantages"])[data["on"]]
   if kwargs["whiten"]:
     np.testing.assert_allclose([adv.mean(), adv.std()], [0.0, 1.0], atol=1e-5)
   mutants = [dict(gamma=0.9 * kwargs["gamma"]), dict(lam=0.9 * kwargs["lam"] + 0.05),
@@ -297,19 +297,19 @@ def test_ppo_prepare_matches_numpy(data, case):
     mutants.append(dict(var_ddof=1))
   for mutant in mutants:
     mutated = np_prepare(data, data["old_values"].astype(np.float64), **{**kwargs, **mutant})
-    _differs(mutated["advantages"], got["advantages"], mutant)
+    _differs(mutated["agent/advantages"], got["agent/advantages"], mutant)
 
 
 def test_prepare_is_constant_and_reads_only_the_keys_it_needs(data):
   params = _params(data["old_table"], data["old_values"])
-  play = _play(data, {"rewards": data["rewards"]})   # kl_coef = 0: no log-probs needed
+  play = _play(data, {"agent/rewards": data["rewards"]})   # kl_coef = 0: no log-probs needed
   prepared = lambda p: PREPARE["default"](p, play.moves, play.judgments)
   grad = jax.jit(jax.grad(lambda p: sum(x.sum() for x in prepared(p).values())))(params)
   for k, g in grad.items():
     np.testing.assert_array_equal(g, np.zeros_like(g), err_msg=k)
   # ppo_advantages is the same function of the values, which get no gradient either.
   values = jnp.asarray(data["old_values"])[play.moves.tokens]
-  g = jax.grad(lambda v: ppo_advantages(v, play)["returns"].sum())(values)
+  g = jax.grad(lambda v: ppo_advantages(v, play)["agent/returns"].sum())(values)
   np.testing.assert_array_equal(g, np.zeros_like(g))
 
 
@@ -319,8 +319,8 @@ def test_nonfinite_reward_makes_the_advantages_nonfinite(data):
     for row in (2, 4):                              # row 4's completion is empty
       rewards = data["rewards"].copy()
       rewards[row] = bad
-      got = _prepared("default", params, data, {"rewards": rewards})
-      assert np.isnan(np.asarray(got["advantages"])).all(), (bad, row)
+      got = _prepared("default", params, data, {"agent/rewards": rewards})
+      assert np.isnan(np.asarray(got["agent/advantages"])).all(), (bad, row)
 
 
 # ---- the PPO payoff ------------------------------------------------------------------------------
@@ -401,7 +401,7 @@ def test_prepare_then_ppo_on_policy(data):
   """The step's two stages at the rollout's own params: ratio 1, nothing clipped, KL 0, and the
   payoff is mean A - value_coef * 0.5 * mean (V - R)^2 with the prepared A and R."""
   params = _params(data["table"], data["values"])
-  judgments = {"rewards": data["rewards"], "behaviour_logprobs": data["on_policy"],
+  judgments = {"agent/rewards": data["rewards"], "behaviour_logprobs": data["on_policy"],
                "reference_token_logprobs": data["reference"]}
   prepared = _prepared("kl_whiten", params, data, judgments)
   value, metrics, _ = _run(PPO["default"], data, {"behaviour_logprobs": data["on_policy"],
@@ -411,7 +411,7 @@ def test_prepare_then_ppo_on_policy(data):
   expected = np_prepare(data, data["values"].astype(np.float64), gamma=0.95, lam=0.9, kl_coef=0.1,
                         whiten=True, behaviour="on_policy")
   on = data["on"]
-  adv, ret, vals = (expected[k][on] for k in ("advantages", "returns", "old_values"))
+  adv, ret, vals = (expected[k][on] for k in ("agent/advantages", "agent/returns", "agent/old_values"))
   np.testing.assert_allclose(value, adv.mean() - 0.5 * 0.5 * np.mean((vals - ret) ** 2),
                              rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(metrics["explained_variance"],
@@ -441,13 +441,13 @@ def test_errors(data):
   params = _params(data["table"], data["values"])
   full = _ppo_judgments(data)
   payoff = PPO["default"]
-  for key in ("advantages", "returns", "old_values", "behaviour_logprobs"):
+  for key in ("agent/advantages", "agent/returns", "agent/old_values", "behaviour_logprobs"):
     with pytest.raises(KeyError, match=key):
       payoff(params, _play(data, {k: v for k, v in full.items() if k != key}))
   with pytest.raises(KeyError, match="rewards"):
     ppo_prepare()(params, _play(data, {}))
   with pytest.raises(KeyError, match="reference_token_logprobs"):
-    ppo_prepare(kl_coef=0.1)(params, _play(data, {"rewards": data["rewards"],
+    ppo_prepare(kl_coef=0.1)(params, _play(data, {"agent/rewards": data["rewards"],
                                                   "behaviour_logprobs": data["behaviour"]}))
   logits_only = _play(data, full)._replace(apply=lambda p, *args: ac_apply(p, *args)[0])
   with pytest.raises(TypeError, match=r"\(logits_BTV, values_BT\)"):

@@ -101,7 +101,7 @@ def test_ppo_stage_plays_with_an_actor_critic(tmp_path):
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   result = run.run_stage(exp, index, None, str(tmp_path / "run"), mesh, progress=False,
                          eval_examples=run.load_eval_examples(exp), log=lambda _: None)
-  assert sorted(result.params) == ["policy", "value"]
+  assert sorted(result.params) == ["agent"] and sorted(result.params["agent"]) == ["policy", "value"]
   assert 0.0 <= result.metrics["accuracy"] <= 1.0 and result.metrics["skipped_nonfinite"] == 0
   row = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
   assert {"agent/value_loss", "agent/explained_variance", "judge/exact"} <= set(row)

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from gamejax import config, records, run, sampling, step as game_step
+from gamejax.run import registry
 from gamejax.data.prompts import PromptLoader
 from gamejax.data.tokenizer import EOS
 from gamejax.games import arithmetic
 from gamejax.models import llama
 from gamejax.payoffs import Play, grpo, kl_to_reference, ppo, weighted
-from gamejax.payoffs.kl import agent_token_logprobs
+from gamejax.payoffs.kl import seat_token_logprobs
 
 CFG = llama.LlamaConfig(vocab_size=272, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64,
                         init_std=0.2)
@@ -42,8 +43,10 @@ def _batch():
 
 def _state(exp, game):
   """The stage's initial state, with a reference that differs from the policy."""
-  params = run.initial_params(exp, 0, llama.init_params(CFG, jax.random.PRNGKey(0)))
-  state = run.stage_state(exp, 0, game, params)
+  kind = registry.MODELS[exp.stages[0].player]
+  players = {"agent": kind.init(CFG, jax.random.PRNGKey(1),
+                                llama.init_params(CFG, jax.random.PRNGKey(0)))}
+  state = run.stage_state(exp, 0, game, players)
   other = llama.init_params(CFG, jax.random.PRNGKey(7))
   return state.replace(frozen={**state.frozen, "reference": other})
 
@@ -54,7 +57,7 @@ def _on_policy_ratio(exp):
   state = _state(exp, game)
   moves, facts = jax.jit(game.play)(state, _batch(), jax.random.PRNGKey(3))
   learner = game.learners["agent"]
-  logp_BT, mask_BT = jax.jit(lambda p: agent_token_logprobs(
+  logp_BT, mask_BT = jax.jit(lambda p: seat_token_logprobs(
       p, Play(lambda *a: _logits(learner.apply(*a)), moves, {}, jax.random.PRNGKey(0))))(
           state.params["agent"])
   on = np.asarray(mask_BT) > 0

@@ -3,6 +3,7 @@ from gamejax.payoffs.base import Payoff, Play
 from gamejax.payoffs.combine import scaled, weighted
 from gamejax.payoffs.imitation import imitation, token_log_likelihood
 from gamejax.payoffs.kl import kl_estimate, kl_to_reference
+from gamejax.payoffs.mmd import mmd
 from gamejax.payoffs.policy_gradient import (grpo, grpo_advantages, reinforce, rloo,
                                              rloo_advantages)
 from gamejax.payoffs.ppo import gae, ppo, ppo_advantages, ppo_prepare, token_rewards
@@ -12,7 +13,7 @@ from gamejax.payoffs.preference import (bradley_terry, bradley_terry_pair_loss, 
 __all__ = [
     "Payoff", "Play", "bradley_terry", "bradley_terry_pair_loss", "dpo", "dpo_pair_loss", "gae",
     "grpo", "grpo_advantages", "imitation", "ipo", "ipo_pair_loss", "kl_estimate",
-    "kl_to_reference", "ppo", "ppo_advantages", "ppo_prepare", "reinforce", "rloo",
+    "kl_to_reference", "mmd", "ppo", "ppo_advantages", "ppo_prepare", "reinforce", "rloo",
     "rloo_advantages", "scaled", "sequence_logprobs", "token_log_likelihood", "token_rewards",
     "weighted",
 ]

@@ -18,8 +18,10 @@ Used as a loss, the estimators differ in the *gradient* they give on on-policy s
 expected gradient is that of ``KL(pi || pi_ref)``, k3's is that of ``KL(pi_ref || pi)`` and k1's
 is zero (``E_pi[grad log pi] = 0``); their values all estimate ``KL(pi || pi_ref)``.
 
-This module also holds the two readers the RL payoffs share: ``agent_token_logprobs`` (the current
-policy's log-probs of the agent's tokens) and ``read_judgment`` (a constant from the judge).
+This module also holds the two readers the RL payoffs share: ``seat_token_logprobs`` (the current
+policy's log-probs of one seat's tokens) and ``read_judgment`` (a constant from the judge). Every
+RL payoff takes the ``seat`` it scores (``"agent"`` or ``"opponent"``): it reads that seat's tokens
+and its namespaced judgments (``"opponent/rewards"``).
 """
 from __future__ import annotations
 
@@ -50,17 +52,19 @@ def kl_estimate(logp: jax.Array, ref: jax.Array, estimator: str = "k3") -> jax.A
   raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
 
 
-def agent_token_logprobs(params: Any, play: Play) -> tuple[jax.Array, jax.Array]:
-  """``(logp_BT, mask_BT)``: the current policy's log-prob of each agent move, and its mask.
+def seat_token_logprobs(params: Any, play: Play,
+                        seat: str = "agent") -> tuple[jax.Array, jax.Array]:
+  """``(logp_BT, mask_BT)``: the current policy's log-prob of each token ``seat`` moved, and its
+  mask.
 
-  Index ``t`` is ``log pi(token t+1 | tokens <= t)`` where token ``t+1`` was moved by the agent
+  Index ``t`` is ``log pi(token t+1 | tokens <= t)`` where token ``t+1`` was moved by ``seat``
   (``mask_BT == 1``); ``logp_BT`` is 0 elsewhere, so later exponentials cannot overflow there.
   """
   moves = play.moves
   chex.assert_rank(moves.tokens, 2)
   logits_BTV = play.apply(params, moves.tokens, moves.positions, moves.segment_ids)
   chex.assert_equal_shape_prefix([logits_BTV, moves.tokens], 2)
-  mask_BT = records.next_token_weights(moves, (records.AGENT,))
+  mask_BT = records.next_token_weights(moves, (seat,))
   logp_BT = token_log_likelihood(logits_BTV, records.next_tokens(moves))
   return jnp.where(mask_BT > 0, logp_BT, 0.0), mask_BT
 
@@ -83,15 +87,17 @@ def _sequence_kl(logp_T, ref_T, mask_T, estimator):
   return (kl_estimate(logp_T, ref_T, estimator) * mask_T).sum(), mask_T.sum()
 
 
-def kl_to_reference(estimator: str = "k3") -> Payoff:
-  """Minus the mean per-token KL estimate to ``judgments["reference_token_logprobs"]``."""
+def kl_to_reference(estimator: str = "k3", seat: str = "agent") -> Payoff:
+  """Minus the mean per-token KL estimate to ``judgments["reference_token_logprobs"]`` over the
+  tokens ``seat`` moved."""
+  records.seat_key(seat, "")     # an unknown seat fails here, not when traced
   if estimator not in KL_ESTIMATORS:
     raise ValueError(f"kl_to_reference: unknown estimator {estimator!r}; expected one of "
                      f"{KL_ESTIMATORS}")
   sequence_kl = jax.vmap(functools.partial(_sequence_kl, estimator=estimator))
 
   def payoff(params, play: Play):
-    logp_BT, mask_BT = agent_token_logprobs(params, play)
+    logp_BT, mask_BT = seat_token_logprobs(params, play, seat)
     ref_BT = read_judgment(play, REFERENCE_TOKEN_LOGPROBS, logp_BT.shape, "kl_to_reference",
                            "the frozen reference's log-prob of each next token")
     sums_B, counts_B = sequence_kl(logp_BT, ref_BT, mask_BT)

@@ -3,9 +3,11 @@
 The RL play is ``P`` prompts with ``G`` sampled completions each: ``play.moves`` has ``B = P * G``
 rows in group-major order (rows ``[g * G, (g + 1) * G)`` answer prompt ``g``), prompt tokens moved
 by the opponent, completion tokens by the agent, padding (segment 0) anywhere around them. Each
-row holds one completion. The judge's constants arrive in ``play.judgments``:
+row holds one completion. Each payoff scores one ``seat`` (``"agent"`` by default; ``"opponent"``
+when the opponent learns): the tokens that seat moved, and the judge's constants for it in
+``play.judgments``, namespaced by the seat (``records.seat_key``):
 
-* ``"rewards"``: ``float32[B]``, one scalar per completion (every payoff here);
+* ``"<seat>/rewards"``: ``float32[B]``, one scalar per completion (every payoff here);
 * ``"behaviour_logprobs"``: ``float32[B, T]``, the sampling policy's log-prob of token ``t+1`` at
   index ``t`` (GRPO's importance ratio);
 * ``"reference_token_logprobs"``: ``float32[B, T]``, same alignment, the frozen reference
@@ -22,8 +24,8 @@ Rewards are not cleaned: a non-finite reward makes the value non-finite (and is 
 >>> moves = records.from_transcripts([(np.array([3, 4, 5, 6]), np.array([O, O, A, A])),
 ...                                   (np.array([3, 4, 7]), np.array([O, O, A]))], seq_len=4)
 >>> apply = lambda params, tokens, positions, segment_ids: params[tokens]  # a bigram "model"
->>> play = Play(apply, jax.tree.map(jnp.asarray, moves), {"rewards": jnp.array([1.0, 0.0])},
-...             jax.random.PRNGKey(0))
+>>> play = Play(apply, jax.tree.map(jnp.asarray, moves),
+...             {"agent/rewards": jnp.array([1.0, 0.0])}, jax.random.PRNGKey(0))
 >>> value, metrics = rloo(group_size=2)(jnp.zeros((8, 8)), play)  # (2 - 1) log(1/8) / 2
 >>> round(float(value), 4), float(metrics["advantage_abs_mean"])
 (-1.0397, 1.0)
@@ -43,8 +45,9 @@ import jax
 import jax.numpy as jnp
 
 from gamejax.payoffs.base import Payoff, Play
-from gamejax.payoffs.kl import (REFERENCE_TOKEN_LOGPROBS, agent_token_logprobs, kl_estimate,
-                                read_judgment)
+from gamejax import records
+from gamejax.payoffs.kl import (REFERENCE_TOKEN_LOGPROBS, kl_estimate, read_judgment,
+                                seat_token_logprobs)
 
 REWARDS = "rewards"
 BEHAVIOUR_LOGPROBS = "behaviour_logprobs"
@@ -132,8 +135,9 @@ def _groups(x: jax.Array, group_size: int, name: str) -> jax.Array:
   return x.reshape((x.shape[0] // group_size, group_size) + x.shape[1:])
 
 
-def _rewards(play: Play, rows: int, name: str) -> jax.Array:
-  return read_judgment(play, REWARDS, (rows,), name, "the judge's reward of each completion")
+def _rewards(play: Play, rows: int, name: str, seat: str) -> jax.Array:
+  return read_judgment(play, records.seat_key(seat, REWARDS), (rows,), name,
+                       f"the judge's reward of each of the {seat}'s completions")
 
 
 def _reward_metrics(rewards_B, advantages_B, mask_BT):
@@ -145,19 +149,20 @@ def _reward_metrics(rewards_B, advantages_B, mask_BT):
 
 # ---- the payoffs ---------------------------------------------------------------------------------
 
-def reinforce(baseline: str = "batch_mean") -> Payoff:
+def reinforce(baseline: str = "batch_mean", seat: str = "agent") -> Payoff:
   """REINFORCE (Williams 1992): ``mean_i (r_i - b) * log pi(completion_i)``, ``b`` constant.
 
   ``baseline="batch_mean"``: ``b`` is the batch's mean reward; ``"none"``: ``b = 0``.
-  Reads ``judgments["rewards"]``.
+  Reads ``judgments["<seat>/rewards"]``.
   """
+  records.seat_key(seat, REWARDS)
   if baseline not in BASELINES:
     raise ValueError(f"reinforce: unknown baseline {baseline!r}; expected one of {BASELINES}")
   batched_term = jax.vmap(_score_function_term)
 
   def payoff(params: Any, play: Play):
-    logp_BT, mask_BT = agent_token_logprobs(params, play)
-    rewards_B = _rewards(play, logp_BT.shape[0], "reinforce")
+    logp_BT, mask_BT = seat_token_logprobs(params, play, seat)
+    rewards_B = _rewards(play, logp_BT.shape[0], "reinforce", seat)
     b = rewards_B.mean() if baseline == "batch_mean" else 0.0
     advantages_B = rewards_B - b
     value = batched_term(logp_BT, mask_BT, advantages_B).mean()
@@ -173,18 +178,19 @@ def _rloo_group(logp_GT, mask_GT, rewards_G):
   return jax.vmap(_score_function_term)(logp_GT, mask_GT, advantages_G).mean(), advantages_G
 
 
-def rloo(group_size: int) -> Payoff:
+def rloo(group_size: int, seat: str = "agent") -> Payoff:
   """REINFORCE leave-one-out (Ahmadian et al. 2024): ``A_i = r_i - mean_{j != i} r_j`` per group.
 
-  Value ``mean_i A_i * log pi(completion_i)``. Reads ``judgments["rewards"]``.
+  Value ``mean_i A_i * log pi(completion_i)``. Reads ``judgments["<seat>/rewards"]``.
   """
   _check_group_size(group_size, "rloo")
+  records.seat_key(seat, REWARDS)
   batched_group = jax.vmap(_rloo_group)
 
   def payoff(params: Any, play: Play):
-    logp_BT, mask_BT = agent_token_logprobs(params, play)
+    logp_BT, mask_BT = seat_token_logprobs(params, play, seat)
     rows = logp_BT.shape[0]
-    rewards_B = _rewards(play, rows, "rloo")
+    rewards_B = _rewards(play, rows, "rloo", seat)
     values_P, advantages_PG = batched_group(_groups(logp_BT, group_size, "rloo"),
                                             _groups(mask_BT, group_size, "rloo"),
                                             _groups(rewards_B, group_size, "rloo"))
@@ -198,7 +204,7 @@ def rloo(group_size: int) -> Payoff:
 
 def grpo(group_size: int, clip_eps: float = 0.2, beta: float = 0.04, scale_rewards: bool = True,
          loss_aggregation: str = "sequence", max_completion_tokens: int | None = None,
-         eps: float = 1e-4) -> Payoff:
+         eps: float = 1e-4, seat: str = "agent") -> Payoff:
   """Group Relative Policy Optimisation (Shao et al. 2024) and its Dr. GRPO / DAPO variants.
 
   Per group: ``A_i = (r_i - mean r) / (std r + eps)`` with the *sample* std (ddof=1, as TRL and
@@ -212,11 +218,12 @@ def grpo(group_size: int, clip_eps: float = 0.2, beta: float = 0.04, scale_rewar
   * ``"constant"``: each completion's sum / ``max_completion_tokens``, mean over completions
     (Dr. GRPO; ``max_completion_tokens`` is the sampler's completion budget).
 
-  A completion with no agent tokens contributes 0 (its token count is clamped to 1). Reads
-  ``judgments["rewards"]``, ``["behaviour_logprobs"]`` and, when ``beta > 0``,
+  A completion with no tokens of ``seat`` contributes 0 (its token count is clamped to 1). Reads
+  ``judgments["<seat>/rewards"]``, ``["behaviour_logprobs"]`` and, when ``beta > 0``,
   ``["reference_token_logprobs"]``.
   """
   _check_group_size(group_size, "grpo")
+  records.seat_key(seat, REWARDS)
   if not clip_eps > 0:
     raise ValueError(f"grpo: clip_eps must be > 0, got {clip_eps}")
   if not beta >= 0:
@@ -235,9 +242,9 @@ def grpo(group_size: int, clip_eps: float = 0.2, beta: float = 0.04, scale_rewar
                                              clip_eps=clip_eps, beta=beta))
 
   def payoff(params: Any, play: Play):
-    logp_BT, mask_BT = agent_token_logprobs(params, play)
+    logp_BT, mask_BT = seat_token_logprobs(params, play, seat)
     rows = logp_BT.shape[0]
-    rewards_B = _rewards(play, rows, "grpo")
+    rewards_B = _rewards(play, rows, "grpo", seat)
     behaviour_BT = read_judgment(play, BEHAVIOUR_LOGPROBS, logp_BT.shape, "grpo",
                                  "the sampling policy's log-prob of each next token")
     if beta:

@@ -6,11 +6,11 @@ The PPO learner is an actor-critic: its ``apply(params, tokens, positions, segme
 ``records.next_token_weights(moves, ("agent",))``). One rollout is trained in two stages:
 
 1. ``prepare = ppo_prepare(gamma, lam, kl_coef, whiten)`` runs once per rollout on the params that
-   sampled it: the sequence reward (``judgments["rewards"]``) is placed on each completion's last
+   sampled it: the sequence reward (``judgments["agent/rewards"]``) is placed on each completion's last
    agent token, minus ``kl_coef * (behaviour - reference)`` on every agent token (the per-token KL
    penalty of Ziegler et al. 2019 / InstructGPT), and GAE (Schulman et al. 2016) over the agent's
-   token positions gives ``{"advantages", "returns", "old_values"}``, all ``float32[B, T]`` and
-   zero off the agent's tokens;
+   token positions gives ``{"agent/advantages", "agent/returns", "agent/old_values"}``, all
+   ``float32[B, T]`` and zero off the agent's tokens;
 2. ``ppo(clip_eps, value_clip_eps, value_coef, entropy_coef)`` is the payoff of the minibatch
    epochs: it reads those three keys plus ``"behaviour_logprobs"`` from ``play.judgments``.
 
@@ -18,6 +18,8 @@ The payoff is the mean over the batch's agent tokens of
 ``min(rho A, clip(rho, 1 +- clip_eps) A) - value_coef * 0.5 * max((V - R)^2,
 (clip(V, V_old +- value_clip_eps) - R)^2) + entropy_coef * H`` with ``rho = exp(logp -
 behaviour_logp)`` (Schulman et al. 2017; the value clipping of OpenAI baselines and InstructGPT).
+All three take ``seat`` (default ``"agent"``): the opponent's seat learns by PPO with
+``seat="opponent"``, reading and writing ``"opponent/..."`` keys.
 
 >>> import jax, jax.numpy as jnp, numpy as np
 >>> from gamejax import records
@@ -29,10 +31,10 @@ behaviour_logp)`` (Schulman et al. 2017; the value clipping of OpenAI baselines 
 ...   return params["logits"][tokens], params["values"][tokens]
 >>> params = {"logits": jnp.zeros((8, 8)), "values": jnp.zeros(8)}
 >>> logp = jnp.where(records.next_token_weights(moves, ("agent",)) > 0, -jnp.log(8.0), 0.0)
->>> play = Play(apply, moves, {"rewards": jnp.array([1.0]), "behaviour_logprobs": logp},
+>>> play = Play(apply, moves, {"agent/rewards": jnp.array([1.0]), "behaviour_logprobs": logp},
 ...             jax.random.PRNGKey(0))
 >>> prepared = ppo_prepare(gamma=1.0, lam=1.0, whiten=False)(params, play)
->>> prepared["advantages"].tolist()  # the reward, from both agent tokens' positions
+>>> prepared["agent/advantages"].tolist()  # the reward, from both agent tokens' positions
 [[0.0, 1.0, 1.0, 0.0, 0.0]]
 >>> play = play._replace(judgments={**play.judgments, **prepared})
 >>> value, metrics = ppo(value_coef=0.5)(params, play)  # 1 - 0.5 * 0.5 * (0 - 1)^2
@@ -50,7 +52,7 @@ import jax.numpy as jnp
 
 from gamejax import records
 from gamejax.payoffs.base import Payoff, Play
-from gamejax.payoffs.kl import (REFERENCE_TOKEN_LOGPROBS, agent_token_logprobs, kl_estimate,
+from gamejax.payoffs.kl import (REFERENCE_TOKEN_LOGPROBS, seat_token_logprobs, kl_estimate,
                                 read_judgment)
 
 REWARDS = "rewards"
@@ -137,11 +139,13 @@ def _masked_whiten(x_BT, mask_BT):
 
 
 def ppo_advantages(values_BT: jax.Array, play: Play, gamma: float = 1.0, lam: float = 0.95,
-                   kl_coef: float = 0.0, whiten: bool = True) -> dict[str, jax.Array]:
-  """The prepare stage: ``{"advantages", "returns", "old_values"}`` (``float32[B, T]``, constants,
-  zero off the agent's tokens) from the rollout params' ``values_BT``.
+                   kl_coef: float = 0.0, whiten: bool = True,
+                   seat: str = "agent") -> dict[str, jax.Array]:
+  """The prepare stage: ``{"<seat>/advantages", "<seat>/returns", "<seat>/old_values"}``
+  (``float32[B, T]``, constants, zero off ``seat``'s tokens) from the rollout params'
+  ``values_BT``.
 
-  Rewards: ``token_rewards(judgments["rewards"], mask, behaviour - reference, kl_coef)``
+  Rewards: ``token_rewards(judgments["<seat>/rewards"], mask, behaviour - reference, kl_coef)``
   (``"behaviour_logprobs"`` and ``"reference_token_logprobs"`` are read only when
   ``kl_coef > 0``). Advantages: per-row ``gae``, then (``whiten``) shifted and scaled to mean 0 and
   variance 1 over the batch's agent tokens; returns are ``A + V`` before whitening. A non-finite
@@ -149,13 +153,13 @@ def ppo_advantages(values_BT: jax.Array, play: Play, gamma: float = 1.0, lam: fl
   row without agent tokens).
   """
   _check_gae_args(gamma, lam, kl_coef, "ppo_advantages")
-  mask_BT = records.next_token_weights(play.moves, (records.AGENT,))
+  mask_BT = records.next_token_weights(play.moves, (seat,))
   chex.assert_rank([values_BT, mask_BT], 2)
   chex.assert_equal_shape([values_BT, mask_BT])
   values_BT = jax.lax.stop_gradient(values_BT.astype(jnp.float32))
   rows = mask_BT.shape[0]
-  rewards_B = read_judgment(play, REWARDS, (rows,), "ppo_advantages",
-                            "the judge's reward of each completion")
+  rewards_B = read_judgment(play, records.seat_key(seat, REWARDS), (rows,), "ppo_advantages",
+                            f"the judge's reward of each of the {seat}'s completions")
   kl_BT = None
   if kl_coef:
     behaviour_BT = read_judgment(play, BEHAVIOUR_LOGPROBS, mask_BT.shape, "ppo_advantages",
@@ -169,8 +173,9 @@ def ppo_advantages(values_BT: jax.Array, play: Play, gamma: float = 1.0, lam: fl
   if whiten:
     advantages_BT = _masked_whiten(advantages_BT, mask_BT)
   advantages_BT = jnp.where(jnp.isfinite(rewards_B).all(), advantages_BT, jnp.nan)
-  return jax.lax.stop_gradient({ADVANTAGES: advantages_BT, RETURNS: returns_BT,
-                                OLD_VALUES: jnp.where(mask_BT > 0, values_BT, 0.0)})
+  key = functools.partial(records.seat_key, seat)
+  return jax.lax.stop_gradient({key(ADVANTAGES): advantages_BT, key(RETURNS): returns_BT,
+                                key(OLD_VALUES): jnp.where(mask_BT > 0, values_BT, 0.0)})
 
 
 def _check_gae_args(gamma, lam, kl_coef, name):
@@ -198,14 +203,17 @@ def _apply_actor_critic(params: Any, play: Play, name: str) -> tuple[jax.Array, 
 
 
 def ppo_prepare(gamma: float = 1.0, lam: float = 0.95, kl_coef: float = 0.0,
-                whiten: bool = True) -> Callable[[Any, Play], dict[str, jax.Array]]:
-  """``prepare(params, play) -> {"advantages", "returns", "old_values"}``: ``ppo_advantages`` from
-  the critic's values under ``params``. Run once per rollout, before the minibatch epochs."""
+                whiten: bool = True,
+                seat: str = "agent") -> Callable[[Any, Play], dict[str, jax.Array]]:
+  """``prepare(params, play) -> {"<seat>/advantages", ...}``: ``ppo_advantages`` from the
+  critic's values under ``params``. Run once per rollout, before the minibatch epochs."""
   _check_gae_args(gamma, lam, kl_coef, "ppo_prepare")
+  records.seat_key(seat, ADVANTAGES)
 
   def prepare(params: Any, play: Play) -> dict[str, jax.Array]:
     _, values_BT = _apply_actor_critic(params, play, "ppo_prepare")
-    return ppo_advantages(values_BT, play, gamma=gamma, lam=lam, kl_coef=kl_coef, whiten=whiten)
+    return ppo_advantages(values_BT, play, gamma=gamma, lam=lam, kl_coef=kl_coef, whiten=whiten,
+                          seat=seat)
 
   return prepare
 
@@ -248,15 +256,17 @@ def _entropy(logits_BTV: jax.Array) -> jax.Array:
 
 
 def ppo(clip_eps: float = 0.2, value_clip_eps: float | None = 0.2, value_coef: float = 0.5,
-        entropy_coef: float = 0.0) -> Payoff:
+        entropy_coef: float = 0.0, seat: str = "agent") -> Payoff:
   """Proximal Policy Optimisation (Schulman et al. 2017) of an actor-critic, one minibatch.
 
   Value: the mean over the batch's agent tokens of ``min(rho A, clip(rho, 1 +- clip_eps) A)
   - value_coef * 0.5 * max((V - R)^2, (clip(V, V_old +- value_clip_eps) - R)^2)
-  + entropy_coef * H`` (``value_clip_eps=None``: the unclipped ``0.5 (V - R)^2``). Reads
-  ``judgments["advantages"]``, ``["returns"]``, ``["old_values"]`` (from ``ppo_prepare``) and
-  ``["behaviour_logprobs"]``; the learner's ``apply`` returns ``(logits_BTV, values_BT)``.
+  + entropy_coef * H`` (``value_clip_eps=None``: the unclipped ``0.5 (V - R)^2``), over the tokens
+  ``seat`` moved. Reads ``judgments["<seat>/advantages"]``, ``["<seat>/returns"]``,
+  ``["<seat>/old_values"]`` (from ``ppo_prepare(seat=...)``) and ``["behaviour_logprobs"]``; the
+  learner's ``apply`` returns ``(logits_BTV, values_BT)``.
   """
+  records.seat_key(seat, ADVANTAGES)
   if not clip_eps > 0:
     raise ValueError(f"ppo: clip_eps must be > 0, got {clip_eps}")
   if value_clip_eps is not None and not value_clip_eps > 0:
@@ -272,15 +282,16 @@ def ppo(clip_eps: float = 0.2, value_clip_eps: float | None = 0.2, value_coef: f
   def payoff(params: Any, play: Play):
     logits_BTV, values_BT = _apply_actor_critic(params, play, "ppo")
     # The shared reader of the agent's log-probs, fed the logits already computed.
-    logp_BT, mask_BT = agent_token_logprobs(params, play._replace(apply=lambda *_: logits_BTV))
+    logp_BT, mask_BT = seat_token_logprobs(params, play._replace(apply=lambda *_: logits_BTV),
+                                           seat)
     shape = mask_BT.shape
     read = functools.partial(read_judgment, play, shape=shape, payoff_name="ppo")
     behaviour_BT = read(BEHAVIOUR_LOGPROBS,
                         what="the sampling policy's log-prob of each next token")
     prepared = "from ppo_prepare, run once per rollout"
-    advantages_BT = read(ADVANTAGES, what=f"the GAE advantage of each agent token, {prepared}")
-    returns_BT = read(RETURNS, what=f"the critic's target of each agent token, {prepared}")
-    old_values_BT = read(OLD_VALUES, what=f"the rollout critic's values, {prepared}")
+    advantages_BT = read(records.seat_key(seat, ADVANTAGES), what=f"the GAE advantage of each agent token, {prepared}")
+    returns_BT = read(records.seat_key(seat, RETURNS), what=f"the critic's target of each agent token, {prepared}")
+    old_values_BT = read(records.seat_key(seat, OLD_VALUES), what=f"the rollout critic's values, {prepared}")
     surrogate_BT, value_loss_BT, diagnostics = tokens_fn(
         logp_BT, values_BT, behaviour_BT, advantages_BT, returns_BT, old_values_BT, mask_BT)
     entropy_BT = _entropy(logits_BTV)

@@ -2,8 +2,11 @@
 
 A responder is ``respond(state, moves, facts, rng) -> dict``: it reads the sampled transcripts
 (``moves``, a ``GameRecord`` of prompt + completion rows) and what playing revealed (``facts``:
-the sampler's outputs and the batch's answer key, one row per completion) and returns judgments,
-at least ``"rewards": float32[B]``. An optional ``"metrics"`` dict is logged by the step.
+the sampler's outputs and the batch's answer key, one row per completion) and returns judgments
+namespaced by the seat they are about (``records.seat_key``): at least
+``"agent/rewards": float32[B]`` for the seat it judges (``seat=``, the agent by default). An
+optional ``"metrics"`` dict is logged by the step. ``zero_sum(judge)`` gives the other seat the
+negative of the judged seat's rewards.
 
 - ``arena_judge``: the arithmetic arena's verifiable judge (exact match and partial credit of the
   answer after the last '|'), written for one completion and vmapped; it agrees with the host-side
@@ -11,7 +14,8 @@ at least ``"rewards": float32[B]``. An optional ``"metrics"`` dict is logged by 
 - ``function_judge``: any jittable user function of the transcript.
 - ``host_judge``: any Python function of the decoded transcript before the agent's last move and
   of that move, called from the compiled step through ``jax.pure_callback``.
-- ``responders``: several responders in one (their judgments merged).
+- ``responders``: several responders in one (their judgments merged);
+- ``zero_sum``: a judge of one seat made a judge of both (the other seat's reward is the negative).
 
 >>> import jax.numpy as jnp
 >>> from gamejax.data.tokenizer import ByteTokenizer
@@ -23,6 +27,7 @@ at least ``"rewards": float32[B]``. An optional ``"metrics"`` dict is logged by 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import chex
@@ -32,6 +37,7 @@ import numpy as np
 
 from gamejax.data.tokenizer import EOS, OFFSET, ByteTokenizer
 from gamejax.models import reward
+from gamejax import records
 from gamejax.records import GameRecord
 
 ANSWER_KEY = "answer_digits"      # int32[B, W]: right-aligned digits, -1 before them
@@ -82,11 +88,13 @@ def completions(moves: GameRecord, facts: Mapping[str, Any]) -> jax.Array:
   return facts["completion"]
 
 
-def arena_judge(partial_credit: float = 0.0, eos_id: int = EOS) -> Responder:
-  """Rewards ``exact + partial_credit * partial`` per completion, from ``facts["answer_digits"]``.
+def arena_judge(partial_credit: float = 0.0, eos_id: int = EOS, seat: str = "agent") -> Responder:
+  """Rewards ``exact + partial_credit * partial`` per completion, from ``facts["answer_digits"]``,
+  to ``seat`` (``"agent/rewards"``, ``"agent/exact"``, ``"agent/partial"``).
 
   Metrics: exact-match rate, mean partial credit.
   """
+  key = functools.partial(records.seat_key, seat)
   if not 0.0 <= partial_credit:
     raise ValueError(f"arena_judge partial_credit must be >= 0; got {partial_credit}")
 
@@ -99,17 +107,20 @@ def arena_judge(partial_credit: float = 0.0, eos_id: int = EOS) -> Responder:
         completions(moves, facts), facts[ANSWER_KEY])
     exact_B = exact_B.astype(jnp.float32)
     rewards_B = exact_B + partial_credit * partial_B
-    return {"rewards": rewards_B, "exact": exact_B, "partial": partial_B,
+    return {key("rewards"): rewards_B, key("exact"): exact_B, key("partial"): partial_B,
             "metrics": {"judge/exact": exact_B.mean(), "judge/partial": partial_B.mean()}}
 
   return respond
 
 
-def reward_model_judge(policy_cfg, apply: Callable, name: str = JUDGE) -> Responder:
+def reward_model_judge(policy_cfg, apply: Callable, name: str = JUDGE,
+                       seat: str = "agent") -> Responder:
   """A learned judge: the reward model in ``state.frozen[name]`` scores each transcript at the
   agent's last token (``gamejax.models.reward``). ``apply(params, tokens, positions, segments)``
-  gives per-position scores. A reward model whose vocabulary differs from ``policy_cfg``'s is
+  gives per-position scores; they are ``seat``'s rewards. A reward model whose vocabulary differs from ``policy_cfg``'s is
   refused when the step is traced."""
+  rewards_key = records.seat_key(seat, "rewards")
+
   def respond(state, moves, facts, rng):
     del facts, rng
     if name not in state.frozen:
@@ -123,30 +134,34 @@ def reward_model_judge(policy_cfg, apply: Callable, name: str = JUDGE) -> Respon
           f"{policy_cfg.vocab_size}: the reward model must read the policy's token ids")
     scores_BT = apply(params, moves.tokens, moves.positions, moves.segment_ids)
     rewards_B = jax.lax.stop_gradient(reward.sequence_scores(scores_BT, moves))
-    return {"rewards": rewards_B, "metrics": {"judge/reward_model_score": rewards_B.mean()}}
+    return {rewards_key: rewards_B, "metrics": {"judge/reward_model_score": rewards_B.mean()}}
 
   return respond
 
 
-def function_judge(fn: Callable[[GameRecord, Mapping[str, Any]], jax.Array]) -> Responder:
-  """A judge from any jittable ``fn(moves, facts) -> float32[B]`` rewards."""
+def function_judge(fn: Callable[[GameRecord, Mapping[str, Any]], jax.Array],
+                   seat: str = "agent") -> Responder:
+  """A judge from any jittable ``fn(moves, facts) -> float32[B]``: ``seat``'s rewards."""
+  rewards_key = records.seat_key(seat, "rewards")
 
   def respond(state, moves, facts, rng):
     del state, rng
     rewards_B = jnp.asarray(fn(moves, facts), jnp.float32)
     chex.assert_shape(rewards_B, (moves.tokens.shape[0],))
-    return {"rewards": rewards_B}
+    return {rewards_key: rewards_B}
 
   return respond
 
 
-def host_judge(fn: Callable[[str, str], float]) -> Responder:
-  """A judge from a Python ``fn(prompt_text, completion_text) -> float`` run on the host.
+def host_judge(fn: Callable[[str, str], float], seat: str = "agent") -> Responder:
+  """A judge from a Python ``fn(prompt_text, completion_text) -> float`` run on the host: the
+  reward of ``seat``.
 
   The completion text stops before the first EOS. Called once per step through
   ``jax.pure_callback`` (the compiled step waits for it).
   """
   tok = ByteTokenizer()
+  rewards_key = records.seat_key(seat, "rewards")
 
   def score(tokens_BT, segments_BT, completion_BN, mask_BN):
     out = np.zeros((tokens_BT.shape[0],), np.float32)
@@ -163,7 +178,7 @@ def host_judge(fn: Callable[[str, str], float]) -> Responder:
     rewards_B = jax.pure_callback(
         lambda *a: score(*map(np.asarray, a)), shape, moves.tokens, moves.segment_ids,
         completions(moves, facts), facts["completion_mask"])
-    return {"rewards": rewards_B}
+    return {rewards_key: rewards_B}
 
   return respond
 
@@ -179,6 +194,27 @@ def responders(*parts: Responder) -> Responder:
       out.update(got)
     if metrics:
       out["metrics"] = metrics
+    return out
+
+  return respond
+
+
+def zero_sum(judge: Responder, seat: str = "agent") -> Responder:
+  """``judge`` of ``seat``, plus the other seat's rewards: the negative of ``seat``'s (a zero-sum
+  game: what one seat wins the other loses).
+
+  >>> both = zero_sum(function_judge(lambda moves, facts: jnp.array([1.0, -0.5])))
+  >>> moves = GameRecord(*(jnp.ones((2, 3), jnp.int32),) * 4)
+  >>> {k: v.tolist() for k, v in both(None, moves, {}, None).items()}
+  {'agent/rewards': [1.0, -0.5], 'opponent/rewards': [-1.0, 0.5]}
+  """
+  mine, theirs = (records.seat_key(s, "rewards") for s in (seat, records.OTHER_SEAT[seat]))
+
+  def respond(state, moves, facts, rng):
+    out = dict(judge(state, moves, facts, rng))
+    if mine not in out:
+      raise KeyError(f"zero_sum: the judge returned no {mine!r}; got {sorted(out)}")
+    out[theirs] = -out[mine]
     return out
 
   return respond

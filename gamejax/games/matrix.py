@@ -1,0 +1,285 @@
+"""Matrix games as language games: each seat writes one token, its move, seeing only its seat.
+
+A two-player normal-form game with payoff matrices ``A`` (the agent's, rows) and ``B`` (the
+opponent's, columns; ``B = -A`` when zero-sum) is played by a language model: the agent reads
+``<BOS> 1`` and writes its action's token, the opponent reads ``<BOS> 2`` and writes its own. The
+moves are simultaneous: each seat's transcript is its own segment of one packed record row,
+
+    tokens   <BOS> "1" a   <BOS> "2" b
+    players  CHANCE CHANCE AGENT  CHANCE CHANCE OPPONENT
+    segment  1     1   1   2     2   2
+
+so a seat never sees the other's move. Illegal tokens are masked: a seat's policy is its model's
+softmax over its own action tokens only (``legal_after``; the learner's ``apply`` is masked the
+same way, so payoffs score the policy that played). The judge pays ``A[a, b]`` and ``B[a, b]``
+(divided by ``reward_scale``), and the exact exploitability of both seats' policies -- one forward
+pass each, no sampling -- is logged every step as ``exploitability`` (NashConv / 2, in the
+matrix's own units).
+
+Presets: ``rps`` (rock-paper-scissors, Nash uniform) and ``biased_rps``
+``[[0, -25, 50], [25, 0, -5], [-50, 5, 0]]`` (Nash ``(1/16, 10/16, 5/16)`` for both seats).
+
+>>> game = matrix_game(preset="biased_rps")
+>>> x = np.array([1, 10, 5]) / 16
+>>> round(float(nash_conv(game.agent_matrix, game.opponent_matrix, x, x)), 12)
+0.0
+>>> float(nash_conv(game.agent_matrix, game.opponent_matrix, np.ones(3) / 3, np.ones(3) / 3))
+16.666666666666668
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gamejax import records
+from gamejax.data.tokenizer import BOS, OFFSET
+
+PRESETS = {
+    "rps": ("RPS", ((0, -1, 1), (1, 0, -1), (-1, 1, 0))),
+    "biased_rps": ("RPS", ((0, -25, 50), (25, 0, -5), (-50, 5, 0))),
+}
+LABELS = {"agent": "1", "opponent": "2"}
+MASKED = -1e9          # the logit of an illegal token
+FEEDBACK = ("sampled", "expected")
+
+
+class GameConfigError(ValueError):
+  """A game description that cannot be played (names the setting)."""
+
+
+def token(ch: str) -> int:
+  """The byte tokenizer's id of one ASCII character."""
+  return OFFSET + ord(ch)
+
+
+def nash_conv(a, b, x, y):
+  """``NashConv = [max_i (A y)_i - x A y] + [max_j (x B)_j - x B y]``: how much the two seats
+  gain by best-responding to each other's mixed strategies ``x`` (rows) and ``y`` (columns).
+  Exploitability is half of it. NumPy or jnp arrays."""
+  xp = jnp if any(isinstance(v, jax.Array) for v in (a, b, x, y)) else np
+  ay, xb = a @ y, x @ b
+  return (xp.max(ay) - x @ ay) + (xp.max(xb) - xb @ y)
+
+
+def _matrix(value, setting: str) -> np.ndarray:
+  """A rectangular, finite, numeric 2-D matrix, or a GameConfigError naming ``setting``."""
+  if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not len(value):
+    raise GameConfigError(f"{setting}: expected a non-empty list of rows of numbers; got "
+                          f"{value!r}")
+  rows = []
+  for i, row in enumerate(value):
+    if isinstance(row, (str, bytes)) or not isinstance(row, Sequence) or not len(row):
+      raise GameConfigError(f"{setting}: row {i} is {row!r}, not a non-empty list of numbers")
+    bad = [v for v in row if isinstance(v, bool) or not isinstance(v, numbers.Real)]
+    if bad:
+      raise GameConfigError(f"{setting}: row {i} holds {bad[0]!r}, not a number")
+    rows.append([float(v) for v in row])
+  widths = {len(r) for r in rows}
+  if len(widths) > 1:
+    raise GameConfigError(f"{setting}: not rectangular, rows have {[len(r) for r in rows]} "
+                          "entries")
+  out = np.asarray(rows, np.float64)
+  if not np.isfinite(out).all():
+    raise GameConfigError(f"{setting}: entries must be finite; got {value!r}")
+  return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MatrixGame:
+  """A two-player matrix game played by language models (see the module docstring)."""
+  agent_matrix: np.ndarray         # float64[K, L], the agent's payoff of (row a, column b)
+  opponent_matrix: np.ndarray      # float64[K, L], the opponent's
+  actions: str                     # action i of either seat is the token of actions[i]
+  reward_scale: float              # rewards are the payoffs / reward_scale
+  name: str = "matrix"
+  feedback: str = "sampled"        # action values against the sampled move, or "expected"
+
+  @property
+  def zero_sum(self) -> bool:
+    return bool(np.allclose(self.agent_matrix, -self.opponent_matrix))
+
+  @property
+  def seq_len(self) -> int:
+    return 6
+
+  def action_tokens(self, seat: str) -> np.ndarray:
+    n = self.agent_matrix.shape[0 if seat == "agent" else 1]
+    return np.asarray([token(c) for c in self.actions[:n]], np.int32)
+
+  def prefix(self, seat: str) -> np.ndarray:
+    """The seat's information state: ``<BOS>`` and its label."""
+    return np.asarray([BOS, token(LABELS[seat])], np.int32)
+
+  def legal_after(self, vocab_size: int) -> np.ndarray:
+    """``bool[V, V]``: which tokens may follow each token (after a seat's label: its actions;
+    elsewhere anything)."""
+    legal = np.ones((vocab_size, vocab_size), bool)
+    for seat, label in LABELS.items():
+      legal[token(label)] = False
+      legal[token(label), self.action_tokens(seat)] = True
+    return legal
+
+  def mask(self, apply: Callable, vocab_size: int) -> Callable:
+    """``apply`` whose logits give illegal next tokens ``MASKED`` (a policy over legal moves)."""
+    return legal_moves(apply, self.legal_after(vocab_size))
+
+  # ---- in the step ------------------------------------------------------------------------------
+
+  def seat_logprobs(self, apply: Callable, params: Any, seat: str) -> jax.Array:
+    """``float32[A]``: the seat's policy, log-probs of its actions (one forward pass)."""
+    prefix = jnp.asarray(self.prefix(seat))[None]
+    logits_V = apply(params, prefix, jnp.arange(2)[None], jnp.ones_like(prefix))[0, -1]
+    logp_V = jax.nn.log_softmax(logits_V.astype(jnp.float32))
+    return logp_V[jnp.asarray(self.action_tokens(seat))]
+
+  def exploitability(self, x, y):
+    return 0.5 * nash_conv(jnp.asarray(self.agent_matrix, jnp.float32),
+                           jnp.asarray(self.opponent_matrix, jnp.float32), x, y)
+
+  def evaluate(self, apply: Callable, seats: Mapping[str, Any]) -> dict:
+    """Exact figures of the policies of the players in ``seats`` (seat -> params), in float64:
+    ``exploitability`` (NashConv / 2), ``nash_conv``, and per seat its policy, its expected
+    payoff and what a best response to the other seat would gain it."""
+    probs = {}
+    for seat in records.SEATS:
+      p = np.exp(np.asarray(jax.jit(self.seat_logprobs, static_argnums=(0, 2))(
+          apply, seats[seat], seat), np.float64))
+      probs[seat] = p / p.sum()
+    x, y = probs["agent"], probs["opponent"]
+    a, b = self.agent_matrix, self.opponent_matrix
+    value = {"agent": float(x @ a @ y), "opponent": float(x @ b @ y)}
+    gain = {"agent": float(np.max(a @ y)) - value["agent"],
+            "opponent": float(np.max(x @ b)) - value["opponent"]}
+    conv = gain["agent"] + gain["opponent"]
+    return {"exploitability": 0.5 * conv, "nash_conv": conv,
+            "seats": {seat: {"policy": dict(zip(self.actions, probs[seat].tolist())),
+                             "value": value[seat], "best_response_gain": gain[seat]}
+                      for seat in records.SEATS}}
+
+  def play_fn(self, apply: Callable, seats: Mapping[str, str], player_params: Callable):
+    """``play(state, batch, rng) -> (moves, facts)``: ``batch["games"]`` rows of games, each
+    seat's move sampled from the params of the player sitting in it (``seats[seat]``)."""
+    tokens = {s: jnp.asarray(self.action_tokens(s)) for s in records.SEATS}
+
+    def play(state, batch, rng):
+      n = jnp.asarray(batch["games"]).shape[0]
+      logp = {s: self.seat_logprobs(apply, jax.lax.stop_gradient(
+          player_params(state, seats[s])), s) for s in records.SEATS}
+      keys = dict(zip(records.SEATS, jax.random.split(rng)))
+      moves = {s: jax.random.categorical(keys[s], logp[s], shape=(n,)) for s in records.SEATS}
+      ones = jnp.ones((n, 1), jnp.int32)
+      label = {s: token(LABELS[s]) for s in records.SEATS}
+      tokens_BT = jnp.concatenate([
+          ones * BOS, ones * label["agent"], tokens["agent"][moves["agent"]][:, None],
+          ones * BOS, ones * label["opponent"], tokens["opponent"][moves["opponent"]][:, None]],
+          axis=1)
+      row = lambda v: jnp.broadcast_to(jnp.asarray(v, jnp.int32), (n, 6))
+      record = records.GameRecord(
+          tokens=tokens_BT, positions=row([0, 1, 2, 0, 1, 2]), segment_ids=row([1, 1, 1, 2, 2, 2]),
+          players=row([records.CHANCE, records.CHANCE, records.AGENT,
+                       records.CHANCE, records.CHANCE, records.OPPONENT]))
+      zero = jnp.zeros((n, 1), jnp.float32)
+      behaviour_BT = jnp.concatenate([
+          zero, logp["agent"][moves["agent"]][:, None], zero,
+          zero, logp["opponent"][moves["opponent"]][:, None], zero], axis=1)
+      x, y = jnp.exp(logp["agent"]), jnp.exp(logp["opponent"])
+      metrics = {"exploitability": self.exploitability(x, y),
+                 "play/tokens": jnp.asarray(6.0 * n, jnp.float32)}
+      for s, probs in (("agent", x), ("opponent", y)):
+        metrics.update({f"policy/{s}/{c}": p for c, p in zip(self.actions, probs)})
+      facts = {"behaviour_logprobs": behaviour_BT, "agent/action": moves["agent"],
+               "opponent/action": moves["opponent"], "metrics": metrics,
+               "agent/policy": jnp.broadcast_to(x, (n, x.shape[0])),
+               "opponent/policy": jnp.broadcast_to(y, (n, y.shape[0]))}
+      return record, facts
+
+    return play
+
+  def respond_fn(self, vocab_size: int):
+    """The judge: each seat's payoff of the two moves (over ``reward_scale``), and each seat's
+    ``action_values`` (``float32[B, V]``): what each of its action tokens would have paid against
+    the other's move (0 for other tokens, which the seat cannot play)."""
+    a_mat = jnp.asarray(self.agent_matrix / self.reward_scale, jnp.float32)
+    b_mat = jnp.asarray(self.opponent_matrix / self.reward_scale, jnp.float32)
+    dense = {s: (lambda v_BA, ids=jnp.asarray(self.action_tokens(s)):
+                 jnp.zeros((v_BA.shape[0], vocab_size), jnp.float32).at[:, ids].set(v_BA))
+             for s in records.SEATS}
+
+    def respond(state, moves, facts, rng):
+      del state, moves, rng
+      a, b = facts["agent/action"], facts["opponent/action"]
+      rewards = {"agent": a_mat[a, b], "opponent": b_mat[a, b]}
+      out = {records.seat_key(s, "rewards"): r for s, r in rewards.items()}
+      if self.feedback == "expected":     # against the other seat's mixed strategy
+        out["agent/action_values"] = dense["agent"](facts["opponent/policy"] @ a_mat.T)
+        out["opponent/action_values"] = dense["opponent"](facts["agent/policy"] @ b_mat)
+      else:                               # against the other seat's sampled move
+        out["agent/action_values"] = dense["agent"](a_mat[:, b].T)
+        out["opponent/action_values"] = dense["opponent"](b_mat[a, :])
+      out["metrics"] = {f"judge/{s}_reward": r.mean() * self.reward_scale
+                        for s, r in rewards.items()}
+      return out
+
+    return respond
+
+
+def legal_moves(apply: Callable, legal_after: np.ndarray) -> Callable:
+  """``apply`` with the logit of every token that may not follow the current one set to
+  ``MASKED`` (``legal_after[current, next]``): the policy is a softmax over legal moves only."""
+  table = jnp.asarray(legal_after)
+
+  def masked(params, tokens, positions, segment_ids):
+    out = apply(params, tokens, positions, segment_ids)
+    logits = out[0] if isinstance(out, tuple) else out
+    legal = table[tokens]
+    logits = jnp.where(legal[..., :logits.shape[-1]], logits, MASKED)
+    return (logits,) + tuple(out[1:]) if isinstance(out, tuple) else logits
+
+  return masked
+
+
+def matrix_game(matrix: Sequence[Sequence[float]] | None = None, preset: str | None = None,
+                opponent_matrix: Sequence[Sequence[float]] | None = None,
+                actions: str | None = None, normalize: bool = True,
+                feedback: str = "sampled") -> MatrixGame:
+  """A matrix game from gin: ``preset`` (``rps``, ``biased_rps``) or the agent's ``matrix``
+  (rows: the agent's actions, columns: the opponent's; a ``matrix`` replaces the preset, so
+  ``--gin.matrix_game.matrix=[[...]]`` overrides an experiment's preset); ``opponent_matrix`` for a general-sum
+  game (default ``-matrix``: zero-sum). ``actions``: one character per action (default ``RPS``
+  for the presets, ``abc...`` otherwise). ``normalize``: rewards divided by the largest
+  ``|payoff|`` (exploitability stays in the matrix's units). ``feedback``: the judge's
+  ``action_values`` of a seat are its payoffs against the other seat's ``"sampled"`` move, or
+  ``"expected"`` against its mixed strategy (full-information feedback, as in the tabular
+  learning-in-games literature; the rewards are always of the sampled moves)."""
+  if feedback not in FEEDBACK:
+    raise GameConfigError(f"matrix_game.feedback={feedback!r}; expected one of {FEEDBACK}")
+  if matrix is None and preset is None:
+    raise GameConfigError("matrix_game: give matrix=[[...], ...] or preset= (one of "
+                          f"{sorted(PRESETS)})")
+  name = "matrix"
+  if matrix is None:
+    if preset not in PRESETS:
+      raise GameConfigError(f"matrix_game.preset={preset!r}; expected one of {sorted(PRESETS)}")
+    default_actions, matrix = PRESETS[preset]
+    name = preset
+  else:
+    default_actions = "abcdefghijklmnopqrstuvwxyz"
+  a = _matrix(matrix, "matrix_game.matrix")
+  b = -a if opponent_matrix is None else _matrix(opponent_matrix, "matrix_game.opponent_matrix")
+  if b.shape != a.shape:
+    raise GameConfigError(f"matrix_game.opponent_matrix has shape {b.shape}; the matrix has "
+                          f"{a.shape}")
+  actions = default_actions if actions is None else actions
+  n = max(a.shape)
+  if len(actions) < n or len(set(actions[:n])) < n or set(actions) & set(LABELS.values()) or (
+      not actions.isascii()):
+    raise GameConfigError(f"matrix_game.actions={actions!r}: needs {n} distinct ASCII characters "
+                          f"other than the seat labels {sorted(LABELS.values())}")
+  scale = float(max(np.abs(a).max(), np.abs(b).max())) if normalize else 1.0
+  return MatrixGame(agent_matrix=a, opponent_matrix=b, actions=actions[:n],
+                    reward_scale=scale or 1.0, name=name, feedback=feedback)

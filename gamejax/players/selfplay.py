@@ -1,0 +1,104 @@
+"""Frozen players that follow a learner: the opponents of self-play, and MMD's magnet.
+
+A follower is a frozen player (``state.frozen[name]``) made from a learner's params when the stage
+starts and kept by the step after every update (``Game.after``):
+
+- ``snapshot(learner)``: the learner's params at the start of the stage, never updated;
+- ``lagged(learner, every)``: a copy refreshed every ``every`` steps (the opponent is the learner
+  of up to ``every`` steps ago);
+- ``ema(learner, decay)``: ``frozen <- decay * frozen + (1 - decay) * params`` after each update
+  (an averaged opponent; as MMD's magnet, a slow geometric mixture of past policies when the
+  policy is close to linear in its params).
+
+Playing against the learner itself in the same step needs no follower: seat it in both seats.
+
+>>> import jax.numpy as jnp
+>>> keep = follow({"past": lagged("agent", every=2), "avg": ema("agent", decay=0.5)})
+>>> frozen = init_followers({"past": lagged("agent", 2), "avg": ema("agent", 0.5)},
+...                         {"agent": jnp.array(0.0)})
+>>> for step in (1, 2, 3):
+...   frozen = keep.update(frozen, {"agent": jnp.array(float(step))}, jnp.array(step))
+>>> float(frozen["past"]), float(frozen["avg"])
+(2.0, 2.125)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+KINDS = ("snapshot", "lagged", "ema")
+
+
+@dataclasses.dataclass(frozen=True)
+class Follower:
+  """A frozen player made from (and kept up with) the learner ``learner``."""
+  learner: str
+  kind: str = "snapshot"
+  every: int = 0           # lagged: refresh interval, in steps
+  decay: float = 0.0       # ema: weight of the old average
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"follower kind {self.kind!r}; expected one of {KINDS}")
+    if self.kind == "lagged" and (isinstance(self.every, bool) or not isinstance(self.every, int)
+                                  or self.every < 1):
+      raise ValueError(f"lagged({self.learner!r}, every={self.every!r}): the snapshot interval "
+                       "must be an int >= 1 (steps between refreshes)")
+    if self.kind == "ema" and not 0.0 <= self.decay < 1.0:
+      raise ValueError(f"ema({self.learner!r}, decay={self.decay!r}): decay must be in [0, 1)")
+
+  def update(self, frozen: Any, params: Any, step: jax.Array) -> Any:
+    """The follower after the learner's update number ``step`` (1, 2, ...) gave ``params``."""
+    params = jax.lax.stop_gradient(params)
+    if self.kind == "snapshot":
+      return frozen
+    if self.kind == "lagged":
+      refresh = (step % self.every) == 0
+      return jax.tree.map(lambda f, p: jnp.where(refresh, p, f), frozen, params)
+    return jax.tree.map(lambda f, p: (self.decay * f + (1.0 - self.decay) * p).astype(f.dtype),
+                        frozen, params)
+
+
+def snapshot(learner: str) -> Follower:
+  return Follower(learner, "snapshot")
+
+
+def lagged(learner: str, every: int) -> Follower:
+  return Follower(learner, "lagged", every=every)
+
+
+def ema(learner: str, decay: float) -> Follower:
+  return Follower(learner, "ema", decay=decay)
+
+
+def init_followers(followers: Mapping[str, Follower], params: Mapping[str, Any]) -> dict:
+  """Each follower's starting params: a fresh copy of its learner's (the step donates them)."""
+  missing = {n: f.learner for n, f in followers.items() if f.learner not in params}
+  if missing:
+    raise KeyError(f"followers {missing} follow learners that do not exist; the learners are "
+                   f"{sorted(params)}")
+  return {name: jax.tree.map(jnp.copy, params[f.learner]) for name, f in followers.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Keeper:
+  """Keeps a set of followers; ``after`` is a ``Game.after`` function."""
+  followers: Mapping[str, Follower]
+
+  def update(self, frozen: Mapping[str, Any], params: Mapping[str, Any], step) -> dict:
+    out = dict(frozen)
+    for name, f in self.followers.items():
+      out[name] = f.update(frozen[name], params[f.learner], step)
+    return out
+
+  def after(self, old_state, new_state):
+    del old_state
+    return new_state.replace(frozen=self.update(new_state.frozen, new_state.params,
+                                                new_state.step))
+
+
+def follow(followers: Mapping[str, Follower]) -> Keeper:
+  return Keeper(dict(followers))

@@ -1,0 +1,93 @@
+"""``gamejax plot --workdir=DIR``: PNG curves of a run's logged metrics (matplotlib, an optional
+extra: ``pip install 'gamejax[plot]'``).
+
+One figure per group of metrics found in ``metrics.jsonl`` -- exploitability, each seat's reward,
+the judge's accuracies, Elo, losses -- with one curve per metric and stage, against the step. The
+PNGs go to ``DIR/plots/`` (``--output`` elsewhere); the paths written are returned.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Mapping, Sequence
+
+# Figure name -> the metric-name pattern it draws (the first group that matches a metric wins).
+GROUPS: Sequence[tuple[str, str]] = (
+    ("exploitability", r"^(exploitability|nash_conv)$"),
+    ("rewards", r"(^judge/.*reward|/reward_mean$)"),
+    ("accuracy", r"(^judge/exact$|accuracy)"),
+    ("elo", r"(^|/)elo"),
+    ("policy", r"^policy/"),
+    ("loss", r"(^|/)loss$"),
+)
+
+
+class PlotError(ValueError):
+  """No metrics to plot, or matplotlib missing."""
+
+
+def read_metrics(path: str) -> list[dict]:
+  if not os.path.isfile(path):
+    raise PlotError(f"{path}: no such file (has the run logged any step?)")
+  rows = []
+  with open(path) as f:
+    for number, line in enumerate(f, start=1):
+      if line.strip():
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise PlotError(f"{path}:{number}: not JSON ({e.msg})") from None
+  if not rows:
+    raise PlotError(f"{path}: empty")
+  return rows
+
+
+def series(rows: Sequence[Mapping]) -> dict[str, dict[str, tuple[list, list]]]:
+  """group -> "stage: metric" -> (steps, values), for the metrics of ``GROUPS``."""
+  out: dict[str, dict[str, tuple[list, list]]] = {}
+  for row in rows:
+    for key, value in row.items():
+      if key in ("stage", "step") or not isinstance(value, (int, float)):
+        continue
+      group = next((g for g, pattern in GROUPS if re.search(pattern, key)), None)
+      if group is None:
+        continue
+      steps, values = out.setdefault(group, {}).setdefault(f"{row['stage']}: {key}", ([], []))
+      steps.append(row["step"])
+      values.append(value)
+  return out
+
+
+def plot_run(workdir: str, output: str | None = None) -> list[str]:
+  """Writes one PNG per group of ``workdir``'s metrics; returns their paths."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    raise PlotError("gamejax plot needs matplotlib: pip install 'gamejax[plot]'") from None
+  groups = series(read_metrics(os.path.join(workdir, "metrics.jsonl")))
+  if not groups:
+    raise PlotError(f"{workdir}/metrics.jsonl holds none of the plotted metrics "
+                    f"({[g for g, _ in GROUPS]})")
+  output = output or os.path.join(workdir, "plots")
+  os.makedirs(output, exist_ok=True)
+  written = []
+  for group, curves in groups.items():
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, (steps, values) in sorted(curves.items()):
+      ax.plot(steps, values, label=label, linewidth=1.2)
+    if group == "exploitability" and all(v > 0 for _, vs in curves.values() for v in vs):
+      ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title(f"{os.path.basename(os.path.normpath(workdir))}: {group}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(output, f"{group}.png")
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+    written.append(path)
+  return written

@@ -1,0 +1,173 @@
+"""Assembly: a stage's description turned into the step's pieces -- its loader, its ``Game``
+(learners, play, respond, followers) and its initial ``GameState``.
+
+Model kinds and judges come from ``registry``; a game stage's play and judge from its game
+(``gamejax.games``). Learners are keyed by name everywhere (``state.params["agent"]``), so a
+stage with one inline learner and one with several go through the same code.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gamejax import step as game_step
+from gamejax.data.loader import PackedLoader
+from gamejax.data.pairs import PairLoader
+from gamejax.data.prompts import PromptLoader
+from gamejax.evaluation import arena as arena_eval
+from gamejax.players import judges, policy, reference as reference_player, selfplay
+from gamejax.run import registry
+from gamejax.run.schema import ANSWER_WIDTH, PAIR_SOURCES, Experiment, Stage
+
+
+class GamesLoader:
+  """Batches of a game that needs no data: ``{"games": int32[batch_size]}`` (the game's rows)."""
+
+  def __init__(self, batch_size: int):
+    self.batch_size = batch_size
+    self.stats: dict = {}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return {"games": np.zeros((self.batch_size,), np.int32)}
+
+  def get_state(self) -> dict:
+    return {}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    del state
+
+
+def stage_loader(exp: Experiment, index: int, source):
+  """The stage's batches: packed game records, preference pairs, prompts (with the arena's
+  answer key), or, for a game stage, game rows."""
+  stage = exp.stages[index]
+  seed = exp.seed * 1000 + index
+  if stage.game is not None:
+    return GamesLoader(stage.batch_size)
+  if stage.data.name in PAIR_SOURCES:
+    return PairLoader(source, stage.batch_size // 2, stage.seq_len, seed=seed)
+  if stage.rollout is None:
+    return PackedLoader(source, stage.batch_size, stage.seq_len, seed=seed,
+                        too_long=stage.data.too_long)
+  width = ANSWER_WIDTH if stage.data.name == "arithmetic_arena" else 0
+  return PromptLoader(source, stage.batch_size, stage.rollout.prompt_len, seed=seed,
+                      answer_width=width)
+
+
+def learner_apply(exp: Experiment, stage: Stage, model: str):
+  """A learner's ``apply``: its model kind's, at the stage's scoring temperature when it is a
+  policy, masked to the game's legal moves in a game stage."""
+  kind = registry.MODELS[model]
+  apply = kind.apply(exp.model)
+  if kind.samples and stage.rollout is not None:
+    apply = policy.at_temperature(apply, stage.rollout.score_temperature)
+  if stage.game is not None:
+    apply = stage.game.mask(apply, exp.model.vocab_size)
+  return apply
+
+
+def stage_game(exp: Experiment, index: int) -> game_step.Game:
+  """The game of stage ``index``: its learners, how moves are made and who responds."""
+  stage, cfg = exp.stages[index], exp.model
+  learners = {
+      name: game_step.Learner(apply=learner_apply(exp, stage, p.model), payoff=p.payoff,
+                              optimizer=p.optimizer.build(stage.steps), prepare=p.prepare,
+                              epochs=p.epochs, minibatches=p.minibatches)
+      for name, p in stage.players.items()}
+  if stage.game is not None:
+    followers = stage.all_followers
+    return game_step.Game(
+        learners=learners,
+        play=stage.game.play_fn(learner_apply(exp, stage, "policy"), stage.seated,
+                                game_step.player_params),
+        respond=stage.game.respond_fn(cfg.vocab_size),
+        after=selfplay.follow(followers).after if followers else None)
+  r = stage.rollout
+  reference_apply = learner_apply(exp, stage, "policy")
+  parts = [reference_player.reference(reference_apply)] if stage.reference else []
+  if r is None:
+    respond = judges.responders(*parts) if parts else game_step.no_response
+    return game_step.Game(learners=learners, respond=respond)
+  budget = r.max_new_tokens or arena_eval.answer_budget(dict(stage.data.params))
+  play = policy.sampled_play(cfg, r.group_size, budget, r.temperature, r.top_k, r.top_p,
+                             turns=r.turns, opponent=r.opponent,
+                             params_of=registry.MODELS[stage.player].policy,
+                             scaled_logprobs=r.score_at_temperature)
+  judge = registry.JUDGES[r.judge or "arena"](cfg) if isinstance(r.judge, (str, type(None))) \
+      else r.judge
+  return game_step.Game(learners=learners, play=play, respond=judges.responders(judge, *parts))
+
+
+def stage_state(exp: Experiment, index: int, game: game_step.Game, players: Mapping[str, Any],
+                judge_params=None) -> game_step.GameState:
+  """The stage's initial state from its learners' ``players`` params (the agent's is also the
+  frozen reference's), its followers' copies and, when its rollout is judged by a reward model,
+  that model's ``judge_params``.
+
+  Every leaf is a fresh copy: the step donates the state, and ``players`` may still be needed
+  (another stage starts from them).
+  """
+  stage = exp.stages[index]
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  frozen = {}
+  if stage.reference:
+    frozen["reference"] = copy(registry.MODELS[stage.player].policy(players["agent"]))
+  if stage.rollout is not None and stage.rollout.judge == "reward_model":
+    frozen[judges.JUDGE] = copy(judge_params)
+  frozen.update(selfplay.init_followers(stage.all_followers, players))
+  rng = jax.random.fold_in(jax.random.PRNGKey(exp.seed), index)
+  return game_step.init_state(game, {name: copy(p) for name, p in players.items()}, rng, frozen)
+
+
+def initial_players(exp: Experiment, index: int,
+                    finals: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+  """Each learner's starting params, by name: from an earlier stage (``finals``: stage name ->
+  its learners' final params; see ``Player.init_from``) or fresh ones."""
+  stage = exp.stages[index]
+  players = stage.players
+  base = jax.random.fold_in(jax.random.PRNGKey(exp.seed), 10_000 + index)
+  out = {}
+  for j, (name, p) in enumerate(sorted(players.items())):
+    rng = base if len(players) == 1 else jax.random.fold_in(base, j)
+    init = source_params(exp, index, name, p.init_from, finals or {})
+    out[name] = registry.MODELS[p.model].init(exp.model, rng, init)
+  return out
+
+
+def source_params(exp: Experiment, index: int, name: str, init_from: str | None,
+                  finals: Mapping[str, Mapping[str, Any]]):
+  """The params ``init_from`` names for learner ``name`` of stage ``index`` (None: fresh)."""
+  if init_from is None:
+    return None
+  stage_name, _, player = init_from.partition(":")
+  if stage_name == "previous":
+    if index == 0:
+      return None
+    stage_name = exp.stages[index - 1].name
+  got = finals.get(stage_name)
+  if got is None:
+    return None
+  if player:
+    return got[player]
+  if name in got:
+    return got[name]
+  if len(got) == 1:
+    return next(iter(got.values()))
+  raise KeyError(f"stage {exp.stages[index].name!r}: learner {name!r} starts from stage "
+                 f"{stage_name!r}, which has learners {sorted(got)}; name one "
+                 f"(init_from='{stage_name}:PLAYER')")
+
+
+def policies_of(exp: Experiment, index: int, players: Mapping[str, Any]) -> dict[str, Any]:
+  """The policy inside each learner's params (an actor-critic's policy), by name."""
+  stage = exp.stages[index]
+  return {name: registry.MODELS[p.model].policy(players[name])
+          for name, p in stage.players.items()}
+
+

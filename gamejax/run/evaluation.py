@@ -1,0 +1,75 @@
+"""Held-out figures of a stage's final players: a policy's arena accuracy and held-out loss, a
+reward model's pair accuracy, a game's exact evaluation (a matrix game's exploitability)."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from gamejax import step as game_step
+from gamejax.data import sources
+from gamejax.evaluation import arena as arena_eval, heldout as heldout_eval, reward as reward_eval
+from gamejax.run import assembly
+from gamejax.run.schema import PAIR_SOURCES, Experiment, ExperimentError
+
+def evaluate_stage(exp: Experiment, index: int, players: Mapping[str, Any], examples=None,
+                   frozen: Mapping[str, Any] | None = None) -> dict:
+  """Held-out figures of a stage's final ``players`` (learner name -> params): a game stage's
+  exact evaluation by its game, with its followers' ``frozen`` params (e.g. exploitability); a
+  reward model's pair accuracy on its data's test split; a policy's arena accuracy on
+  ``examples`` (none without an Evaluation) and, for a stage that imitates records, its held-out
+  loss and perplexity on its data's test split."""
+  stage = exp.stages[index]
+  if stage.game is not None:
+    state = game_step.GameState(params=dict(players), opt_state={}, frozen=dict(frozen or {}),
+                                rng=None, step=None)
+    seats = {seat: game_step.player_params(state, who) for seat, who in stage.seated.items()}
+    return stage.game.evaluate(assembly.learner_apply(exp, stage, "policy"), seats)
+  params = players["agent"]
+  if stage.player == "reward_model":
+    test = stage.data.load("test", sources.resolve_data_dir(exp.data_dir))
+    return reward_eval.pair_accuracy(exp.model, params, test, stage.seq_len)
+  policy_params = assembly.policies_of(exp, index, players)["agent"]
+  out = heldout(exp, index, policy_params)
+  if examples is not None:
+    out.update(evaluate(exp, policy_params, examples))
+  return out
+
+
+def heldout(exp: Experiment, index: int, params: Any) -> dict:
+  """Held-out loss and perplexity of a stage that imitates records (no rollout, no pairs), on the
+  test split of its data, scoring the players its payoff imitates (``payoff.players``; every
+  player when the payoff does not say). Empty when the data holds no test records."""
+  stage = exp.stages[index]
+  if stage.rollout is not None or stage.data.name in PAIR_SOURCES:
+    return {}
+  data_dir = sources.resolve_data_dir(exp.data_dir)
+  if not sources.has_split(stage.data.name, "test", data_dir, **dict(stage.data.params)):
+    return {}
+  test = stage.data.load("test", data_dir)
+  if not len(test):
+    return {}
+  players = getattr(stage.payoff, "players", ("agent", "opponent"))
+  return heldout_eval.heldout_loss(exp.model, params, test, players, stage.seq_len)
+
+
+def load_eval_examples(exp: Experiment) -> list[dict] | None:
+  ev = exp.evaluation
+  if ev is None:
+    return None
+  source = ev.data.load("test", sources.resolve_data_dir(exp.data_dir))
+  n = min(ev.num_examples, len(source))
+  if n == 0:
+    raise ExperimentError(f"Evaluation: the test split of {ev.data.name!r} is empty")
+  return [source[i] for i in range(n)]
+
+
+def evaluate(exp: Experiment, params: Any, examples: Sequence[dict]) -> dict:
+  ev = exp.evaluation
+  budget = ev.max_new_tokens or arena_eval.answer_budget(dict(ev.data.params))
+  return arena_eval.agent_accuracy(exp.model, params, examples, budget, ev.batch_size)
+
+
+def reference_accuracies(exp: Experiment, examples: Sequence[dict]) -> dict:
+  return {label: arena_eval.player_accuracy(spec, examples, seed=exp.seed)
+          for label, spec in exp.evaluation.reference_players.items()}
+
+

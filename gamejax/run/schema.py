@@ -1,0 +1,390 @@
+"""The experiment schema: what a run is, as plain data, and the checks that it can run.
+
+An ``Experiment`` (built by gin at the edge, or in Python) is a model config, stages and an optional
+held-out evaluation. A ``Stage`` is one game played for some steps. It declares its players:
+
+- a single learner (the agent) is written inline, as short as ever:
+  ``Stage(name="sft", data=..., payoff=imitation(("agent",)), steps=...)``;
+- several learners go in ``learners={"red": Player(payoff=...), "blue": Player(payoff=...)}``, each
+  with its own model, payoff, optimizer, ``init_from`` and ``prepare``/epochs;
+- a game of its own (``game=matrix_game(...)``) seats players in its seats:
+  ``seats={"agent": "red", "opponent": "blue"}``; a learner may sit in both (self-play), or face a
+  frozen follower of itself (``seats={"opponent": lagged("agent", every=10)}``; ``followers`` holds
+  more, e.g. MMD's magnet). Without ``game`` the opponent's seat is the data (records or prompts)
+  and the judge.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from typing import Any, Mapping, Sequence
+
+import optax
+
+from gamejax import records
+from gamejax.data import sources
+from gamejax.data.tokenizer import VOCAB_SIZE
+from gamejax.models import llama
+from gamejax.payoffs.base import Payoff
+from gamejax.players import judges, selfplay
+from gamejax.run import registry
+
+class ExperimentError(ValueError):
+  """An experiment description that cannot run (bad sizes, names, combinations)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """A registered data source (``sources.load_source``) and its build parameters."""
+  name: str
+  params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  too_long: str = "truncate"     # a record longer than seq_len: "truncate", "skip" or "error"
+
+  def load(self, split: str, data_dir: str):
+    return sources.load_source(self.name, split, data_dir, **dict(self.params))
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """AdamW with warmup + cosine decay and global-norm clipping."""
+  learning_rate: float = 3e-3
+  warmup_steps: int = 50
+  end_factor: float = 0.1
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.98
+  grad_clip: float = 1.0
+  eps: float = 1e-8          # Adam's denominator floor (larger: smaller steps once gradients vanish)
+  # AMSGrad (Reddi et al. 2018): the second-moment estimate never decreases, so steps shrink with
+  # the gradients instead of staying ~learning_rate as they vanish (Adam's late spikes); for
+  # learning dynamics that must settle on an equilibrium.
+  amsgrad: bool = False
+
+  def build(self, total_steps: int) -> optax.GradientTransformation:
+    warmup = min(self.warmup_steps, max(total_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, self.learning_rate, warmup, max(total_steps, warmup + 1),
+        end_value=self.learning_rate * self.end_factor)
+    if self.amsgrad:
+      adam = optax.chain(optax.scale_by_amsgrad(self.b1, self.b2, eps=self.eps),
+                         optax.add_decayed_weights(self.weight_decay),
+                         optax.scale_by_learning_rate(schedule))
+    else:
+      adam = optax.adamw(schedule, self.b1, self.b2, eps=self.eps, weight_decay=self.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(self.grad_clip), adam)
+
+
+ANSWER_WIDTH = 19       # digits of the judge's answer key (arena answers fit int64)
+# Per-step event counts summed into the stage's summary (the last part of a metric's name ->
+# summary key), found however the payoff nests (``agent/rloo/nonfinite_rewards`` under
+# ``weighted``); checkpoints carry them, so a resumed stage goes on counting.
+COUNTED = {"skipped_nonfinite": "skipped_nonfinite", "no_stop": "no_stop_completions",
+           "nonfinite_rewards": "nonfinite_rewards"}
+PAIR_SOURCES = ("arena_preferences",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+  """How the agent plays in a stage where it moves: ``group_size`` sampled completions of each
+  prompt, judged by ``judge``."""
+  group_size: int = 8
+  max_new_tokens: int | None = None     # None: the agent's longest move in the arena's turns
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  prompt_len: int = 16
+  # The judge: a responder, "arena" (the arena's verifiable judge, exact match; None means it
+  # too) or "reward_model" (the final params of the stage named by ``judge_from``, frozen).
+  judge: judges.Responder | str | None = None
+  judge_from: str | None = None
+  # Multi-turn games: the agent moves ``turns`` times; between its moves ``opponent`` replies
+  # (``opponents.arena_feedback()``, ``opponents.fixed_reply(text)``); judges score the last move.
+  turns: int = 1
+  opponent: Any = None
+  # Score at the sampler's temperature (the TRL / verl convention): the behaviour, the learner's
+  # and the reference's log-probs are all of ``logits / temperature``, so the first update's
+  # importance ratio is 1 and KL terms refer to the policy that sampled. False: all at
+  # temperature 1 (gamejax 0.1), which scores the moves under another policy than the one that
+  # sampled them whenever temperature != 1.
+  score_at_temperature: bool = True
+
+  @property
+  def score_temperature(self) -> float:
+    """The temperature the stage's log-probs are computed at."""
+    return self.temperature if self.score_at_temperature else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Player:
+  """A learning player: its model (a registered kind, ``registry.MODELS``: ``"policy"``,
+  ``"policy_value"``, ``"reward_model"``), payoff, optimizer and starting params.
+
+  ``init_from``: ``"previous"`` (the previous stage's player of the same name, or its only
+  player), an earlier stage's name (likewise), ``"stage:player"``, or None (fresh params).
+  ``prepare(params, play)`` runs once per step before the updates (``ppo_prepare()``); the step
+  makes ``epochs`` passes of ``minibatches`` updates over the moves.
+  """
+  payoff: Payoff
+  optimizer: Optimizer = Optimizer()
+  model: str = "policy"
+  init_from: str | None = "previous"
+  prepare: Any = None
+  epochs: int = 1
+  minibatches: int = 1
+
+
+AGENT = "agent"          # the name of a stage's inline learner
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Stage:
+  """One training stage: a game played for ``steps`` steps by its players.
+
+  Without ``game`` the opponent's seat is the data: its moves are the data's game records
+  (``batch_size`` packed rows of ``seq_len``), or, with ``rollout``, prompts to which the agent
+  samples answers for the judge (``batch_size`` prompts per step). Preference data
+  (``arena_preferences``) gives ``batch_size / 2`` pairs per step. With ``game`` (a language game
+  of ``gamejax.games``: ``matrix_game(...)``) the step plays ``batch_size`` games, each seat moved
+  by the player sitting in it (``seats``).
+
+  The learner is the agent, written inline (``payoff``, ``optimizer``, ``player``, ``init_from``,
+  ``prepare``, ``epochs``, ``minibatches``), or several learners in ``learners`` (then the inline
+  fields stay unset).
+  """
+  name: str
+  steps: int
+  data: DataSpec | None = None
+  payoff: Payoff | None = None
+  batch_size: int = 32
+  seq_len: int = 128
+  optimizer: Optimizer = Optimizer()
+  steps_per_call: int = 10
+  checkpoint_every: int = 1000
+  init_from: str | None = "previous"     # "previous", an earlier stage's name, or None (fresh)
+  rollout: Rollout | None = None
+  # With ``reference``, a frozen copy of the stage's initial params responds with its log-probs
+  # of the agent's moves (for KL terms, DPO and IPO).
+  reference: bool = False
+  # "policy" (the LM), "policy_value" (the LM with a value head on its trunk: PPO's actor-critic)
+  # or "reward_model" (the LM trunk with a scalar head, trunk initialised from ``init_from``'s
+  # policy params when given).
+  player: str = "policy"
+  # ``prepare(params, play)`` runs once per step before the updates (``ppo_prepare()``); the step
+  # makes ``epochs`` passes of ``minibatches`` updates over the moves.
+  prepare: Any = None
+  epochs: int = 1
+  minibatches: int = 1
+  # Two-player stages.
+  game: Any = None
+  learners: Mapping[str, Player] = dataclasses.field(default_factory=dict)
+  # seat ("agent", "opponent") -> who sits there: a learner's or a follower's name, or a follower
+  # (``lagged("agent", every=10)``, then named after the seat). Default: the only learner sits in
+  # both seats (self-play), or learners named after the seats sit in them.
+  seats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # More frozen followers of the learners, by name (MMD's magnet: ``{"magnet": ema("agent", .99)}``).
+  followers: Mapping[str, selfplay.Follower] = dataclasses.field(default_factory=dict)
+
+  @property
+  def players(self) -> dict[str, Player]:
+    """The stage's learners by name (the inline learner is ``"agent"``)."""
+    if self.learners:
+      return dict(self.learners)
+    return {AGENT: Player(payoff=self.payoff, optimizer=self.optimizer, model=self.player,
+                          init_from=self.init_from, prepare=self.prepare, epochs=self.epochs,
+                          minibatches=self.minibatches)}
+
+  @property
+  def seated(self) -> dict[str, str]:
+    """seat -> the name of the player sitting in it (a game stage's; see ``seats``)."""
+    seats = dict(self.seats)
+    learners = list(self.players)
+    if not seats:
+      if len(learners) == 1:
+        return {seat: learners[0] for seat in records.SEATS}
+      return {seat: seat for seat in records.SEATS if seat in learners}
+    return {seat: seat if isinstance(who, selfplay.Follower) else who
+            for seat, who in seats.items()}
+
+  @property
+  def all_followers(self) -> dict[str, selfplay.Follower]:
+    """Every frozen follower: those in ``seats`` (named after their seat) and ``followers``."""
+    out = {seat: who for seat, who in self.seats.items() if isinstance(who, selfplay.Follower)}
+    out.update(self.followers)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """Held-out exact-match accuracy of greedy answers on the test split of an arena dataset."""
+  data: DataSpec
+  num_examples: int = 500
+  max_new_tokens: int | None = None     # None: the agent's longest move in the arena's turns
+  batch_size: int = 250
+  reference_players: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  stages: Sequence[Stage]
+  model: llama.LlamaConfig
+  evaluation: Evaluation | None = None
+  seed: int = 0
+  data_dir: str | None = None          # None: $GAMEJAX_DATA_DIR or ~/.cache/gamejax/datasets
+  mesh_data: int = -1
+  mesh_fsdp: int = 1
+  keep_checkpoints: int = 2
+
+  def validate(self) -> None:
+    names = [s.name for s in self.stages]
+    if not names:
+      raise ExperimentError("Experiment.stages is empty: give at least one Stage")
+    if len(set(names)) != len(names):
+      raise ExperimentError(f"Experiment.stages: stage names must be unique, got {names}")
+    if self.model.vocab_size < VOCAB_SIZE:
+      raise ExperimentError(f"LlamaConfig.vocab_size={self.model.vocab_size} is smaller than the "
+                            f"byte tokenizer's {VOCAB_SIZE} ids")
+    specs = [s.data for s in self.stages if s.data is not None] + (
+        [self.evaluation.data] if self.evaluation else [])
+    for spec in specs:
+      if spec.name not in sources.SOURCES:
+        close = difflib.get_close_matches(spec.name, list(sources.SOURCES), n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ExperimentError(f"unknown dataset {spec.name!r}.{hint} Known: {sorted(sources.SOURCES)}")
+      folder = spec.params.get("path") if spec.name == "local_text" else None
+      if folder is not None and not os.path.isdir(folder):
+        raise ExperimentError(f"local_text.path={folder!r}: "
+                              f"{'not a folder' if os.path.exists(folder) else 'no such folder'}")
+    for i, s in enumerate(self.stages):
+      _validate_stage(s, self.stages[:i])
+
+
+def _validate_stage(s: Stage, earlier: Sequence[Stage]) -> None:
+  for field in ("steps", "batch_size", "seq_len", "steps_per_call", "checkpoint_every"):
+    if getattr(s, field) <= 0:
+      raise ExperimentError(f"Stage {s.name!r}: {field} must be positive, got {getattr(s, field)}")
+  if s.steps % s.steps_per_call:
+    raise ExperimentError(f"Stage {s.name!r}: steps={s.steps} is not a multiple of "
+                          f"steps_per_call={s.steps_per_call}")
+  if s.learners and s.payoff is not None:
+    raise ExperimentError(f"Stage {s.name!r}: give the learner inline (payoff=...) or several in "
+                          "learners={...}, not both")
+  for name, p in s.players.items():
+    _validate_player(s, name, p, earlier)
+  if s.game is not None:
+    _validate_game_stage(s)
+    return
+  if s.data is None:
+    raise ExperimentError(f"Stage {s.name!r}: needs data (a dataset) or a game")
+  if len(s.players) > 1 or s.seats or s.followers:
+    raise ExperimentError(f"Stage {s.name!r}: learners, seats and followers need a game "
+                          "(game=matrix_game(...)); a stage played on data has one learner")
+  if s.data.too_long not in ("truncate", "skip", "error"):
+    raise ExperimentError(f"Stage {s.name!r}: data too_long={s.data.too_long!r}; expected "
+                          "'truncate', 'skip' or 'error'")
+  if s.data.name in PAIR_SOURCES and s.batch_size % 2:
+    raise ExperimentError(f"Stage {s.name!r}: batch_size={s.batch_size} must be even for "
+                          f"preference pairs (chosen and rejected rows)")
+  if s.player == "policy_value" and s.rollout is None:
+    raise ExperimentError(f"Stage {s.name!r}: player='policy_value' (PPO) needs a rollout")
+  if s.player == "reward_model" and (s.rollout is not None or s.reference):
+    raise ExperimentError(f"Stage {s.name!r}: a reward model learns from preference records; "
+                          "it takes no rollout or reference")
+  if s.rollout is not None:
+    _validate_rollout(s, earlier)
+
+
+def _validate_player(s: Stage, name: str, p: Player, earlier: Sequence[Stage]) -> None:
+  where = f"Stage {s.name!r}" + (f", learner {name!r}" if s.learners else "")
+  if not isinstance(p, Player):
+    raise ExperimentError(f"{where}: expected a Player(payoff=...), got {p!r}")
+  if p.payoff is None:
+    raise ExperimentError(f"{where}: no payoff (Stage.payoff, or Player.payoff)")
+  for field in ("epochs", "minibatches"):
+    if getattr(p, field) <= 0:
+      raise ExperimentError(f"{where}: {field} must be positive, got {getattr(p, field)}")
+  if p.model not in registry.MODELS:
+    field = "model" if s.learners else "player"
+    raise ExperimentError(f"{where}: {field}={p.model!r}; expected one of {sorted(registry.MODELS)}")
+  names = [e.name for e in earlier]
+  stage, _, player = (p.init_from or "").partition(":")
+  ok = p.init_from in (None, "previous") or stage in names
+  if ok and player:
+    ok = player in earlier[names.index(stage)].players
+  if not ok:
+    raise ExperimentError(f"{where}: init_from={p.init_from!r}; expected 'previous', None or an "
+                          f"earlier stage's name ({names}), or 'stage:player'")
+
+
+def _validate_game_stage(s: Stage) -> None:
+  if s.data is not None or s.rollout is not None or s.reference:
+    raise ExperimentError(f"Stage {s.name!r}: a game stage plays its own game; it takes no data, "
+                          "rollout or reference")
+  learners = s.players
+  seats = dict(s.seats)
+  for seat in seats:
+    if seat not in records.SEATS:
+      raise ExperimentError(f"Stage {s.name!r}: seats has {seat!r}; the game's seats are "
+                            f"{list(records.SEATS)}")
+  followers = s.all_followers
+  clash = sorted(set(learners) & set(followers))
+  if clash:
+    raise ExperimentError(f"Stage {s.name!r}: {clash} name both a learner and a follower")
+  for name, f in followers.items():
+    if f.learner not in learners:
+      raise ExperimentError(f"Stage {s.name!r}: follower {name!r} follows {f.learner!r}, which is "
+                            f"not a learner of the stage ({sorted(learners)})")
+  seated = s.seated
+  for seat in records.SEATS:
+    if seat not in seated:
+      raise ExperimentError(f"Stage {s.name!r}: seat {seat!r} has no player (no policy); set "
+                            f"seats={{{seat!r}: ...}} to a learner ({sorted(learners)}) or a "
+                            "follower (lagged/ema/snapshot)")
+    who = seated[seat]
+    if who not in learners and who not in followers:
+      raise ExperimentError(f"Stage {s.name!r}: seats[{seat!r}]={who!r} is no player of the "
+                            f"stage; the learners are {sorted(learners)}, the followers "
+                            f"{sorted(followers)}")
+  for name, p in learners.items():
+    if p.model != "policy":
+      raise ExperimentError(f"Stage {s.name!r}: learner {name!r} is a {p.model!r}; a game's "
+                            "players are policies")
+    if getattr(p.payoff, "group_size", None) is not None:
+      raise ExperimentError(f"Stage {s.name!r}: learner {name!r}'s payoff groups completions of "
+                            "a prompt (GRPO/RLOO); a game stage plays independent games")
+  unused = sorted(set(learners) - set(seated.values()))
+  if unused:
+    raise ExperimentError(f"Stage {s.name!r}: learners {unused} sit in no seat")
+
+
+def _validate_rollout(s: Stage, earlier: Sequence[Stage]) -> None:
+  r = s.rollout
+  if r.judge == "reward_model":
+    players = {e.name: e.player for e in earlier}
+    if players.get(r.judge_from) != "reward_model":
+      raise ExperimentError(f"Stage {s.name!r}: Rollout.judge='reward_model' needs judge_from "
+                            f"naming an earlier reward_model stage; got {r.judge_from!r}")
+  elif isinstance(r.judge, str) and r.judge not in registry.JUDGES:
+    raise ExperimentError(f"Stage {s.name!r}: Rollout.judge={r.judge!r}; expected one of "
+                          f"{sorted(registry.JUDGES)} or a responder function")
+  if r.judge in (None, "arena") and s.data.name != "arithmetic_arena":
+    raise ExperimentError(f"Stage {s.name!r}: Rollout.judge must be set for dataset "
+                          f"{s.data.name!r} (the default judge is the arena's)")
+  if r.turns < 1 or (r.turns > 1) != (r.opponent is not None):
+    raise ExperimentError(f"Stage {s.name!r}: Rollout.turns={r.turns} needs an opponent "
+                          "exactly when turns > 1")
+  if r.group_size < 1 or r.prompt_len < 1 or (r.max_new_tokens or 1) < 1:
+    raise ExperimentError(f"Stage {s.name!r}: Rollout group_size, prompt_len and "
+                          f"max_new_tokens must be positive; got {r}")
+  if r.max_new_tokens is None and s.data.name != "arithmetic_arena":
+    raise ExperimentError(f"Stage {s.name!r}: Rollout.max_new_tokens must be set for "
+                          f"dataset {s.data.name!r} (only the arena implies it)")
+  wanted = getattr(s.payoff, "group_size", None)
+  if wanted is not None and wanted != r.group_size:
+    raise ExperimentError(f"Stage {s.name!r}: the payoff groups {wanted} completions per "
+                          f"prompt but Rollout.group_size={r.group_size}")
+  if wanted is not None and s.minibatches > 1:
+    raise ExperimentError(f"Stage {s.name!r}: minibatches={s.minibatches} would split the groups "
+                          f"of {wanted} completions the payoff compares; use minibatches=1")
+
+
