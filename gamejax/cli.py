@@ -4,6 +4,7 @@
                 [--resume | --overwrite] [--no_progress] [--dry_run]
   gamejax eval --workdir=DIR [--stage=NAME] [--player=NAME]
   gamejax plot --workdir=DIR [--output=FOLDER]
+  gamejax league --workdir=DIR [--stage=NAME]
   gamejax generate --workdir=DIR [--stage=NAME] (--prompt=TEXT ... | --prompts=FILE.jsonl)
                    [--num_samples=N] [--temperature=T] [--top_k=K] [--top_p=P]
                    [--max_new_tokens=N] [--seed=S] [--output=FILE.jsonl]
@@ -63,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--stage", default=None, help="stage to evaluate (default: the last one trained)")
   e.add_argument("--player", default=None,
                  help="a learner of the stage: its own figures (default: every player's)")
+  lg = sub.add_parser("league", help="win rates and Elo of a stage's league of past selves")
+  lg.add_argument("--workdir", required=True)
+  lg.add_argument("--stage", default=None, help="stage with a league (default: the last one)")
   pl = sub.add_parser("plot", help="PNG curves of a run's logged metrics (needs matplotlib)")
   pl.add_argument("--workdir", required=True)
   pl.add_argument("--output", default=None, help="folder for the PNGs (default: WORKDIR/plots)")
@@ -252,6 +256,18 @@ def generate(args) -> int:
   return 0
 
 
+def league(args) -> int:
+  from gamejax import league as leagues
+  workdir = os.path.abspath(args.workdir)
+  exp, names = _load_run(workdir)
+  name = _pick_stage(workdir, names, args.stage)
+  try:
+    leagues.run_league(exp, names.index(name), workdir)
+  except leagues.LeagueError as e:
+    raise UsageError(str(e)) from None
+  return 0
+
+
 def plot(args) -> int:
   from gamejax import plot as plotting
   for path in plotting.plot_run(os.path.abspath(args.workdir), args.output):
@@ -277,7 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   from gamejax.plot import PlotError
   try:
     return {"train": lambda: train(args, bindings), "eval": lambda: evaluate(args),
-            "generate": lambda: generate(args), "plot": lambda: plot(args)}[args.command]()
+            "generate": lambda: generate(args), "plot": lambda: plot(args),
+            "league": lambda: league(args)}[args.command]()
   except (ConfigError, UsageError, CheckpointError, DataError, PlotError) as e:
     print(f"gamejax: error: {e}", file=sys.stderr)
     return 2

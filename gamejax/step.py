@@ -79,6 +79,7 @@ def no_response(state: GameState, moves: GameRecord, facts: Mapping[str, Any],
   return {}
 
 
+UPDATES = ("simultaneous", "alternating")
 PlayFn = Callable[[GameState, Any, jax.Array], tuple[GameRecord, dict]]
 RespondFn = Callable[[GameState, GameRecord, Mapping[str, Any], jax.Array], dict]
 
@@ -101,6 +102,14 @@ class Game:
   # frozen players that follow a learner (a lagged copy, an EMA, a league of snapshots;
   # ``gamejax.players.selfplay``).
   after: Callable[[GameState, GameState], GameState] | None = None
+  # "simultaneous": every learner updates every step on the same play; "alternating": one learner
+  # per step, in name order (step t updates learner t mod n; the others keep their params and
+  # optimizer state).
+  updates: str = "simultaneous"
+
+  def __post_init__(self):
+    if self.updates not in UPDATES:
+      raise ValueError(f"Game.updates={self.updates!r}; expected one of {UPDATES}")
 
 
 def init_state(game: Game, params: Mapping[str, Any], rng: jax.Array,
@@ -122,10 +131,16 @@ def game_step(game: Game, state: GameState, batch: Any) -> tuple[GameState, dict
   judgments = {**facts, **judgments}
   params, opt_state = dict(state.params), dict(state.opt_state)
   total_loss = 0.0
-  for i, (name, learner) in enumerate(sorted(game.learners.items())):
+  learners = sorted(game.learners.items())
+  for i, (name, learner) in enumerate(learners):
     play = Play(learner.apply, moves, judgments, jax.random.fold_in(k_payoff, i),
                 jax.lax.stop_gradient(state.frozen))
-    params[name], opt_state[name], m = learner_updates(learner, params[name], opt_state[name], play)
+    new_params, new_opt, m = learner_updates(learner, params[name], opt_state[name], play)
+    if game.updates == "alternating" and len(learners) > 1:
+      mine = (state.step % len(learners)) == i
+      new_params = _select(mine, new_params, params[name])
+      new_opt = _select(mine, new_opt, opt_state[name])
+    params[name], opt_state[name] = new_params, new_opt
     metrics.update({f"{name}/{k}": v for k, v in m.items()})
     total_loss = total_loss + m["loss"]
   metrics["loss"] = total_loss

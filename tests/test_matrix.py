@@ -375,6 +375,9 @@ MMD_GIN = os.path.join(os.path.dirname(__file__), "..", "experiments", "matrix",
     ("selfplay/Stage.seats={'agent': 'agent', 'judge': 'agent'}", "seats has 'judge'"),
     ("selfplay/Stage.seats={'agent': 'agent', 'opponent': 'bob'}", "seats['opponent']='bob'"),
     ("ema.learner='bob'", "follower 'magnet' follows 'bob'"),
+    ("selfplay/Stage.followers={}", "reads the frozen player 'magnet'"),
+    ("selfplay/Stage.seats={'agent': 'agent', 'opponent': @league()}\nleague.learner='agent'\n"
+     "league.size=0\nleague.every=10", "league size must be an int >= 1"),
 ])
 def test_bad_game_configs_exit_2_and_create_nothing(tmp_path, capsys, binding, message):
   from gamejax import cli
@@ -418,3 +421,102 @@ def test_matrix_experiment_runs_from_gin_evaluates_per_seat_and_plots(tmp_path, 
   written = capsys.readouterr().out.split()
   assert str(work / "plots" / "exploitability.png") in written
   assert all(os.path.getsize(p) > 1000 for p in written)
+
+
+def test_league_keeps_the_last_snapshots_in_a_ring():
+  f = selfplay.league("agent", size=3, every=2)
+  frozen = selfplay.init_followers({"l": f}, {"agent": jnp.array(0.0)})["l"]
+  for step in range(1, 11):                          # snapshots at steps 2, 4, 6, 8, 10
+    frozen = f.update(frozen, jnp.array(float(step)), jnp.array(step))
+  assert int(frozen["count"]) == 6 and int(selfplay.league_members(frozen)) == 3
+  np.testing.assert_array_equal(frozen["params"], [6.0, 8.0, 10.0])   # snapshot k in slot k % 3
+
+
+def test_elo_recovers_bradley_terry_ratings():
+  from gamejax import league
+  true = np.array([1000.0, 1200.0, 850.0, 950.0])
+  diff = (true[:, None] - true[None, :]) / league.ELO_SCALE
+  scores = 1.0 / (1.0 + np.exp(-diff))
+  got = league.elo(scores)
+  np.testing.assert_allclose(got - got.mean(), true - true.mean(), atol=1e-3)
+
+
+def test_league_stage_runs_and_gamejax_league_scores_its_members(tmp_path, capsys):
+  import json
+  from gamejax import cli
+  work = tmp_path / "run"
+  gin = os.path.join(os.path.dirname(MMD_GIN), "league.gin")
+  code = cli.main(["train", f"--gin_file={gin}", f"--workdir={work}", "--no_progress",
+                   "--gin.MATRIX_STEPS=100", "--gin.league.every=20", "--gin.league.size=3"])
+  assert code == 0, capsys.readouterr().err
+  capsys.readouterr()
+  assert cli.main(["league", f"--workdir={work}"]) == 0
+  out = json.load(open(work / "league.json"))
+  assert out["players"] == ["snapshot 3 (step 60)", "snapshot 4 (step 80)",
+                            "snapshot 5 (step 100)", "current"]
+  scores = np.asarray(out["win_rates"])
+  assert scores.shape == (4, 4) and ((0 <= scores) & (scores <= 1)).all()
+  assert abs(np.mean(out["elo"]) - 1000) < 1e-6
+  assert os.path.getsize(work / "plots" / "league.png") > 1000
+  summary = json.load(open(work / "summary.json"))["selfplay"]
+  assert summary["exploitability"] >= 0
+
+
+def test_a_league_seat_draws_one_member_per_game():
+  """Against a league of two members, the opponent's moves follow the average of the members'
+  policies, each game's behaviour log-prob is its own member's, and the logged exploitability
+  is of that mixed strategy."""
+  game = matrix.matrix_game(preset="biased_rps")
+  apply = game.mask(functools.partial(llama.apply, CFG), CFG.vocab_size)
+  members = [llama.init_params(CFG, jax.random.PRNGKey(i)) for i in (4, 5)]
+  # Sharpen the members' policies differently: scale each one's embedding.
+  members = [jax.tree.map(lambda x, c=c: x * c, m) for m, c in zip(members, (6.0, 1.0))]
+  league = selfplay.init_followers({"l": selfplay.league("agent", size=3, every=1)},
+                                   {"agent": members[0]})["l"]
+  league = selfplay.Follower("agent", "league", every=1, size=3).update(
+      league, members[1], jnp.array(1))                               # members: 0, 1
+  state = game_step.GameState(params={"agent": members[0]}, opt_state={}, frozen={"l": league},
+                              rng=None, step=None)
+  play = game.play_fn(apply, {"agent": "agent", "opponent": "l"}, game_step.player_params)
+  moves, facts = jax.jit(play)(state, {"games": jnp.zeros((6000,), jnp.int32)},
+                               jax.random.PRNGKey(0))
+  ids = game.action_tokens("opponent")
+  policies = [np.exp(np.asarray(game.seat_logprobs(apply, m, "opponent"), np.float64))
+              for m in members]
+  assert np.abs(policies[0] - policies[1]).max() > 0.2
+  mixture = (policies[0] + policies[1]) / 2
+  moved = np.argmax(np.asarray(moves.tokens)[:, 5, None] == ids[None], axis=1)
+  np.testing.assert_allclose(np.bincount(moved, minlength=3) / len(moved), mixture, atol=0.03)
+  behaviour = np.exp(np.asarray(facts["behaviour_logprobs"])[:, 4])
+  by_member = [p[moved] for p in policies]
+  assert np.all(np.isclose(behaviour, by_member[0], rtol=1e-4)
+                | np.isclose(behaviour, by_member[1], rtol=1e-4))
+  assert 0.3 < np.mean(np.isclose(behaviour, by_member[0], rtol=1e-4)) < 0.7
+  np.testing.assert_allclose(np.asarray(facts["opponent/policy"])[0], mixture, rtol=1e-4)
+
+
+def test_alternating_updates_move_one_learner_per_step():
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  game = matrix.matrix_game(preset="rps")
+  apply = game.mask(functools.partial(llama.apply, CFG), CFG.vocab_size)
+  learners = {s: game_step.Learner(apply, mmd(s, alpha=0.1, estimator="all_actions"),
+                                   optax.adam(1e-2)) for s in records.SEATS}
+  g = game_step.Game(learners=learners, updates="alternating",
+                     play=game.play_fn(apply, {s: s for s in records.SEATS},
+                                       game_step.player_params),
+                     respond=game.respond_fn(CFG.vocab_size))
+  params = {s: llama.init_params(CFG, jax.random.PRNGKey(i)) for i, s in enumerate(records.SEATS)}
+  state = game_step.init_state(g, params, jax.random.PRNGKey(0))
+  fn, _ = game_step.make_step(g, mesh, jax.eval_shape(lambda: state))
+  one = {"games": np.zeros((1, 32), np.int32)}
+  before = jax.device_get(state.params)
+  state, _ = fn(state, one)                                   # step 0: the agent's turn
+  mid = jax.device_get(state.params)
+  assert not np.allclose(before["agent"]["embedding"], mid["agent"]["embedding"])
+  np.testing.assert_array_equal(before["opponent"]["embedding"], mid["opponent"]["embedding"])
+  state, _ = fn(state, one)                                   # step 1: the opponent's
+  end = jax.device_get(state.params)
+  np.testing.assert_array_equal(mid["agent"]["embedding"], end["agent"]["embedding"])
+  assert not np.allclose(mid["opponent"]["embedding"], end["opponent"]["embedding"])
+  with pytest.raises(ValueError, match="updates='sometimes'"):
+    game_step.Game(learners=learners, updates="sometimes")

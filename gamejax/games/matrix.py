@@ -38,6 +38,7 @@ import numpy as np
 
 from gamejax import records
 from gamejax.data.tokenizer import BOS, OFFSET
+from gamejax.players import selfplay
 
 PRESETS = {
     "rps": ("RPS", ((0, -1, 1), (1, 0, -1), (-1, 1, 0))),
@@ -146,9 +147,16 @@ class MatrixGame:
     ``exploitability`` (NashConv / 2), ``nash_conv``, and per seat its policy, its expected
     payoff and what a best response to the other seat would gain it."""
     probs = {}
+    policy = jax.jit(self.seat_logprobs, static_argnums=(0, 2))
     for seat in records.SEATS:
-      p = np.exp(np.asarray(jax.jit(self.seat_logprobs, static_argnums=(0, 2))(
-          apply, seats[seat], seat), np.float64))
+      value = seats[seat]
+      if selfplay.is_league(value):         # the league's mixed strategy: its members' average
+        members = int(selfplay.league_members(value))
+        p = np.mean([np.exp(np.asarray(policy(apply, jax.tree.map(
+            lambda x, k=k: x[k], value[selfplay.LEAGUE_PARAMS]), seat), np.float64))
+                     for k in range(members)], axis=0)
+      else:
+        p = np.exp(np.asarray(policy(apply, value, seat), np.float64))
       probs[seat] = p / p.sum()
     x, y = probs["agent"], probs["opponent"]
     a, b = self.agent_matrix, self.opponent_matrix
@@ -161,17 +169,45 @@ class MatrixGame:
                              "value": value[seat], "best_response_gain": gain[seat]}
                       for seat in records.SEATS}}
 
+  def win_rates(self, apply: Callable, players: Sequence[Any]) -> np.ndarray:
+    """``float64[N, N]``: the probability that player ``i`` in the agent's seat beats player
+    ``j`` in the opponent's (gets the larger payoff; a tie counts half), exactly."""
+    policy = jax.jit(self.seat_logprobs, static_argnums=(0, 2))
+    probs = {seat: [np.exp(np.asarray(policy(apply, p, seat), np.float64)) for p in players]
+             for seat in records.SEATS}
+    a, b = self.agent_matrix, self.opponent_matrix
+    outcome = (a > b) + 0.5 * (a == b)
+    n = len(players)
+    return np.array([[probs["agent"][i] @ outcome @ probs["opponent"][j] for j in range(n)]
+                     for i in range(n)])
+
   def play_fn(self, apply: Callable, seats: Mapping[str, str], player_params: Callable):
     """``play(state, batch, rng) -> (moves, facts)``: ``batch["games"]`` rows of games, each
     seat's move sampled from the params of the player sitting in it (``seats[seat]``)."""
     tokens = {s: jnp.asarray(self.action_tokens(s)) for s in records.SEATS}
 
+    def seat_policy(state, seat, n, key):
+      """``(logp_BA, probs_A)``: each game's policy for ``seat`` and the seat's mixed strategy
+      (a league's: the average of its members', one member drawn per game)."""
+      value = jax.lax.stop_gradient(player_params(state, seats[seat]))
+      if not selfplay.is_league(value):
+        logp_A = self.seat_logprobs(apply, value, seat)
+        return jnp.broadcast_to(logp_A, (n,) + logp_A.shape), jnp.exp(logp_A)
+      logp_KA = jax.vmap(lambda p: self.seat_logprobs(apply, p, seat))(
+          value[selfplay.LEAGUE_PARAMS])
+      members = selfplay.league_members(value)
+      pick_B = jax.random.randint(key, (n,), 0, members)
+      in_league_K = (jnp.arange(logp_KA.shape[0]) < members).astype(jnp.float32)
+      probs_A = (jnp.exp(logp_KA) * in_league_K[:, None]).sum(0) / members
+      return logp_KA[pick_B], probs_A
+
     def play(state, batch, rng):
       n = jnp.asarray(batch["games"]).shape[0]
-      logp = {s: self.seat_logprobs(apply, jax.lax.stop_gradient(
-          player_params(state, seats[s])), s) for s in records.SEATS}
+      picks = jax.random.split(jax.random.fold_in(rng, 1))        # a league's member per game
+      policies = {s: seat_policy(state, s, n, k) for s, k in zip(records.SEATS, picks)}
+      logp = {s: policies[s][0] for s in records.SEATS}
       keys = dict(zip(records.SEATS, jax.random.split(rng)))
-      moves = {s: jax.random.categorical(keys[s], logp[s], shape=(n,)) for s in records.SEATS}
+      moves = {s: jax.random.categorical(keys[s], logp[s]) for s in records.SEATS}
       ones = jnp.ones((n, 1), jnp.int32)
       label = {s: token(LABELS[s]) for s in records.SEATS}
       tokens_BT = jnp.concatenate([
@@ -184,10 +220,11 @@ class MatrixGame:
           players=row([records.CHANCE, records.CHANCE, records.AGENT,
                        records.CHANCE, records.CHANCE, records.OPPONENT]))
       zero = jnp.zeros((n, 1), jnp.float32)
-      behaviour_BT = jnp.concatenate([
-          zero, logp["agent"][moves["agent"]][:, None], zero,
-          zero, logp["opponent"][moves["opponent"]][:, None], zero], axis=1)
-      x, y = jnp.exp(logp["agent"]), jnp.exp(logp["opponent"])
+      chosen = {s: jnp.take_along_axis(logp[s], moves[s][:, None], axis=1)
+                for s in records.SEATS}
+      behaviour_BT = jnp.concatenate([zero, chosen["agent"], zero,
+                                      zero, chosen["opponent"], zero], axis=1)
+      x, y = policies["agent"][1], policies["opponent"][1]
       metrics = {"exploitability": self.exploitability(x, y),
                  "play/tokens": jnp.asarray(6.0 * n, jnp.float32)}
       for s, probs in (("agent", x), ("opponent", y)):

@@ -6,8 +6,9 @@ the part's name (``sft/loss``, ``lm/loss``, ...), plus each part's value (``sft/
 
 A payoff may carry static attributes the run reads (``PROPAGATED``): ``group_size`` (it compares
 groups of completions of one prompt: the run checks it against the rollout and refuses
-minibatches that would split the groups) and ``players`` (whose moves it imitates: held-out loss is
-measured on those). Combinators carry their parts' attributes, however deeply they nest.
+minibatches that would split the groups), ``players`` (whose moves it imitates: held-out loss is
+measured on those) and ``frozen_players`` (the frozen players it reads, e.g. MMD's magnet: the run
+checks the stage has them). Combinators carry their parts' attributes, however deeply they nest.
 """
 from __future__ import annotations
 
@@ -39,13 +40,14 @@ def weighted(parts: Mapping[str, tuple[float, Payoff]]) -> Payoff:
     raise ValueError(f"weighted() parts group completions differently: group sizes {sorted(groups)}")
   if groups:
     payoff.group_size = groups.pop()     # the run checks it against the rollout's group size
-  players = [getattr(part, "players") for _, part in parts.values() if hasattr(part, "players")]
-  if players:
-    payoff.players = tuple(sorted(set().union(*players)))
+  for name in ("players", "frozen_players"):
+    found = [getattr(part, name) for _, part in parts.values() if hasattr(part, name)]
+    if found:
+      setattr(payoff, name, tuple(sorted(set().union(*found))))
   return payoff
 
 
-PROPAGATED = ("group_size", "players")
+PROPAGATED = ("group_size", "players", "frozen_players")
 
 
 def scaled(weight: float, part: Payoff) -> Payoff:

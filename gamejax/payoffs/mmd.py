@@ -136,4 +136,6 @@ def mmd(seat: str | Sequence[str] = "agent", alpha: float = 0.05, magnet: str | 
     metrics["loss"] = -total
     return total, metrics
 
+  if magnet is not None:
+    payoff.frozen_players = (magnet,)     # the run checks the stage has it
   return payoff

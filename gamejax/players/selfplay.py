@@ -8,7 +8,11 @@ starts and kept by the step after every update (``Game.after``):
   of up to ``every`` steps ago);
 - ``ema(learner, decay)``: ``frozen <- decay * frozen + (1 - decay) * params`` after each update
   (an averaged opponent; as MMD's magnet, a slow geometric mixture of past policies when the
-  policy is close to linear in its params).
+  policy is close to linear in its params);
+- ``league(learner, size, every)``: the last ``size`` snapshots, one taken every ``every`` steps,
+  stacked along a leading axis (``{"params": [size, ...], "count": snapshots taken}``, a ring
+  buffer kept in the game state and saved with it); a game samples one member per game
+  (``league_members``).
 
 Playing against the learner itself in the same step needs no follower: seat it in both seats.
 
@@ -29,7 +33,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-KINDS = ("snapshot", "lagged", "ema")
+KINDS = ("snapshot", "lagged", "ema", "league")
+LEAGUE_PARAMS, LEAGUE_COUNT = "params", "count"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,16 +42,19 @@ class Follower:
   """A frozen player made from (and kept up with) the learner ``learner``."""
   learner: str
   kind: str = "snapshot"
-  every: int = 0           # lagged: refresh interval, in steps
+  every: int = 0           # lagged, league: refresh / snapshot interval, in steps
   decay: float = 0.0       # ema: weight of the old average
+  size: int = 0            # league: members kept
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"follower kind {self.kind!r}; expected one of {KINDS}")
-    if self.kind == "lagged" and (isinstance(self.every, bool) or not isinstance(self.every, int)
-                                  or self.every < 1):
-      raise ValueError(f"lagged({self.learner!r}, every={self.every!r}): the snapshot interval "
-                       "must be an int >= 1 (steps between refreshes)")
+    if self.kind in ("lagged", "league") and not _positive_int(self.every):
+      raise ValueError(f"{self.kind}({self.learner!r}, every={self.every!r}): the snapshot "
+                       "interval must be an int >= 1 (steps between refreshes)")
+    if self.kind == "league" and not _positive_int(self.size):
+      raise ValueError(f"league({self.learner!r}, size={self.size!r}): the league size must be an "
+                       "int >= 1 (snapshots kept)")
     if self.kind == "ema" and not 0.0 <= self.decay < 1.0:
       raise ValueError(f"ema({self.learner!r}, decay={self.decay!r}): decay must be in [0, 1)")
 
@@ -58,6 +66,13 @@ class Follower:
     if self.kind == "lagged":
       refresh = (step % self.every) == 0
       return jax.tree.map(lambda f, p: jnp.where(refresh, p, f), frozen, params)
+    if self.kind == "league":
+      take = (step % self.every) == 0
+      slot = frozen[LEAGUE_COUNT] % self.size
+      stacked = jax.tree.map(
+          lambda f, p: jnp.where(take, jax.lax.dynamic_update_index_in_dim(f, p, slot, 0), f),
+          frozen[LEAGUE_PARAMS], params)
+      return {LEAGUE_PARAMS: stacked, LEAGUE_COUNT: frozen[LEAGUE_COUNT] + take.astype(jnp.int32)}
     return jax.tree.map(lambda f, p: (self.decay * f + (1.0 - self.decay) * p).astype(f.dtype),
                         frozen, params)
 
@@ -74,13 +89,40 @@ def ema(learner: str, decay: float) -> Follower:
   return Follower(learner, "ema", decay=decay)
 
 
+def league(learner: str, size: int, every: int) -> Follower:
+  return Follower(learner, "league", every=every, size=size)
+
+
+def _positive_int(x) -> bool:
+  return not isinstance(x, bool) and isinstance(x, int) and x >= 1
+
+
 def init_followers(followers: Mapping[str, Follower], params: Mapping[str, Any]) -> dict:
-  """Each follower's starting params: a fresh copy of its learner's (the step donates them)."""
+  """Each follower's starting params: a fresh copy of its learner's (the step donates them); a
+  league starts with the learner's initial params as its one member (every slot holds them)."""
   missing = {n: f.learner for n, f in followers.items() if f.learner not in params}
   if missing:
     raise KeyError(f"followers {missing} follow learners that do not exist; the learners are "
                    f"{sorted(params)}")
-  return {name: jax.tree.map(jnp.copy, params[f.learner]) for name, f in followers.items()}
+  out = {}
+  for name, f in followers.items():
+    if f.kind == "league":
+      out[name] = {LEAGUE_PARAMS: jax.tree.map(
+          lambda p, n=f.size: jnp.repeat(jnp.asarray(p)[None], n, axis=0), params[f.learner]),
+                   LEAGUE_COUNT: jnp.ones((), jnp.int32)}
+    else:
+      out[name] = jax.tree.map(jnp.copy, params[f.learner])
+  return out
+
+
+def is_league(value: Any) -> bool:
+  return isinstance(value, Mapping) and set(value) == {LEAGUE_PARAMS, LEAGUE_COUNT}
+
+
+def league_members(value: Mapping[str, Any]) -> jax.Array:
+  """How many members a league holds (``<= size``)."""
+  size = jax.tree.leaves(value[LEAGUE_PARAMS])[0].shape[0]
+  return jnp.minimum(value[LEAGUE_COUNT], size)
 
 
 @dataclasses.dataclass(frozen=True)

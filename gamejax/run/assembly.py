@@ -87,7 +87,8 @@ def stage_game(exp: Experiment, index: int) -> game_step.Game:
         play=stage.game.play_fn(learner_apply(exp, stage, "policy"), stage.seated,
                                 game_step.player_params),
         respond=stage.game.respond_fn(cfg.vocab_size),
-        after=selfplay.follow(followers).after if followers else None)
+        after=selfplay.follow(followers).after if followers else None,
+        updates=stage.updates)
   r = stage.rollout
   reference_apply = learner_apply(exp, stage, "policy")
   parts = [reference_player.reference(reference_apply)] if stage.reference else []

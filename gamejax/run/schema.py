@@ -184,6 +184,8 @@ class Stage:
   seats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   # More frozen followers of the learners, by name (MMD's magnet: ``{"magnet": ema("agent", .99)}``).
   followers: Mapping[str, selfplay.Follower] = dataclasses.field(default_factory=dict)
+  # "simultaneous" (every learner every step) or "alternating" (one learner per step).
+  updates: str = "simultaneous"
 
   @property
   def players(self) -> dict[str, Player]:
@@ -317,6 +319,9 @@ def _validate_player(s: Stage, name: str, p: Player, earlier: Sequence[Stage]) -
 
 
 def _validate_game_stage(s: Stage) -> None:
+  if s.updates not in ("simultaneous", "alternating"):
+    raise ExperimentError(f"Stage {s.name!r}: updates={s.updates!r}; expected 'simultaneous' or "
+                          "'alternating'")
   if s.data is not None or s.rollout is not None or s.reference:
     raise ExperimentError(f"Stage {s.name!r}: a game stage plays its own game; it takes no data, "
                           "rollout or reference")
@@ -352,6 +357,12 @@ def _validate_game_stage(s: Stage) -> None:
     if getattr(p.payoff, "group_size", None) is not None:
       raise ExperimentError(f"Stage {s.name!r}: learner {name!r}'s payoff groups completions of "
                             "a prompt (GRPO/RLOO); a game stage plays independent games")
+  for name, p in learners.items():
+    for frozen in getattr(p.payoff, "frozen_players", ()):
+      if frozen not in followers:
+        raise ExperimentError(f"Stage {s.name!r}: learner {name!r}'s payoff reads the frozen "
+                              f"player {frozen!r}, which the stage does not have (its followers: "
+                              f"{sorted(followers)})")
   unused = sorted(set(learners) - set(seated.values()))
   if unused:
     raise ExperimentError(f"Stage {s.name!r}: learners {unused} sit in no seat")
