@@ -3,7 +3,7 @@
   gamejax train --gin_file=FILE [--gin_file=...] [--gin.KEY=VALUE ...] --workdir=DIR
                 [--resume | --overwrite] [--no_progress] [--dry_run]
   gamejax eval --workdir=DIR [--stage=NAME] [--player=NAME]
-  gamejax plot --workdir=DIR [--output=FOLDER]
+  gamejax plot --workdir=DIR [--workdir=DIR ...] [--output=FOLDER]
   gamejax league --workdir=DIR [--stage=NAME]
   gamejax generate --workdir=DIR [--stage=NAME] (--prompt=TEXT ... | --prompts=FILE.jsonl)
                    [--num_samples=N] [--temperature=T] [--top_k=K] [--top_p=P]
@@ -68,8 +68,10 @@ def _parser() -> argparse.ArgumentParser:
   lg.add_argument("--workdir", required=True)
   lg.add_argument("--stage", default=None, help="stage with a league (default: the last one)")
   pl = sub.add_parser("plot", help="PNG curves of a run's logged metrics (needs matplotlib)")
-  pl.add_argument("--workdir", required=True)
-  pl.add_argument("--output", default=None, help="folder for the PNGs (default: WORKDIR/plots)")
+  pl.add_argument("--workdir", required=True, action="append",
+                  help="a run directory (repeatable: curves of several runs overlaid)")
+  pl.add_argument("--output", default=None, help="folder for the PNGs (default: the first "
+                  "WORKDIR/plots)")
   g = sub.add_parser("generate", help="sample completions of prompts from a stage's checkpoint")
   g.add_argument("--workdir", required=True)
   g.add_argument("--stage", default=None,
@@ -270,7 +272,7 @@ def league(args) -> int:
 
 def plot(args) -> int:
   from gamejax import plot as plotting
-  for path in plotting.plot_run(os.path.abspath(args.workdir), args.output):
+  for path in plotting.plot_run([os.path.abspath(w) for w in args.workdir], args.output):
     print(path)
   return 0
 

@@ -1,4 +1,4 @@
-"""``gamejax plot --workdir=DIR``: PNG curves of a run's logged metrics (matplotlib, an optional
+"""``gamejax plot --workdir=DIR [--workdir=DIR2 ...]``: PNG curves of a run's logged metrics (matplotlib, an optional
 extra: ``pip install 'gamejax[plot]'``).
 
 One figure per group of metrics found in ``metrics.jsonl`` -- exploitability, each seat's reward,
@@ -59,18 +59,26 @@ def series(rows: Sequence[Mapping]) -> dict[str, dict[str, tuple[list, list]]]:
   return out
 
 
-def plot_run(workdir: str, output: str | None = None) -> list[str]:
-  """Writes one PNG per group of ``workdir``'s metrics; returns their paths."""
+def plot_run(workdir: str | Sequence[str], output: str | None = None) -> list[str]:
+  """Writes one PNG per group of ``workdir``'s metrics (several run directories: their curves
+  overlaid, labelled by folder name); returns their paths."""
   try:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
     raise PlotError("gamejax plot needs matplotlib: pip install 'gamejax[plot]'") from None
-  groups = series(read_metrics(os.path.join(workdir, "metrics.jsonl")))
+  workdirs = [workdir] if isinstance(workdir, str) else list(workdir)
+  groups: dict[str, dict[str, tuple[list, list]]] = {}
+  for w in workdirs:
+    prefix = f"{os.path.basename(os.path.normpath(w))} " if len(workdirs) > 1 else ""
+    for group, curves in series(read_metrics(os.path.join(w, "metrics.jsonl"))).items():
+      groups.setdefault(group, {}).update({prefix + k: v for k, v in curves.items()})
   if not groups:
-    raise PlotError(f"{workdir}/metrics.jsonl holds none of the plotted metrics "
+    raise PlotError(f"{workdirs[0]}/metrics.jsonl holds none of the plotted metrics "
                     f"({[g for g, _ in GROUPS]})")
+  workdir = workdirs[0]
+  title = os.path.basename(os.path.normpath(workdir)) if len(workdirs) == 1 else "runs"
   output = output or os.path.join(workdir, "plots")
   os.makedirs(output, exist_ok=True)
   written = []
@@ -81,7 +89,7 @@ def plot_run(workdir: str, output: str | None = None) -> list[str]:
     if group == "exploitability" and all(v > 0 for _, vs in curves.values() for v in vs):
       ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_title(f"{os.path.basename(os.path.normpath(workdir))}: {group}")
+    ax.set_title(f"{title}: {group}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

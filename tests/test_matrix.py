@@ -317,8 +317,8 @@ SHARDED = textwrap.dedent("""
     out = {}
     for name, mesh in [("one", sharding.make_mesh(devices=jax.devices()[:1])),
                        ("eight", sharding.make_mesh(data=2, fsdp=4))]:
-      _, _, fn, state, batches, _ = T._game_setup(mesh, k_steps=4, games=64)
-      for call in range(2):
+      _, _, fn, state, batches, _ = T._game_setup(mesh, k_steps=3, games=32)
+      for call in range(1):
         state, metrics = fn(state, batches)
       out[name] = (np.asarray(metrics["loss"]), jax.device_get(state.params))
     np.testing.assert_allclose(out["one"][0], out["eight"][0], rtol=1e-5, atol=1e-5)
@@ -447,13 +447,14 @@ def test_league_stage_runs_and_gamejax_league_scores_its_members(tmp_path, capsy
   work = tmp_path / "run"
   gin = os.path.join(os.path.dirname(MMD_GIN), "league.gin")
   code = cli.main(["train", f"--gin_file={gin}", f"--workdir={work}", "--no_progress",
-                   "--gin.MATRIX_STEPS=100", "--gin.league.every=20", "--gin.league.size=3"])
+                   "--gin.MATRIX_STEPS=40", "--gin.selfplay/Stage.steps_per_call=20",
+                   "--gin.league.every=8", "--gin.league.size=3"])
   assert code == 0, capsys.readouterr().err
   capsys.readouterr()
   assert cli.main(["league", f"--workdir={work}"]) == 0
   out = json.load(open(work / "league.json"))
-  assert out["players"] == ["snapshot 3 (step 60)", "snapshot 4 (step 80)",
-                            "snapshot 5 (step 100)", "current"]
+  assert out["players"] == ["snapshot 3 (step 24)", "snapshot 4 (step 32)",
+                            "snapshot 5 (step 40)", "current"]
   scores = np.asarray(out["win_rates"])
   assert scores.shape == (4, 4) and ((0 <= scores) & (scores <= 1)).all()
   assert abs(np.mean(out["elo"]) - 1000) < 1e-6
