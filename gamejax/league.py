@@ -14,7 +14,6 @@ writes them to ``DIR/league.json`` and, with matplotlib, a heatmap ``DIR/plots/l
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
