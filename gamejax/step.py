@@ -35,6 +35,8 @@ def player_params(state: GameState, name: str):
   A seat is sat by a player: ``play`` samples a seat's moves from ``player_params(state, who)``,
   so one learner may sit in both seats (self-play) or face a frozen copy of itself.
   """
+  if hasattr(name, "resolve"):          # a seat sat by a mix of players (selfplay.Mixture)
+    return name.resolve(lambda part: player_params(state, part))
   if name in state.params:
     return state.params[name]
   if name in state.frozen:

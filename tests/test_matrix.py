@@ -376,6 +376,8 @@ MMD_GIN = os.path.join(os.path.dirname(__file__), "..", "experiments", "matrix",
     ("selfplay/Stage.seats={'agent': 'agent', 'opponent': 'bob'}", "seats['opponent']='bob'"),
     ("ema.learner='bob'", "follower 'magnet' follows 'bob'"),
     ("selfplay/Stage.followers={}", "reads the frozen player 'magnet'"),
+    ("selfplay/Stage.seats={'agent': 'agent', 'opponent': @mixture()}\nmixture.policy='agent'\n"
+     "mixture.reference='ghost'\nmixture.beta=0.5", "mixes 'ghost', which is no player"),
     ("selfplay/Stage.seats={'agent': 'agent', 'opponent': @league()}\nleague.learner='agent'\n"
      "league.size=0\nleague.every=10", "league size must be an int >= 1"),
 ])
@@ -521,3 +523,28 @@ def test_alternating_updates_move_one_learner_per_step():
   assert not np.allclose(mid["opponent"]["embedding"], end["opponent"]["embedding"])
   with pytest.raises(ValueError, match="updates='sometimes'"):
     game_step.Game(learners=learners, updates="sometimes")
+
+
+def test_a_mixture_seat_plays_the_geometric_mixture_of_two_players():
+  """Nash-MD's opponent: the seat's policy is pi^(1 - beta) rho^beta, normalised (NumPy)."""
+  game = matrix.matrix_game(preset="biased_rps")
+  apply = game.mask(functools.partial(llama.apply, CFG), CFG.vocab_size)
+  pi, rho = (jax.tree.map(lambda x, c=c: x * c, llama.init_params(CFG, jax.random.PRNGKey(i)))
+             for i, c in ((8, 5.0), (9, 5.0)))
+  state = game_step.GameState(params={"agent": pi}, opt_state={}, frozen={"reference": rho},
+                              rng=None, step=None)
+  seats = {"agent": "agent", "opponent": selfplay.mixture("agent", "reference", 0.3)}
+  _, facts = jax.jit(game.play_fn(apply, seats, game_step.player_params))(
+      state, {"games": jnp.zeros((8,), jnp.int32)}, jax.random.PRNGKey(0))
+  p, r = (np.exp(np.asarray(game.seat_logprobs(apply, x, "opponent"), np.float64))
+          for x in (pi, rho))
+  want = p ** 0.7 * r ** 0.3
+  want /= want.sum()
+  assert np.abs(p - r).max() > 0.1
+  np.testing.assert_allclose(np.asarray(facts["opponent/policy"])[0], want, rtol=1e-4)
+  evaluated = game.evaluate(apply, {"agent": pi, "opponent": game_step.player_params(
+      state, seats["opponent"])})
+  np.testing.assert_allclose(list(evaluated["seats"]["opponent"]["policy"].values()), want,
+                             rtol=1e-4)
+  with pytest.raises(ValueError, match="beta must be in"):
+    selfplay.mixture("agent", "reference", 1.5)

@@ -142,12 +142,20 @@ class MatrixGame:
     return 0.5 * nash_conv(jnp.asarray(self.agent_matrix, jnp.float32),
                            jnp.asarray(self.opponent_matrix, jnp.float32), x, y)
 
+  def policy_logprobs(self, apply: Callable, value: Any, seat: str) -> jax.Array:
+    """``float32[A]``: the seat's policy when ``value`` sits in it (params, or a mixture)."""
+    if selfplay.is_mixture(value):
+      return selfplay.mix_logprobs(self.seat_logprobs(apply, value["mixture_a"], seat),
+                                   self.seat_logprobs(apply, value["mixture_b"], seat),
+                                   value["beta"])
+    return self.seat_logprobs(apply, value, seat)
+
   def evaluate(self, apply: Callable, seats: Mapping[str, Any]) -> dict:
     """Exact figures of the policies of the players in ``seats`` (seat -> params), in float64:
     ``exploitability`` (NashConv / 2), ``nash_conv``, and per seat its policy, its expected
     payoff and what a best response to the other seat would gain it."""
     probs = {}
-    policy = jax.jit(self.seat_logprobs, static_argnums=(0, 2))
+    policy = jax.jit(self.policy_logprobs, static_argnums=(0, 2))
     for seat in records.SEATS:
       value = seats[seat]
       if selfplay.is_league(value):         # the league's mixed strategy: its members' average
@@ -191,7 +199,7 @@ class MatrixGame:
       (a league's: the average of its members', one member drawn per game)."""
       value = jax.lax.stop_gradient(player_params(state, seats[seat]))
       if not selfplay.is_league(value):
-        logp_A = self.seat_logprobs(apply, value, seat)
+        logp_A = self.policy_logprobs(apply, value, seat)
         return jnp.broadcast_to(logp_A, (n,) + logp_A.shape), jnp.exp(logp_A)
       logp_KA = jax.vmap(lambda p: self.seat_logprobs(apply, p, seat))(
           value[selfplay.LEAGUE_PARAMS])

@@ -15,6 +15,8 @@ starts and kept by the step after every update (``Game.after``):
   (``league_members``).
 
 Playing against the learner itself in the same step needs no follower: seat it in both seats.
+``mixture(policy, reference, beta)`` seats the geometric mixture ``pi^(1 - beta) rho^beta`` of two
+players (Nash-MD's opponent, Munos et al. 2023: the current policy and a frozen reference).
 
 >>> import jax.numpy as jnp
 >>> keep = follow({"past": lagged("agent", every=2), "avg": ema("agent", decay=0.5)})
@@ -144,3 +146,41 @@ class Keeper:
 
 def follow(followers: Mapping[str, Follower]) -> Keeper:
   return Keeper(dict(followers))
+
+
+MIXTURE_KEYS = ("mixture_a", "mixture_b", "beta")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+  """A seat's policy proportional to ``pi_a^(1 - beta) * pi_b^beta`` (players ``a`` and ``b``)."""
+  a: str
+  b: str
+  beta: float
+
+  def __post_init__(self):
+    if not 0.0 <= self.beta <= 1.0:
+      raise ValueError(f"mixture({self.a!r}, {self.b!r}, beta={self.beta!r}): beta must be in "
+                       "[0, 1]")
+
+  @property
+  def parts(self) -> tuple[str, str]:
+    return (self.a, self.b)
+
+  def resolve(self, params_of) -> dict:
+    """The params the seat plays with: both players' and the weight."""
+    return {"mixture_a": params_of(self.a), "mixture_b": params_of(self.b),
+            "beta": jnp.asarray(self.beta, jnp.float32)}
+
+
+def mixture(policy: str, reference: str, beta: float) -> Mixture:
+  return Mixture(policy, reference, beta)
+
+
+def is_mixture(value: Any) -> bool:
+  return isinstance(value, Mapping) and set(value) == set(MIXTURE_KEYS)
+
+
+def mix_logprobs(logp_a: jax.Array, logp_b: jax.Array, beta) -> jax.Array:
+  """Log-probs of the normalised geometric mixture ``p_a^(1 - beta) p_b^beta``."""
+  return jax.nn.log_softmax((1.0 - beta) * logp_a + beta * logp_b, axis=-1)

@@ -178,8 +178,9 @@ class Stage:
   # Two-player stages.
   game: Any = None
   learners: Mapping[str, Player] = dataclasses.field(default_factory=dict)
-  # seat ("agent", "opponent") -> who sits there: a learner's or a follower's name, or a follower
-  # (``lagged("agent", every=10)``, then named after the seat). Default: the only learner sits in
+  # seat ("agent", "opponent") -> who sits there: a learner's or a follower's name, a follower
+  # (``lagged("agent", every=10)``, then named after the seat) or a geometric mixture of two
+  # players (``mixture("agent", "reference", beta)``: Nash-MD's opponent). Default: the only learner sits in
   # both seats (self-play), or learners named after the seats sit in them.
   seats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   # More frozen followers of the learners, by name (MMD's magnet: ``{"magnet": ema("agent", .99)}``).
@@ -197,7 +198,7 @@ class Stage:
                           minibatches=self.minibatches)}
 
   @property
-  def seated(self) -> dict[str, str]:
+  def seated(self) -> dict[str, Any]:
     """seat -> the name of the player sitting in it (a game stage's; see ``seats``)."""
     seats = dict(self.seats)
     learners = list(self.players)
@@ -346,6 +347,13 @@ def _validate_game_stage(s: Stage) -> None:
                             f"seats={{{seat!r}: ...}} to a learner ({sorted(learners)}) or a "
                             "follower (lagged/ema/snapshot)")
     who = seated[seat]
+    for part in getattr(who, "parts", (who,)):
+      if part not in learners and part not in followers:
+        raise ExperimentError(f"Stage {s.name!r}: seats[{seat!r}] mixes {part!r}, which is no "
+                              f"player of the stage; the learners are {sorted(learners)}, the "
+                              f"followers {sorted(followers)}")
+    if isinstance(who, selfplay.Mixture):
+      continue
     if who not in learners and who not in followers:
       raise ExperimentError(f"Stage {s.name!r}: seats[{seat!r}]={who!r} is no player of the "
                             f"stage; the learners are {sorted(learners)}, the followers "
@@ -363,7 +371,8 @@ def _validate_game_stage(s: Stage) -> None:
         raise ExperimentError(f"Stage {s.name!r}: learner {name!r}'s payoff reads the frozen "
                               f"player {frozen!r}, which the stage does not have (its followers: "
                               f"{sorted(followers)})")
-  unused = sorted(set(learners) - set(seated.values()))
+  sitting = {part for who in seated.values() for part in getattr(who, "parts", (who,))}
+  unused = sorted(set(learners) - sitting)
   if unused:
     raise ExperimentError(f"Stage {s.name!r}: learners {unused} sit in no seat")
 
