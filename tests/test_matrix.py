@@ -196,7 +196,8 @@ def test_mmd_errors():
 
 # ---- the game in the compiled step ----------------------------------------------------------------
 
-def _game_setup(mesh, two_learners=True, k_steps=5, games=64, feedback="sampled"):
+def _game_setup(mesh, two_learners=True, k_steps=5, games=64, feedback="sampled",
+                updates="simultaneous"):
   game = matrix.matrix_game(preset="biased_rps", feedback=feedback)
   apply = game.mask(functools.partial(llama.apply, CFG), CFG.vocab_size)
   if two_learners:
@@ -214,7 +215,8 @@ def _game_setup(mesh, two_learners=True, k_steps=5, games=64, feedback="sampled"
     params = {"player": llama.init_params(CFG, jax.random.PRNGKey(0))}
   keeper = selfplay.follow(followers)
   g = game_step.Game(learners=learners, play=game.play_fn(apply, seats, game_step.player_params),
-                     respond=game.respond_fn(CFG.vocab_size), after=keeper.after)
+                     respond=game.respond_fn(CFG.vocab_size), after=keeper.after,
+                     updates=updates)
   state = game_step.init_state(g, params, jax.random.PRNGKey(7),
                                selfplay.init_followers(followers, params))
   traces = []
@@ -280,19 +282,29 @@ def test_play_attributes_moves_and_judges_each_seat():
 
 
 def test_two_learners_update_in_one_step_that_traces_once():
+  """Alternating updates: step 0 moves the agent only, step 1 the opponent only; over many
+  steps both learners and their magnets move, and the step is traced once."""
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  _, _, fn, state, batches, traces = _game_setup(mesh)
+  _, _, fn, state, batches, traces = _game_setup(mesh, k_steps=1, updates="alternating")
   before = jax.device_get(state.params)
   magnets = jax.device_get(state.frozen)
+  state, _ = fn(state, batches)
+  mid = jax.device_get(state.params)
+  assert not np.allclose(before["agent"]["embedding"], mid["agent"]["embedding"])
+  np.testing.assert_array_equal(before["opponent"]["embedding"], mid["opponent"]["embedding"])
+  state, _ = fn(state, batches)
+  end = jax.device_get(state.params)
+  np.testing.assert_array_equal(mid["agent"]["embedding"], end["agent"]["embedding"])
+  assert not np.allclose(mid["opponent"]["embedding"], end["opponent"]["embedding"])
   for _ in range(4):
     state, metrics = fn(state, batches)
-  assert len(traces) == 1 and int(state.step) == 20
-  after = jax.device_get(state.params)
-  for s in records.SEATS:                     # both learners moved, and their magnets followed
-    assert not np.allclose(before[s]["embedding"], after[s]["embedding"])
+  assert len(traces) == 1 and int(state.step) == 6
+  for s in records.SEATS:                     # their magnets followed
     assert not np.allclose(magnets[f"magnet_{s}"]["embedding"],
                            jax.device_get(state.frozen)[f"magnet_{s}"]["embedding"])
   assert {"agent/loss", "opponent/loss", "exploitability", "judge/agent_reward"} <= set(metrics)
+  with pytest.raises(ValueError, match="updates='sometimes'"):
+    game_step.Game(learners={}, updates="sometimes")
 
 
 def test_lagged_follower_refreshes_every_n_steps_inside_the_step():
@@ -392,16 +404,21 @@ def test_bad_game_configs_exit_2_and_create_nothing(tmp_path, capsys, binding, m
   assert not work.exists()
 
 
-def test_matrix_experiment_runs_from_gin_evaluates_per_seat_and_plots(tmp_path, capsys):
-  """A short run of experiments/matrix/mmd.gin with a matrix given on the command line: the
-  exploitability is logged every call and falls, summary.json and `gamejax eval --player` give
-  per-seat figures, `gamejax plot` writes PNGs."""
+def test_matrix_experiment_runs_from_gin_evaluates_per_seat_plots_and_scores_its_league(
+    tmp_path, capsys):
+  """A short run of experiments/matrix/mmd.gin with a matrix given on the command line and a
+  league of snapshots kept beside the magnet: exploitability logged every call and falling,
+  summary.json and `gamejax eval --player` per seat, `gamejax plot` PNGs, `gamejax league` win
+  rates and Elo of the league's members."""
   import json
   from gamejax import cli
   work = tmp_path / "run"
   custom = "[[0, 2, -1], [-2, 0, 3], [1, -3, 0]]"
   code = cli.main(["train", f"--gin_file={MMD_GIN}", f"--workdir={work}", "--no_progress",
-                   "--gin.MATRIX_STEPS=300", f"--gin.matrix_game.matrix={custom}"])
+                   "--gin.MATRIX_STEPS=300", f"--gin.matrix_game.matrix={custom}",
+                   "--gin.selfplay/Stage.followers={'magnet': @ema(), 'past': @league()}",
+                   "--gin.league.learner='agent'", "--gin.league.every=60",
+                   "--gin.league.size=3"])
   assert code == 0, capsys.readouterr().err
   rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
   assert [r["step"] for r in rows] == list(range(50, 301, 50))
@@ -423,6 +440,14 @@ def test_matrix_experiment_runs_from_gin_evaluates_per_seat_and_plots(tmp_path, 
   written = capsys.readouterr().out.split()
   assert str(work / "plots" / "exploitability.png") in written
   assert all(os.path.getsize(p) > 1000 for p in written)
+  assert cli.main(["league", f"--workdir={work}"]) == 0
+  league_out = json.load(open(work / "league.json"))
+  assert league_out["players"] == ["snapshot 3 (step 180)", "snapshot 4 (step 240)",
+                                   "snapshot 5 (step 300)", "current"]
+  scores = np.asarray(league_out["win_rates"])
+  assert scores.shape == (4, 4) and ((0 <= scores) & (scores <= 1)).all()
+  assert abs(np.mean(league_out["elo"]) - 1000) < 1e-6
+  assert os.path.getsize(work / "plots" / "league.png") > 1000
 
 
 def test_league_keeps_the_last_snapshots_in_a_ring():
@@ -441,28 +466,6 @@ def test_elo_recovers_bradley_terry_ratings():
   scores = 1.0 / (1.0 + np.exp(-diff))
   got = league.elo(scores)
   np.testing.assert_allclose(got - got.mean(), true - true.mean(), atol=1e-3)
-
-
-def test_league_stage_runs_and_gamejax_league_scores_its_members(tmp_path, capsys):
-  import json
-  from gamejax import cli
-  work = tmp_path / "run"
-  gin = os.path.join(os.path.dirname(MMD_GIN), "league.gin")
-  code = cli.main(["train", f"--gin_file={gin}", f"--workdir={work}", "--no_progress",
-                   "--gin.MATRIX_STEPS=40", "--gin.selfplay/Stage.steps_per_call=20",
-                   "--gin.league.every=8", "--gin.league.size=3"])
-  assert code == 0, capsys.readouterr().err
-  capsys.readouterr()
-  assert cli.main(["league", f"--workdir={work}"]) == 0
-  out = json.load(open(work / "league.json"))
-  assert out["players"] == ["snapshot 3 (step 24)", "snapshot 4 (step 32)",
-                            "snapshot 5 (step 40)", "current"]
-  scores = np.asarray(out["win_rates"])
-  assert scores.shape == (4, 4) and ((0 <= scores) & (scores <= 1)).all()
-  assert abs(np.mean(out["elo"]) - 1000) < 1e-6
-  assert os.path.getsize(work / "plots" / "league.png") > 1000
-  summary = json.load(open(work / "summary.json"))["selfplay"]
-  assert summary["exploitability"] >= 0
 
 
 def test_a_league_seat_draws_one_member_per_game():
@@ -496,33 +499,6 @@ def test_a_league_seat_draws_one_member_per_game():
                 | np.isclose(behaviour, by_member[1], rtol=1e-4))
   assert 0.3 < np.mean(np.isclose(behaviour, by_member[0], rtol=1e-4)) < 0.7
   np.testing.assert_allclose(np.asarray(facts["opponent/policy"])[0], mixture, rtol=1e-4)
-
-
-def test_alternating_updates_move_one_learner_per_step():
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  game = matrix.matrix_game(preset="rps")
-  apply = game.mask(functools.partial(llama.apply, CFG), CFG.vocab_size)
-  learners = {s: game_step.Learner(apply, mmd(s, alpha=0.1, estimator="all_actions"),
-                                   optax.adam(1e-2)) for s in records.SEATS}
-  g = game_step.Game(learners=learners, updates="alternating",
-                     play=game.play_fn(apply, {s: s for s in records.SEATS},
-                                       game_step.player_params),
-                     respond=game.respond_fn(CFG.vocab_size))
-  params = {s: llama.init_params(CFG, jax.random.PRNGKey(i)) for i, s in enumerate(records.SEATS)}
-  state = game_step.init_state(g, params, jax.random.PRNGKey(0))
-  fn, _ = game_step.make_step(g, mesh, jax.eval_shape(lambda: state))
-  one = {"games": np.zeros((1, 32), np.int32)}
-  before = jax.device_get(state.params)
-  state, _ = fn(state, one)                                   # step 0: the agent's turn
-  mid = jax.device_get(state.params)
-  assert not np.allclose(before["agent"]["embedding"], mid["agent"]["embedding"])
-  np.testing.assert_array_equal(before["opponent"]["embedding"], mid["opponent"]["embedding"])
-  state, _ = fn(state, one)                                   # step 1: the opponent's
-  end = jax.device_get(state.params)
-  np.testing.assert_array_equal(mid["agent"]["embedding"], end["agent"]["embedding"])
-  assert not np.allclose(mid["opponent"]["embedding"], end["opponent"]["embedding"])
-  with pytest.raises(ValueError, match="updates='sometimes'"):
-    game_step.Game(learners=learners, updates="sometimes")
 
 
 def test_a_mixture_seat_plays_the_geometric_mixture_of_two_players():

@@ -347,7 +347,7 @@ def _validate_game_stage(s: Stage) -> None:
                             f"seats={{{seat!r}: ...}} to a learner ({sorted(learners)}) or a "
                             "follower (lagged/ema/snapshot)")
     who = seated[seat]
-    for part in getattr(who, "parts", (who,)):
+    for part in getattr(who, "parts", ()):
       if part not in learners and part not in followers:
         raise ExperimentError(f"Stage {s.name!r}: seats[{seat!r}] mixes {part!r}, which is no "
                               f"player of the stage; the learners are {sorted(learners)}, the "
