@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-import jax
 import numpy as np
 
 from gamejax.players import selfplay
@@ -60,7 +59,7 @@ def league_members(stage, players: dict, frozen: dict) -> tuple[list[str], list[
   labels, params = [], []
   for k in range(first, count):            # snapshot k sits in slot k % size
     labels.append(f"snapshot {k} (step {k * follower.every})")
-    params.append(jax.tree.map(lambda x, i=k % size: x[i], value[selfplay.LEAGUE_PARAMS]))
+    params.append(selfplay.league_member(value, k % size))
   labels.append("current")
   params.append(players[follower.learner])
   return labels, params

@@ -5,9 +5,6 @@ import dataclasses
 import functools
 import itertools
 import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +15,7 @@ import pytest
 from open_spiel.python import policy as os_policy
 from open_spiel.python.algorithms import exploitability as os_exploitability
 
+import eight_devices
 from gamejax import records, sharding, step as game_step
 from gamejax.games import matrix
 from gamejax.models import llama
@@ -319,33 +317,15 @@ def test_lagged_follower_refreshes_every_n_steps_inside_the_step():
                jax.device_get(state2.params["player"]))
 
 
-SHARDED = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, %r)
-    import jax, numpy as np
-    from gamejax import sharding
-    import test_matrix as T
-    assert len(jax.devices()) == 8, jax.devices()
-    out = {}
-    for name, mesh in [("one", sharding.make_mesh(devices=jax.devices()[:1])),
-                       ("eight", sharding.make_mesh(data=2, fsdp=4))]:
-      _, _, fn, state, batches, _ = T._game_setup(mesh, k_steps=3, games=32)
-      for call in range(1):
-        state, metrics = fn(state, batches)
-      out[name] = (np.asarray(metrics["loss"]), jax.device_get(state.params))
-    np.testing.assert_allclose(out["one"][0], out["eight"][0], rtol=1e-5, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-                 out["one"][1], out["eight"][1])
-    print("SHARDED_OK")
-""")
+def run_on(mesh):
+  """One call of 3 two-learner steps on ``mesh`` (``eight_devices`` compares meshes)."""
+  _, _, fn, state, batches, _ = _game_setup(mesh, k_steps=3, games=32)
+  state, metrics = fn(state, batches)
+  return np.asarray(metrics["loss"]), jax.device_get(state.params)
 
 
 def test_two_learners_on_eight_devices_match_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  script = SHARDED % os.path.dirname(__file__)
-  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                       timeout=600)
-  assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]
+  eight_devices.assert_eight_devices_match_one("test_matrix")
 
 
 # ---- bad games ------------------------------------------------------------------------------------

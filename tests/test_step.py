@@ -1,15 +1,12 @@
 """The compiled game step: traces once, trains, guards NaNs, and shards without changing results."""
 import functools
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+import eight_devices
 from gamejax import sharding, step as game_step
 from gamejax.models import llama
 from gamejax.payoffs import imitation
@@ -97,37 +94,19 @@ def test_finite_payoff_with_infinite_gradient_never_reaches_params():
   jax.tree.map(np.testing.assert_array_equal, before, jax.device_get(state.params))
 
 
-SHARDED = textwrap.dedent("""
-    import os, sys
-    sys.path.insert(0, %r)
-    import jax, numpy as np
-    from gamejax import sharding
-    import test_step as T
-    assert len(jax.devices()) == 8, jax.devices()
-    out = {}
-    for name, mesh in [("one", sharding.make_mesh(devices=jax.devices()[:1])),
-                       ("eight", sharding.make_mesh(data=2, fsdp=4))]:
-      fn, state, traces = T._setup(mesh)
-      for call in range(3):
-        state, metrics = fn(state, T._batches(2, 8, 36, call))
-      out[name] = (np.asarray(metrics["loss"]), jax.device_get(state.params))
-      if name == "eight":
-        specs = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
-        assert any("fsdp" in s for s in specs), specs
-    np.testing.assert_allclose(out["one"][0], out["eight"][0], rtol=1e-5, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-                 out["one"][1], out["eight"][1])
-    print("SHARDED_OK", out["one"][0])
-""")
+def run_on(mesh):
+  """Three calls of the pre-training step on ``mesh`` (``eight_devices`` compares meshes)."""
+  fn, state, _ = _setup(mesh)
+  for call in range(3):
+    state, metrics = fn(state, _batches(2, 8, 36, call))
+  if mesh.size == 8:
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
+    assert any("fsdp" in s for s in specs), specs
+  return np.asarray(metrics["loss"]), jax.device_get(state.params)
 
 
 def test_eight_device_step_equals_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  here = os.path.dirname(os.path.abspath(__file__))
-  proc = subprocess.run([sys.executable, "-c", SHARDED % here], env=env, capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert "SHARDED_OK" in proc.stdout
+  eight_devices.assert_eight_devices_match_one("test_step", timeout=300)
 
 
 def test_prepare_then_minibatch_epochs_visit_every_row_once_per_epoch():

@@ -100,14 +100,6 @@ class MatrixGame:
   name: str = "matrix"
   feedback: str = "sampled"        # action values against the sampled move, or "expected"
 
-  @property
-  def zero_sum(self) -> bool:
-    return bool(np.allclose(self.agent_matrix, -self.opponent_matrix))
-
-  @property
-  def seq_len(self) -> int:
-    return 6
-
   def action_tokens(self, seat: str) -> np.ndarray:
     n = self.agent_matrix.shape[0 if seat == "agent" else 1]
     return np.asarray([token(c) for c in self.actions[:n]], np.int32)
@@ -160,9 +152,8 @@ class MatrixGame:
       value = seats[seat]
       if selfplay.is_league(value):         # the league's mixed strategy: its members' average
         members = int(selfplay.league_members(value))
-        p = np.mean([np.exp(np.asarray(policy(apply, jax.tree.map(
-            lambda x, k=k: x[k], value[selfplay.LEAGUE_PARAMS]), seat), np.float64))
-                     for k in range(members)], axis=0)
+        p = np.mean([np.exp(np.asarray(policy(apply, selfplay.league_member(value, k), seat),
+                                       np.float64)) for k in range(members)], axis=0)
       else:
         p = np.exp(np.asarray(policy(apply, value, seat), np.float64))
       probs[seat] = p / p.sum()

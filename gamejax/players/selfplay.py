@@ -121,6 +121,11 @@ def is_league(value: Any) -> bool:
   return isinstance(value, Mapping) and set(value) == {LEAGUE_PARAMS, LEAGUE_COUNT}
 
 
+def league_member(value: Mapping[str, Any], slot: int) -> Any:
+  """The params in a league's ``slot``."""
+  return jax.tree.map(lambda x: x[slot], value[LEAGUE_PARAMS])
+
+
 def league_members(value: Mapping[str, Any]) -> jax.Array:
   """How many members a league holds (``<= size``)."""
   size = jax.tree.leaves(value[LEAGUE_PARAMS])[0].shape[0]

@@ -45,7 +45,7 @@ def run_experiment(exp: Experiment, workdir: str, progress: bool = True,
     if stage.rollout is not None and stage.rollout.judge_from is not None:
       judge = finals.get(stage.rollout.judge_from, {}).get("agent")
     if stage.name in summary and summary[stage.name].get("steps") == stage.steps:
-      finals[stage.name] = restore_params(exp, i, workdir, finals)  # finished: reuse its result
+      finals[stage.name] = restore_params(exp, i, workdir)   # finished: reuse its result
       log(f"[{stage.name}] already finished; reusing its final checkpoint")
       continue
     result = run_stage(exp, i, finals, workdir, mesh, progress=progress, eval_examples=examples,
@@ -77,9 +77,8 @@ def restore_players(exp: Experiment, index: int, workdir: str) -> tuple[dict, di
   return dict(state.params), dict(state.frozen)
 
 
-def restore_params(exp: Experiment, index: int, workdir: str, finals=None) -> dict:
+def restore_params(exp: Experiment, index: int, workdir: str) -> dict:
   """The learners' params (by name) of stage ``index``'s latest checkpoint in ``workdir``."""
-  del finals       # the shapes do not depend on where the params started
   return restore_players(exp, index, workdir)[0]
 
 

@@ -55,24 +55,14 @@ class Optimizer:
   b1: float = 0.9
   b2: float = 0.98
   grad_clip: float = 1.0
-  eps: float = 1e-8          # Adam's denominator floor (larger: smaller steps once gradients vanish)
-  # AMSGrad (Reddi et al. 2018): the second-moment estimate never decreases, so steps shrink with
-  # the gradients instead of staying ~learning_rate as they vanish (Adam's late spikes); for
-  # learning dynamics that must settle on an equilibrium.
-  amsgrad: bool = False
 
   def build(self, total_steps: int) -> optax.GradientTransformation:
     warmup = min(self.warmup_steps, max(total_steps - 1, 0))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, self.learning_rate, warmup, max(total_steps, warmup + 1),
         end_value=self.learning_rate * self.end_factor)
-    if self.amsgrad:
-      adam = optax.chain(optax.scale_by_amsgrad(self.b1, self.b2, eps=self.eps),
-                         optax.add_decayed_weights(self.weight_decay),
-                         optax.scale_by_learning_rate(schedule))
-    else:
-      adam = optax.adamw(schedule, self.b1, self.b2, eps=self.eps, weight_decay=self.weight_decay)
-    return optax.chain(optax.clip_by_global_norm(self.grad_clip), adam)
+    return optax.chain(optax.clip_by_global_norm(self.grad_clip),
+                       optax.adamw(schedule, self.b1, self.b2, weight_decay=self.weight_decay))
 
 
 ANSWER_WIDTH = 19       # digits of the judge's answer key (arena answers fit int64)
