@@ -2,7 +2,7 @@
 
   gamejax train --gin_file=FILE [--gin_file=...] [--gin.KEY=VALUE ...] --workdir=DIR
                 [--resume | --overwrite] [--no_progress] [--dry_run]
-  gamejax eval --workdir=DIR [--stage=NAME] [--player=NAME]
+  gamejax eval --workdir=DIR [--stage=NAME] [--player=NAME] [--export_policy=FILE.json]
   gamejax plot --workdir=DIR [--workdir=DIR ...] [--output=FOLDER]
   gamejax league --workdir=DIR [--stage=NAME]
   gamejax generate --workdir=DIR [--stage=NAME] (--prompt=TEXT ... | --prompts=FILE.jsonl)
@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument("--stage", default=None, help="stage to evaluate (default: the last one trained)")
   e.add_argument("--player", default=None,
                  help="a learner of the stage: its own figures (default: every player's)")
+  e.add_argument("--export_policy", default=None, metavar="FILE.json",
+                 help="a game stage: write the seated players' policy (Kuhn poker: "
+                 "{OpenSpiel information state: [p(pass), p(bet)]})")
   lg = sub.add_parser("league", help="win rates and Elo of a stage's league of past selves")
   lg.add_argument("--workdir", required=True)
   lg.add_argument("--stage", default=None, help="stage with a league (default: the last one)")
@@ -186,7 +189,16 @@ def evaluate(args) -> int:
   if args.player is not None and args.player not in stage.players:
     raise UsageError(f"--player={args.player!r} is not a learner of stage {name!r}; its learners: "
                      f"{sorted(stage.players)}")
+  export = getattr(stage.game, "export_policy", None)
+  if args.export_policy is not None:
+    if export is None:
+      raise UsageError(f"--export_policy: stage {name!r} plays no game with a policy to export "
+                       "(Kuhn poker has one)")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.export_policy))):
+      raise UsageError(f"--export_policy={args.export_policy}: no such directory")
   players, frozen = run.restore_players(exp, index, workdir)
+  if args.export_policy is not None:
+    run.export_policy(exp, index, players, args.export_policy, frozen=frozen)
   examples = run.load_eval_examples(exp)
   figures = run.evaluate_stage(exp, index, players, examples, frozen=frozen)
   if args.player is not None and "seats" in figures:       # the seats this player sits in

@@ -4,7 +4,7 @@ that name the file, the line and the unknown name (with close matches).
 Configurables (use these names in ``.gin`` files):
   run structure: ``Experiment``, ``Stage``, ``Player``, ``Optimizer``, ``Evaluation``,
     ``Rollout``, ``LlamaConfig``;
-  games and their players: ``matrix_game``; followers ``snapshot``, ``lagged``, ``ema``,
+  games and their players: ``matrix_game``, ``kuhn_poker``; followers ``snapshot``, ``lagged``, ``ema``,
     ``league``; seat ``mixture``;
   payoffs: ``imitation``, ``weighted``, ``grpo``, ``rloo``, ``reinforce``, ``kl_to_reference``,
     ``dpo``, ``ipo``, ``bradley_terry``, ``ppo``, ``ppo_prepare``, ``mmd``;
@@ -29,7 +29,7 @@ from gamejax.data import arena as arena_data
 from gamejax.models.llama import LlamaConfig
 from gamejax import payoffs
 from gamejax.data import preferences as preference_data
-from gamejax.games import matrix
+from gamejax.games import kuhn, matrix
 from gamejax.players import judges, opponents, selfplay
 
 
@@ -54,7 +54,7 @@ def register() -> None:
     gin.external_configurable(fn, name=fn.__name__, module="gamejax")
   for fn in (judges.arena_judge, opponents.arena_feedback, opponents.fixed_reply,
              selfplay.snapshot, selfplay.lagged, selfplay.ema, selfplay.league, selfplay.mixture,
-             matrix.matrix_game):
+             matrix.matrix_game, kuhn.kuhn_poker):
     gin.external_configurable(fn, name=fn.__name__, module="gamejax")
   gin.external_configurable(arena, name="arena", module="gamejax")
   gin.external_configurable(local_text, name="local_text", module="gamejax")

@@ -1,4 +1,5 @@
-"""Turn structure, part of every game's definition: who moves when, and for how many tokens.
+"""What every game shares: its turn structure (who moves when, for how many tokens), its tokens,
+its legal moves and the players a seat can hold.
 
 A transcript follows its game's turns when its runs of consecutive same-player tokens are the
 turns in order (a turn may be cut short, never overrun). BOS belongs to the opening move, EOS to
@@ -13,8 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gamejax.data.tokenizer import OFFSET
+from gamejax.players import selfplay
 from gamejax.records import PLAYER_NAMES
 
 
@@ -54,3 +61,57 @@ class Turns:
         raise ValueError(f"move {i} was made by player {pid}; turn {i} is the {turn.player}'s")
       if n > turn.max_len:
         raise ValueError(f"move {i} ({turn.player}) has {n} tokens; the turn allows {turn.max_len}")
+
+
+# ---- what every language game shares: tokens, legal moves, the players a seat can hold --------
+
+MASKED = -1e9          # the logit of an illegal token
+
+
+class GameConfigError(ValueError):
+  """A game description that cannot be played (names the setting)."""
+
+
+def token(ch: str) -> int:
+  """The byte tokenizer's id of one ASCII character."""
+  return OFFSET + ord(ch)
+
+
+def legal_moves(apply: Callable, legal_after: np.ndarray) -> Callable:
+  """``apply`` with the logit of every token that may not follow the current one set to
+  ``MASKED`` (``legal_after[current, next]``): the policy is a softmax over legal moves only."""
+  table = jnp.asarray(legal_after)
+
+  def masked(params, tokens, positions, segment_ids):
+    out = apply(params, tokens, positions, segment_ids)
+    logits = out[0] if isinstance(out, tuple) else out
+    legal = table[tokens]
+    logits = jnp.where(legal[..., :logits.shape[-1]], logits, MASKED)
+    return (logits,) + tuple(out[1:]) if isinstance(out, tuple) else logits
+
+  return masked
+
+
+def seat_logprobs(logprobs: Callable[[Any], jax.Array], value: Any) -> jax.Array:
+  """The log-probs ``logprobs(params)`` of the player ``value`` sitting in a seat: plain params,
+  or a geometric mixture of two players (``selfplay.mixture``, mixed action by action)."""
+  if selfplay.is_mixture(value):
+    return selfplay.mix_logprobs(logprobs(value["mixture_a"]), logprobs(value["mixture_b"]),
+                                 value["beta"])
+  return logprobs(value)
+
+
+def per_game_logprobs(logprobs: Callable[[Any], jax.Array], value: Any, games: int,
+                      key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(logp_B..., members_K..., weights_K)``: the policy each of ``games`` games is played with
+  when ``value`` sits in the seat, and the players it is drawn from with their weights. A league
+  draws one member per game (uniformly among the members it holds; empty slots weigh 0); any
+  other player plays every game (``K = 1``)."""
+  if not selfplay.is_league(value):
+    logp = seat_logprobs(logprobs, value)
+    return jnp.broadcast_to(logp, (games,) + logp.shape), logp[None], jnp.ones((1,), jnp.float32)
+  logp_K = jax.vmap(logprobs)(value[selfplay.LEAGUE_PARAMS])
+  members = selfplay.league_members(value)
+  pick_B = jax.random.randint(key, (games,), 0, members)
+  weights_K = (jnp.arange(logp_K.shape[0]) < members).astype(jnp.float32) / members
+  return logp_K[pick_B], logp_K, weights_K

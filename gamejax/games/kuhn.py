@@ -1,25 +1,57 @@
-"""Kuhn poker: the game tree and its exact exploitability (the language game's play comes next).
+"""Kuhn poker as a multi-turn, imperfect-information language game, with its exact evaluator.
 
 Three cards (J, Q, K = 0, 1, 2), one each to two players who ante 1; the agent (player 0) passes
 or bets 1, then the opponent, and so on: ``pp`` and ``pbb``/``bb`` go to a showdown (the higher
-card takes the pot), ``bp`` and ``pbp`` end with a fold. A policy is a map from OpenSpiel's
-information-state strings -- the player's card then the betting history, ``"1pb"`` -- to
-``[p(pass), p(bet)]``; ``exploitability`` walks the whole tree exactly (no sampling): NashConv / 2,
-where a seat's best response is the best of its 64 pure strategies against the other's policy.
+card takes the pot), ``bp`` and ``pbp`` end with a fold.
+
+**As a language game** each seat reads its own transcript -- its label, its private card, the
+public betting -- and writes its move, ``p`` or ``b``. One game is one record row of two packed
+segments, the opponent's view then the agent's (a seat never sees the other's card):
+
+    tokens   <BOS> "2" c1  a0   o1    <BOS> "1" c0  a0    o1     a2
+    players  CH    CH  CH  CH   OPP   CH    CH  CH  AGENT CH     AGENT
+    segment  1     1   1   1    1     2     2   2   2     2      2
+
+Chance (``records.CHANCE``) moves the deal, the labels, and, in a seat's view, the other seat's
+bets; ``o1 a2`` appear only when the agent called a bet after passing (``pb``), else they are
+padding. Illegal moves are **masked** (a seat's policy is its model's softmax over ``p`` and
+``b`` only: ``legal_after``; the learner's ``apply`` is masked the same way, so payoffs score
+the policy that played). The judge pays the chips won (zero-sum).
+
+An information state's policy is the model's next-token distribution after that state's
+transcript, so the step computes all 12 of them in one forward pass (``info_state_logprobs``)
+and samples the batch's games from them, exactly as decoding each game's transcript would.
+
+**Exact evaluation.** A policy is a map from OpenSpiel's information-state strings -- the player's
+card then the betting history, ``"1pb"`` -- to ``[p(pass), p(bet)]``; ``exploitability`` walks
+the whole tree (no sampling): NashConv / 2, where a seat's best response is the best of its 64
+pure strategies against the other's policy. ``table_exploitability`` computes the same from the
+policy's ``[12, 2]`` table, vectorised (NumPy or jnp: logged inside the step every step).
 
 >>> round(exploitability(uniform_policy()), 6)
 0.458333
 >>> round(exploitability(nash_policy(1 / 6)), 12)
 0.0
+>>> round(float(table_exploitability(policy_table(uniform_policy()))), 6)
+0.458333
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import json
 import os
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from gamejax import records
+from gamejax.data.tokenizer import BOS, PAD
+from gamejax.games.base import GameConfigError, legal_moves, per_game_logprobs, seat_logprobs, token
+from gamejax.players import selfplay
 
 PASS, BET = 0, 1
 DEALS = tuple(itertools.permutations(range(3), 2))         # (agent's card, opponent's card)
@@ -121,3 +153,286 @@ def write_policy(path: str, policy: Mapping[str, Sequence[float]]) -> None:
     json.dump(out, f, indent=2, sort_keys=True)
     f.write("\n")
   os.replace(tmp, path)
+
+
+def policy_table(policy: Mapping[str, Sequence[float]]) -> np.ndarray:
+  """``float64[12, 2]``: ``policy``'s rows in ``ALL_INFO_STATES`` order."""
+  check_policy(policy)
+  return np.asarray([policy[s] for s in ALL_INFO_STATES], np.float64)
+
+
+def table_policy(table) -> dict[str, list[float]]:
+  """The ``{information state: [p(pass), p(bet)]}`` of a ``[12, 2]`` table (renormalised)."""
+  t = np.asarray(table, np.float64)
+  t = t / t.sum(-1, keepdims=True)
+  return {s: t[i].tolist() for i, s in enumerate(ALL_INFO_STATES)}
+
+
+def _bets(table):
+  """The bet probabilities of a ``[12, 2]`` table: the agent's with its card at ``""`` and
+  ``"pb"``, the opponent's at ``"p"`` and ``"b"`` (each ``[3]``, by card)."""
+  bet = table[..., BET] / table.sum(-1)
+  agent, opponent = bet[:6].reshape(3, 2), bet[6:].reshape(3, 2)
+  return agent[:, 0], agent[:, 1], opponent[:, 0], opponent[:, 1]
+
+
+_C0, _C1 = (np.asarray(c) for c in zip(*DEALS))
+_WIN = np.sign(_C0 - _C1).astype(np.float64)        # the agent's showdown sign, per deal
+
+
+def _deal_values(first, second, after_pass, after_bet):
+  """The agent's winnings per deal ``[..., 6]`` given bet probabilities per card (``[..., 3]``):
+  ``first``/``second`` the agent's at ``""``/``"pb"``, ``after_pass``/``after_bet`` the
+  opponent's at ``"p"``/``"b"``."""
+  rank = max(x.ndim for x in (first, second, after_pass, after_bet))
+  lift = lambda x: x.reshape((1,) * (rank - x.ndim) + x.shape)       # explicit broadcasting
+  f, s = lift(first)[..., _C0], lift(second)[..., _C0]
+  op, ob = lift(after_pass)[..., _C1], lift(after_bet)[..., _C1]
+  win = _WIN.reshape((1,) * (rank - 1) + _WIN.shape)
+  passed = (1 - op) * win + op * ((1 - s) * -1.0 + s * 2 * win)
+  bet = (1 - ob) * 1.0 + ob * 2 * win
+  return (1 - f) * passed + f * bet
+
+
+_PURE = np.asarray(list(itertools.product((0.0, 1.0), repeat=2)))      # [4, 2] per-card plans
+_AT_CARD = np.eye(3)[:, None, :] > 0                                    # [3 cards, 1, 3]
+
+
+def table_exploitability(table):
+  """NashConv / 2 of a ``[12, 2]`` policy table (rows in ``ALL_INFO_STATES`` order), exact and
+  vectorised; NumPy or jnp (it only measures). A seat's best response picks, for each of its
+  cards, the best of its 4 pure plans at that card's two information states (the 64 pure
+  strategies, card by card)."""
+  xp = jnp if isinstance(table, jax.Array) else np
+  first, second, after_pass, after_bet = _bets(table)
+  value = _deal_values(first, second, after_pass, after_bet).mean()
+  plan = lambda k, bets: xp.where(_AT_CARD, _PURE[None, :, k, None], bets)   # [3, 4, 3]
+  agent = _deal_values(plan(0, first), plan(1, second), after_pass, after_bet)      # [3, 4, 6]
+  opponent = -_deal_values(first, second, plan(0, after_pass), plan(1, after_bet))
+  mine = lambda cards: np.arange(3)[:, None, None] == cards[None, None]              # [3, 1, 6]
+  best = lambda v, cards: xp.where(mine(cards), v, 0.0).sum(-1).max(-1).sum() / 6
+  return 0.5 * ((best(agent, _C0) - value) + (best(opponent, _C1) + value))
+
+
+# ---- the language game ---------------------------------------------------------------------------
+
+CARDS = "JQK"                      # card 0, 1, 2 is the token of CARDS[i]
+MOVES = "pb"                       # pass (check/fold), bet (bet/call)
+LABELS = {"agent": "1", "opponent": "2"}
+SEAT_OF = {0: "agent", 1: "opponent"}
+PREFIX_LEN = 5                     # the longest information state's transcript: <BOS> 1 c p b
+# Where each seat's information states sit in ALL_INFO_STATES (the policy table's rows).
+ROWS = {SEAT_OF[p]: np.asarray([ALL_INFO_STATES.index(s) for s in INFO_STATES[p]])
+        for p in (0, 1)}
+
+
+def _row(card, history_code):
+  """The table row of (card, history) for the agent (``""`` = 0, ``"pb"`` = 1) or the
+  opponent's (``"p"`` = 0, ``"b"`` = 1) information states, relative to the seat's rows."""
+  return 2 * card + history_code
+
+
+def transcript(info_state: str) -> np.ndarray:
+  """The token ids a seat reads at ``info_state`` (``"1pb"``): ``<BOS>``, its label, its card,
+  the betting so far."""
+  seat = SEAT_OF[(len(info_state) - 1) % 2]
+  text = LABELS[seat] + CARDS[int(info_state[0])] + info_state[1:]
+  return np.asarray([BOS] + [token(c) for c in text], np.int32)
+
+
+def league_table(tables_K, weights_K):
+  """The behaviour policy ``[12, 2]`` of a league that draws member ``k`` (table ``[12, 2]``)
+  with probability ``weights_K[k]`` for the whole game: at each information state the members'
+  policies weighted by how likely each is to reach it (Kuhn's theorem; the agent's second
+  decision is reached by the members that passed first)."""
+  xp = jnp if isinstance(tables_K, jax.Array) else np
+  reach = xp.ones(tables_K.shape[:2], tables_K.dtype)                # [K, 12]
+  for card in range(3):                                              # the agent at "<card>pb"
+    first, second = ROWS["agent"][_row(card, 0)], ROWS["agent"][_row(card, 1)]
+    if xp is np:
+      reach[:, second] = tables_K[:, first, PASS]
+    else:
+      reach = reach.at[:, second].set(tables_K[:, first, PASS])
+  w = weights_K[:, None] * reach
+  return (w[..., None] * tables_K).sum(0) / xp.maximum(w.sum(0), 1e-30)[:, None]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KuhnGame:
+  """Kuhn poker played by language models (see the module docstring)."""
+  reward_scale: float = 1.0        # rewards are the chips won / reward_scale
+  name: str = "kuhn"
+
+  def move_tokens(self) -> np.ndarray:
+    return np.asarray([token(c) for c in MOVES], np.int32)
+
+  def legal_after(self, vocab_size: int) -> np.ndarray:
+    """``bool[V, V]``: after a seat label a card; after a card or a move, a move; elsewhere
+    anything."""
+    legal = np.ones((vocab_size, vocab_size), bool)
+    cards = [token(c) for c in CARDS]
+    for label in LABELS.values():
+      legal[token(label)] = False
+      legal[token(label), cards] = True
+    for t in cards + [token(c) for c in MOVES]:
+      legal[t] = False
+      legal[t, self.move_tokens()] = True
+    return legal
+
+  def mask(self, apply: Callable, vocab_size: int) -> Callable:
+    return legal_moves(apply, self.legal_after(vocab_size))
+
+  # ---- policies -----------------------------------------------------------------------------
+
+  def info_state_logprobs(self, apply: Callable, params: Any) -> jax.Array:
+    """``float32[12, 2]``: log-probs of pass and bet at every information state (rows in
+    ``ALL_INFO_STATES`` order), one forward pass over the 12 transcripts."""
+    prefixes = [transcript(s) for s in ALL_INFO_STATES]
+    lengths = np.asarray([len(p) for p in prefixes])
+    tokens = np.full((len(prefixes), PREFIX_LEN), PAD, np.int32)
+    segments = np.zeros_like(tokens)
+    for i, p in enumerate(prefixes):
+      tokens[i, :len(p)], segments[i, :len(p)] = p, 1
+    positions = np.broadcast_to(np.arange(PREFIX_LEN, dtype=np.int32), tokens.shape)
+    out = apply(params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
+    logits = out[0] if isinstance(out, tuple) else out
+    last = logits[np.arange(len(prefixes)), lengths - 1].astype(jnp.float32)
+    return jax.nn.log_softmax(last, axis=-1)[:, self.move_tokens()]
+
+  def policy_logprobs(self, apply: Callable, value: Any) -> jax.Array:
+    """``float32[12, 2]``: the policy of the player ``value`` (params, or a mixture)."""
+    return seat_logprobs(lambda p: self.info_state_logprobs(apply, p), value)
+
+  def seat_table(self, apply: Callable, value: Any) -> np.ndarray:
+    """``float64[12, 2]``: the behaviour policy of ``value`` (params, a mixture or a league)."""
+    logprobs = functools.partial(_jit_policy_logprobs, self)
+    if selfplay.is_league(value):
+      members = int(selfplay.league_members(value))
+      tables = np.stack([np.exp(np.asarray(logprobs(apply, selfplay.league_member(value, k)),
+                                           np.float64)) for k in range(members)])
+      return league_table(tables, np.full(members, 1.0 / members))
+    return np.exp(np.asarray(logprobs(apply, value), np.float64))
+
+  def profile(self, apply: Callable, seats: Mapping[str, Any]) -> dict[str, list[float]]:
+    """The strategy profile of the players in ``seats`` (seat -> params): each seat's
+    information states from the player sitting in it, as ``{OpenSpiel info state: [p(pass),
+    p(bet)]}`` (what ``gamejax eval --export_policy`` writes)."""
+    table = np.zeros((len(ALL_INFO_STATES), 2))
+    for seat, rows in ROWS.items():
+      table[rows] = self.seat_table(apply, seats[seat])[rows]
+    return table_policy(table)
+
+  def evaluate(self, apply: Callable, seats: Mapping[str, Any]) -> dict:
+    """Exact figures of the seated players' policies, by walking the tree in float64:
+    ``exploitability`` (NashConv / 2), ``nash_conv``, and per seat its policy, its expected
+    winnings and what a best response to the other seat would gain it."""
+    policy = self.profile(apply, seats)
+    value = expected_value(policy)
+    values = {"agent": value, "opponent": -value}
+    gain = {"agent": best_response_value(policy, 0) - value,
+            "opponent": best_response_value(policy, 1) + value}
+    conv = gain["agent"] + gain["opponent"]
+    return {"exploitability": 0.5 * conv, "nash_conv": conv,
+            "seats": {seat: {"policy": {s: policy[s] for s in INFO_STATES[p]},
+                             "value": values[seat], "best_response_gain": gain[seat]}
+                      for p, seat in SEAT_OF.items()}}
+
+  def export_policy(self, apply: Callable, seats: Mapping[str, Any], path: str) -> None:
+    write_policy(path, self.profile(apply, seats))
+
+  # ---- in the step ------------------------------------------------------------------------------
+
+  def play_fn(self, apply: Callable, seats: Mapping[str, str], player_params: Callable):
+    """``play(state, batch, rng) -> (moves, facts)``: ``batch["games"]`` rows of games, chance
+    dealing uniformly, each seat's moves sampled from the player sitting in it."""
+    moves_tok = jnp.asarray(self.move_tokens())
+    cards_tok = jnp.asarray([token(c) for c in CARDS])
+    deals = jnp.asarray(DEALS, jnp.int32)
+    rows = {s: jnp.asarray(r) for s, r in ROWS.items()}
+
+    def seat_policy(state, seat, n, key):
+      """``(logp_B62, table_12x2)``: each game's log-probs at the seat's 6 information states
+      (its card, history code) and the seat's behaviour policy table."""
+      value = jax.lax.stop_gradient(player_params(state, seats[seat]))
+      logp_B, logp_K, weights_K = per_game_logprobs(
+          lambda p: self.policy_logprobs(apply, p), value, n, key)
+      return logp_B[:, rows[seat]], league_table(jnp.exp(logp_K), weights_K)
+
+    def play(state, batch, rng):
+      n = jnp.asarray(batch["games"]).shape[0]
+      k_deal, k_agent, k_opp, k_second, k_league = jax.random.split(rng, 5)
+      picks = jax.random.split(k_league)
+      (logp_a, table_a), (logp_o, table_o) = (seat_policy(state, s, n, k)
+                                               for s, k in zip(records.SEATS, picks))
+      c0, c1 = deals[jax.random.randint(k_deal, (n,), 0, len(DEALS))].T
+      at = lambda logp, row: jnp.take_along_axis(logp, row[:, None, None], axis=1)[:, 0]
+      first_logp = at(logp_a, _row(c0, 0))
+      a0 = jax.random.categorical(k_agent, first_logp)
+      reply_logp = at(logp_o, _row(c1, a0))
+      o1 = jax.random.categorical(k_opp, reply_logp)
+      second_logp = at(logp_a, _row(c0, 1))
+      a2 = jax.random.categorical(k_second, second_logp)
+      third = (a0 == PASS) & (o1 == BET)                  # the agent faces a bet after passing
+      chosen = lambda logp, a: jnp.take_along_axis(logp, a[:, None], axis=1)[:, 0]
+      ones = jnp.ones((n,), jnp.int32)
+      lab = {s: token(LABELS[s]) for s in records.SEATS}
+      opp_view = [ones * BOS, ones * lab["opponent"], cards_tok[c1], moves_tok[a0], moves_tok[o1]]
+      agent_view = [ones * BOS, ones * lab["agent"], cards_tok[c0], moves_tok[a0],
+                    jnp.where(third, moves_tok[o1], PAD), jnp.where(third, moves_tok[a2], PAD)]
+      tokens = jnp.stack(opp_view + agent_view, axis=1)
+      C, A, O, N = records.CHANCE, records.AGENT, records.OPPONENT, records.NOBODY
+      players = jnp.stack(
+          [ones * C] * 4 + [ones * O] + [ones * C] * 3 + [ones * A]
+          + [jnp.where(third, C, N), jnp.where(third, A, N)], axis=1)
+      segments = jnp.stack([ones] * 5 + [ones * 2] * 4 + [jnp.where(third, 2, 0)] * 2, axis=1)
+      positions = jnp.stack([ones * i for i in range(5)] + [ones * i for i in range(4)]
+                            + [jnp.where(third, 4, 0), jnp.where(third, 5, 0)], axis=1)
+      zero = jnp.zeros((n,), jnp.float32)
+      behaviour = jnp.stack(
+          [zero, zero, zero, chosen(reply_logp, o1), zero,
+           zero, zero, chosen(first_logp, a0), zero, jnp.where(third, chosen(second_logp, a2), 0.0),
+           zero], axis=1)
+      win = jnp.where(c0 > c1, 1.0, -1.0)
+      chips = jnp.where(a0 == BET, jnp.where(o1 == BET, 2 * win, 1.0),
+                        jnp.where(o1 == PASS, win, jnp.where(a2 == BET, 2 * win, -1.0)))
+      record = records.GameRecord(tokens=tokens, positions=positions, segment_ids=segments,
+                                  players=players)
+      table = jnp.zeros((len(ALL_INFO_STATES), 2), jnp.float32)
+      table = table.at[rows["agent"]].set(table_a[rows["agent"]])
+      table = table.at[rows["opponent"]].set(table_o[rows["opponent"]])
+      metrics = {"exploitability": table_exploitability(table),
+                 "play/tokens": (segments > 0).sum().astype(jnp.float32),
+                 "play/bet_rate": ((a0 == BET).sum() + (o1 == BET).sum()
+                                   + (third & (a2 == BET)).sum()) / (2 * n + third.sum())}
+      facts = {"behaviour_logprobs": behaviour, "chips": chips, "metrics": metrics}
+      return record, facts
+
+    return play
+
+  def respond_fn(self, vocab_size: int):
+    """The judge: the chips each seat won (zero-sum), over ``reward_scale``."""
+    del vocab_size
+
+    def respond(state, moves, facts, rng):
+      del state, moves, rng
+      chips = facts["chips"]
+      return {"agent/rewards": chips / self.reward_scale,
+              "opponent/rewards": -chips / self.reward_scale,
+              "metrics": {"judge/agent_reward": chips.mean(),
+                          "judge/opponent_reward": -chips.mean()}}
+
+    return respond
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _jit_policy_logprobs(game: KuhnGame, apply: Callable, value: Any) -> jax.Array:
+  """``game.policy_logprobs`` compiled once per game and ``apply``."""
+  return game.policy_logprobs(apply, value)
+
+
+def kuhn_poker(reward_scale: float = 1.0) -> KuhnGame:
+  """Kuhn poker from gin; rewards are the chips won divided by ``reward_scale``."""
+  if not (isinstance(reward_scale, (int, float)) and not isinstance(reward_scale, bool)
+          and np.isfinite(reward_scale) and reward_scale > 0):
+    raise GameConfigError(f"kuhn_poker.reward_scale={reward_scale!r}; expected a number > 0")
+  return KuhnGame(reward_scale=float(reward_scale))

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gamejax import records
-from gamejax.data.tokenizer import BOS, OFFSET
+from gamejax.data.tokenizer import BOS
+from gamejax.games.base import GameConfigError, legal_moves, per_game_logprobs, seat_logprobs, token
 from gamejax.players import selfplay
 
 PRESETS = {
@@ -45,17 +46,7 @@ PRESETS = {
     "biased_rps": ("RPS", ((0, -25, 50), (25, 0, -5), (-50, 5, 0))),
 }
 LABELS = {"agent": "1", "opponent": "2"}
-MASKED = -1e9          # the logit of an illegal token
 FEEDBACK = ("sampled", "expected")
-
-
-class GameConfigError(ValueError):
-  """A game description that cannot be played (names the setting)."""
-
-
-def token(ch: str) -> int:
-  """The byte tokenizer's id of one ASCII character."""
-  return OFFSET + ord(ch)
 
 
 def nash_conv(a, b, x, y):
@@ -136,11 +127,7 @@ class MatrixGame:
 
   def policy_logprobs(self, apply: Callable, value: Any, seat: str) -> jax.Array:
     """``float32[A]``: the seat's policy when ``value`` sits in it (params, or a mixture)."""
-    if selfplay.is_mixture(value):
-      return selfplay.mix_logprobs(self.seat_logprobs(apply, value["mixture_a"], seat),
-                                   self.seat_logprobs(apply, value["mixture_b"], seat),
-                                   value["beta"])
-    return self.seat_logprobs(apply, value, seat)
+    return seat_logprobs(lambda p: self.seat_logprobs(apply, p, seat), value)
 
   def evaluate(self, apply: Callable, seats: Mapping[str, Any]) -> dict:
     """Exact figures of the policies of the players in ``seats`` (seat -> params), in float64:
@@ -189,16 +176,9 @@ class MatrixGame:
       """``(logp_BA, probs_A)``: each game's policy for ``seat`` and the seat's mixed strategy
       (a league's: the average of its members', one member drawn per game)."""
       value = jax.lax.stop_gradient(player_params(state, seats[seat]))
-      if not selfplay.is_league(value):
-        logp_A = self.policy_logprobs(apply, value, seat)
-        return jnp.broadcast_to(logp_A, (n,) + logp_A.shape), jnp.exp(logp_A)
-      logp_KA = jax.vmap(lambda p: self.seat_logprobs(apply, p, seat))(
-          value[selfplay.LEAGUE_PARAMS])
-      members = selfplay.league_members(value)
-      pick_B = jax.random.randint(key, (n,), 0, members)
-      in_league_K = (jnp.arange(logp_KA.shape[0]) < members).astype(jnp.float32)
-      probs_A = (jnp.exp(logp_KA) * in_league_K[:, None]).sum(0) / members
-      return logp_KA[pick_B], probs_A
+      logp_BA, logp_KA, weights_K = per_game_logprobs(
+          lambda p: self.seat_logprobs(apply, p, seat), value, n, key)
+      return logp_BA, weights_K @ jnp.exp(logp_KA)
 
     def play(state, batch, rng):
       n = jnp.asarray(batch["games"]).shape[0]
@@ -262,21 +242,6 @@ class MatrixGame:
       return out
 
     return respond
-
-
-def legal_moves(apply: Callable, legal_after: np.ndarray) -> Callable:
-  """``apply`` with the logit of every token that may not follow the current one set to
-  ``MASKED`` (``legal_after[current, next]``): the policy is a softmax over legal moves only."""
-  table = jnp.asarray(legal_after)
-
-  def masked(params, tokens, positions, segment_ids):
-    out = apply(params, tokens, positions, segment_ids)
-    logits = out[0] if isinstance(out, tuple) else out
-    legal = table[tokens]
-    logits = jnp.where(legal[..., :logits.shape[-1]], logits, MASKED)
-    return (logits,) + tuple(out[1:]) if isinstance(out, tuple) else logits
-
-  return masked
 
 
 def matrix_game(matrix: Sequence[Sequence[float]] | None = None, preset: str | None = None,

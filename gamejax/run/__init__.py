@@ -12,8 +12,8 @@ The package is split along its jobs:
 """
 from gamejax.run.assembly import (initial_players, policies_of, stage_game, stage_loader,
                                   stage_state)
-from gamejax.run.evaluation import (evaluate, evaluate_stage, heldout, load_eval_examples,
-                                    reference_accuracies)
+from gamejax.run.evaluation import (evaluate, evaluate_stage, export_policy, heldout,
+                                    load_eval_examples, reference_accuracies, seated_players)
 from gamejax.run.loop import (MetricsWriter, StageResult, Throughput, count_events, run_stage,
                               write_json_atomic)
 from gamejax.run.pipeline import (describe_stages, prepare_data, restore_params, restore_players,
@@ -24,8 +24,8 @@ from gamejax.run.schema import (AGENT, ANSWER_WIDTH, COUNTED, PAIR_SOURCES, Data
 __all__ = [
     "AGENT", "ANSWER_WIDTH", "COUNTED", "DataSpec", "Evaluation", "Experiment", "ExperimentError",
     "MetricsWriter", "Optimizer", "PAIR_SOURCES", "Player", "Rollout", "Stage", "StageResult",
-    "Throughput", "count_events", "describe_stages", "evaluate", "evaluate_stage", "heldout",
+    "Throughput", "count_events", "describe_stages", "evaluate", "evaluate_stage", "export_policy", "heldout",
     "initial_players", "load_eval_examples", "policies_of", "prepare_data", "reference_accuracies",
-    "restore_params", "restore_players", "run_experiment", "run_stage", "stage_game",
+    "restore_params", "restore_players", "run_experiment", "run_stage", "seated_players", "stage_game",
     "stage_loader", "stage_state", "stage_table", "write_json_atomic",
 ]

@@ -19,10 +19,8 @@ def evaluate_stage(exp: Experiment, index: int, players: Mapping[str, Any], exam
   loss and perplexity on its data's test split."""
   stage = exp.stages[index]
   if stage.game is not None:
-    state = game_step.GameState(params=dict(players), opt_state={}, frozen=dict(frozen or {}),
-                                rng=None, step=None)
-    seats = {seat: game_step.player_params(state, who) for seat, who in stage.seated.items()}
-    return stage.game.evaluate(assembly.learner_apply(exp, stage, "policy"), seats)
+    return stage.game.evaluate(assembly.learner_apply(exp, stage, "policy"),
+                               seated_players(exp, index, players, frozen))
   params = players["agent"]
   if stage.player == "reward_model":
     test = stage.data.load("test", sources.resolve_data_dir(exp.data_dir))
@@ -32,6 +30,23 @@ def evaluate_stage(exp: Experiment, index: int, players: Mapping[str, Any], exam
   if examples is not None:
     out.update(evaluate(exp, policy_params, examples))
   return out
+
+
+def seated_players(exp: Experiment, index: int, players: Mapping[str, Any],
+                   frozen: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """A game stage's seats -> the params (or mixture, or league) of the player sitting there."""
+  stage = exp.stages[index]
+  state = game_step.GameState(params=dict(players), opt_state={}, frozen=dict(frozen or {}),
+                              rng=None, step=None)
+  return {seat: game_step.player_params(state, who) for seat, who in stage.seated.items()}
+
+
+def export_policy(exp: Experiment, index: int, players: Mapping[str, Any], path: str,
+                  frozen: Mapping[str, Any] | None = None) -> None:
+  """Writes the seated players' policy (the game's format, e.g. Kuhn's OpenSpiel table)."""
+  stage = exp.stages[index]
+  stage.game.export_policy(assembly.learner_apply(exp, stage, "policy"),
+                           seated_players(exp, index, players, frozen), path)
 
 
 def heldout(exp: Experiment, index: int, params: Any) -> dict:
