@@ -100,10 +100,10 @@ class Game:
   learners: Mapping[str, Learner]
   play: PlayFn = records_play
   respond: RespondFn = no_response
-  # ``after(old_state, new_state) -> new_state``, run once the learners have updated: it keeps the
-  # frozen players that follow a learner (a lagged copy, an EMA, a league of snapshots;
-  # ``gamejax.players.selfplay``).
-  after: Callable[[GameState, GameState], GameState] | None = None
+  # ``after(old_state, new_state, judgments) -> new_state``, run once the learners have updated:
+  # it keeps the frozen players that follow a learner (a lagged copy, an EMA, a league of
+  # snapshots) and statistics of the play (role baselines; ``gamejax.players.selfplay``).
+  after: Callable[[GameState, GameState, Mapping[str, Any]], GameState] | None = None
   # "simultaneous": every learner updates every step on the same play; "alternating": one learner
   # per step, in name order (step t updates learner t mod n; the others keep their params and
   # optimizer state).
@@ -148,7 +148,7 @@ def game_step(game: Game, state: GameState, batch: Any) -> tuple[GameState, dict
   metrics["loss"] = total_loss
   new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
   if game.after is not None:
-    new_state = game.after(state, new_state)
+    new_state = game.after(state, new_state, judgments)
   return new_state, metrics
 
 

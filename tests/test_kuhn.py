@@ -203,9 +203,10 @@ CONTEXT_IDS = [kuhn.token(c) for c in "JQKpb"]        # the tokens a decision fo
 BIGRAM = POKER.mask(lambda params, tokens, positions, segment_ids: params[tokens], V)
 
 
-def np_kuhn_mmd(table, moves, rewards, seat, alpha, magnet):
-  """Per row: (r - mean r) * sum of log pi(move | previous token) over the seat's moves, minus
-  alpha * KL(pi || rho) at each of them (pi, rho softmaxes over pass/bet); mean over rows."""
+def np_kuhn_mmd(table, moves, rewards, seat, alpha, magnet, baseline=None):
+  """Per row: (r - b) * sum of log pi(move | previous token) over the seat's moves, minus
+  alpha * KL(pi || rho) at each of them (pi, rho softmaxes over pass/bet); mean over rows. ``b``
+  is the batch mean, or the given role baseline."""
   pid = {"agent": records.AGENT, "opponent": records.OPPONENT}[seat]
   def policy(t, prev):
     z = t[prev, MOVE_IDS].astype(np.float64)
@@ -219,7 +220,8 @@ def np_kuhn_mmd(table, moves, rewards, seat, alpha, magnet):
         continue
       prev, move = moves.tokens[i, t - 1], MOVE_IDS.index(moves.tokens[i, t])
       pi, rho = policy(table, prev), policy(magnet, prev)
-      total += (r[i] - r.mean()) * np.log(pi[move]) - alpha * np.sum(pi * np.log(pi / rho))
+      b = r.mean() if baseline is None else baseline
+      total += (r[i] - b) * np.log(pi[move]) - alpha * np.sum(pi * np.log(pi / rho))
   return total / len(r)
 
 
@@ -237,16 +239,23 @@ def _bigram_games():
   return table, magnet, moves, POKER.respond_fn(V)(state, moves, facts, None)
 
 
-@pytest.mark.parametrize("seat, alpha", [("agent", 0.3), ("opponent", 0.7), ("agent", 0.0)])
-def test_mmd_on_kuhn_games_matches_numpy_value_and_gradient(seat, alpha):
+@pytest.mark.parametrize("seat, alpha, role", [("agent", 0.3, False), ("opponent", 0.7, True),
+                                               ("agent", 0.0, True)])
+def test_mmd_on_kuhn_games_matches_numpy_value_and_gradient(seat, alpha, role):
+  """MMD's sampled estimator on records where a seat decides once or twice, with the batch-mean
+  baseline or a role baseline (SPIRAL's role-conditioned advantages)."""
   table, magnet, moves, judgments = _bigram_games()
   np_moves = jax.tree.map(np.asarray, moves)
   assert (np_moves.players == records.AGENT).sum(1).max() == 2        # some rows decide twice
-  play = Play(BIGRAM, moves, judgments, jax.random.PRNGKey(0), {"magnet": jnp.asarray(magnet)})
-  payoff = mmd(seat, alpha=alpha, magnet="magnet")
+  baselines = {"agent": 0.37, "opponent": -0.61}
+  frozen = {"magnet": jnp.asarray(magnet), "roles": {k: jnp.asarray(v) for k, v in baselines.items()}}
+  play = Play(BIGRAM, moves, judgments, jax.random.PRNGKey(0), frozen)
+  payoff = mmd(seat, alpha=alpha, magnet="magnet", baseline="role" if role else "batch_mean")
+  assert payoff.frozen_players == (("magnet", "roles") if role else ("magnet",))
   value, grad = jax.jit(jax.value_and_grad(lambda t: payoff(t, play)[0]))(jnp.asarray(table))
   rewards = np.asarray(judgments[f"{seat}/rewards"])
-  reference = lambda t: np_kuhn_mmd(t, np_moves, rewards, seat, alpha, magnet.astype(np.float64))
+  reference = lambda t: np_kuhn_mmd(t, np_moves, rewards, seat, alpha, magnet.astype(np.float64),
+                                    baselines[seat] if role else None)
   np.testing.assert_allclose(float(value), reference(table), rtol=1e-5, atol=1e-6)
   grad = np.asarray(grad)
   fd = np.zeros_like(grad, np.float64)
@@ -263,13 +272,14 @@ def test_mmd_on_kuhn_games_matches_numpy_value_and_gradient(seat, alpha):
 # ---- the compiled step and the experiment from gin ------------------------------------------------
 
 def test_kuhn_in_the_compiled_step_two_learners_and_a_league_trace_once():
-  """Two learners (one per seat, the opponent's seat a league of the opponent's snapshots) play,
-  are judged and updated in one compiled step, traced once; the logged exploitability is the
+  """Two learners (one per seat, the opponent's seat a league of the opponent's snapshots, each
+  with its role baseline) play, are judged and updated in one compiled step, traced once; the logged exploitability is the
   exact one of the seated policies (the league's as its mixed strategy)."""
   apply = POKER.mask(functools.partial(llama.apply, CFG), CFG.vocab_size)
-  learners = {s: game_step.Learner(apply, mmd(s, alpha=0.2), optax.adam(3e-3))
+  learners = {s: game_step.Learner(apply, mmd(s, alpha=0.2, baseline="role"), optax.adam(3e-3))
               for s in records.SEATS}
-  followers = {"past": selfplay.league("opponent", size=3, every=2)}
+  followers = {"past": selfplay.league("opponent", size=3, every=2),
+               "roles": selfplay.role_baselines(decay=0.8)}
   params = {s: llama.init_params(CFG, jax.random.PRNGKey(i)) for i, s in enumerate(records.SEATS)}
   seats = {"agent": "agent", "opponent": "past"}
   keeper = selfplay.follow(followers)
@@ -284,9 +294,17 @@ def test_kuhn_in_the_compiled_step_two_learners_and_a_league_trace_once():
   state = jax.device_put(state, shardings)
   before = jax.device_get(state.params)
   batches = {"games": np.zeros((3, 64), np.int32)}
+  rewards = []
   for _ in range(2):
     state, metrics = fn(state, batches)
+    rewards += np.asarray(metrics["judge/agent_reward"]).tolist()
   assert len(traces) == 1 and int(state.step) == 6
+  baseline = 0.0                                # the role baselines: EMAs of each seat's rewards
+  for r in rewards:
+    baseline = 0.8 * baseline + 0.2 * r
+  roles = jax.device_get(state.frozen["roles"])
+  np.testing.assert_allclose([roles["agent"], roles["opponent"]], [baseline, -baseline],
+                             rtol=1e-5, atol=1e-7)
   after = jax.device_get(state.params)
   for s in records.SEATS:
     assert not np.allclose(before[s]["embedding"], after[s]["embedding"]), s
@@ -330,3 +348,27 @@ def test_kuhn_experiment_runs_from_gin_and_exports_a_policy_openspiel_agrees_wit
   assert cli.main(["train", f"--gin_file={bad}", f"--workdir={tmp_path}/bad"]) == 2
   assert "kuhn_poker.reward_scale=0" in capsys.readouterr().err
   assert not (tmp_path / "bad").exists()
+
+
+def _np_win_probability(profile, cards, history=""):
+  """A hand-written tree walk: the probability that the agent wins the pot."""
+  if history in ("bp",):
+    return 1.0
+  if history == "pbp":
+    return 0.0
+  if history in ("pp", "pbb", "bb"):
+    return float(cards[0] > cards[1])
+  player = len(history) % 2
+  probs = profile[f"{cards[player]}{history}"]
+  return sum(probs[a] * _np_win_probability(profile, cards, history + "pb"[a]) for a in (0, 1))
+
+
+def test_win_rates_are_exact():
+  apply = POKER.mask(functools.partial(llama.apply, CFG), CFG.vocab_size)
+  players = [llama.init_params(CFG, jax.random.PRNGKey(i)) for i in range(3)]
+  rates = POKER.win_rates(apply, players)
+  for i, j in [(0, 1), (2, 0), (1, 1)]:
+    profile = POKER.profile(apply, {"agent": players[i], "opponent": players[j]})
+    want = np.mean([_np_win_probability(profile, d) for d in kuhn.DEALS])
+    np.testing.assert_allclose(rates[i, j], want, atol=1e-12)
+  assert len({round(x, 6) for x in rates.ravel()}) > 3          # the players differ

@@ -91,11 +91,13 @@ def _judgments(data, *, behaviour="behaviour", reference=True, rewards=None):
 _COMPILED = {}
 
 
-def _run(payoff, data, judgments):
+def _run(payoff, data, judgments, frozen=None):
   """(value, metrics, d value / d table) of the payoff under jax.jit (compiled once per payoff
-  object and judgments structure: the tests share module-level payoffs to keep the suite fast)."""
+  object and judgments structure: the tests share module-level payoffs to keep the suite fast).
+  ``frozen``: the frozen players the payoff reads (constants of the compiled function)."""
   def value(table, moves, judgments):
-    return payoff({"table": table}, Play(bigram_apply, moves, judgments, jax.random.PRNGKey(0)))
+    return payoff({"table": table}, Play(bigram_apply, moves, judgments, jax.random.PRNGKey(0),
+                                         frozen or {}))
   if payoff not in _COMPILED:
     _COMPILED[payoff] = jax.jit(jax.value_and_grad(value, has_aux=True))
   fn = _COMPILED[payoff]
@@ -130,7 +132,7 @@ def np_reinforce(table, record, rewards, baseline):
   """Williams (1992): mean_i (r_i - b) * sum_t log pi(y_it), b = batch mean reward or 0."""
   lp = np_agent_logprobs(table, record)
   r = rewards.astype(np.float64)
-  b = r.mean() if baseline == "batch_mean" else 0.0
+  b = {"batch_mean": r.mean(), "none": 0.0, "role": 0.3}[baseline]
   return np.mean([(r[i] - b) * sum(lp[i].values()) for i in range(len(lp))])
 
 
@@ -215,7 +217,7 @@ def _assert_metrics(got, expected):
 
 
 # The payoffs under test, built once so that each compiles once.
-REINFORCE = {"batch_mean": reinforce(), "none": reinforce("none")}
+REINFORCE = {"batch_mean": reinforce(), "none": reinforce("none"), "role": reinforce("role")}
 RLOO = rloo(G)
 GRPO_CASES = {
     "grpo": dict(),
@@ -232,12 +234,14 @@ KL = {estimator: kl_to_reference(estimator) for estimator in ("k1", "k2", "k3")}
 
 # ---- REINFORCE and RLOO --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("baseline", ["batch_mean", "none"])
+@pytest.mark.parametrize("baseline", ["batch_mean", "none", "role"])
 def test_reinforce_matches_numpy(data, baseline):
-  value, metrics, grad = _run(REINFORCE[baseline], data, _judgments(data))
+  """``role``: the seat's role baseline kept by the step (here 0.3 for the agent)."""
+  frozen = {"roles": {"agent": jnp.asarray(0.3), "opponent": jnp.asarray(-0.3)}}
+  value, metrics, grad = _run(REINFORCE[baseline], data, _judgments(data), frozen=frozen)
   rec, r = data["record"], data["rewards"].astype(np.float64)
   _check(value, grad, lambda t: np_reinforce(t, rec, r, baseline), data["table"])
-  b = r.mean() if baseline == "batch_mean" else 0.0
+  b = {"batch_mean": r.mean(), "none": 0.0, "role": 0.3}[baseline]
   _assert_metrics(metrics, {"loss": -value, **_reward_metrics(r, r - b, rec)})
 
 

@@ -180,18 +180,30 @@ _C0, _C1 = (np.asarray(c) for c in zip(*DEALS))
 _WIN = np.sign(_C0 - _C1).astype(np.float64)        # the agent's showdown sign, per deal
 
 
-def _deal_values(first, second, after_pass, after_bet):
-  """The agent's winnings per deal ``[..., 6]`` given bet probabilities per card (``[..., 3]``):
-  ``first``/``second`` the agent's at ``""``/``"pb"``, ``after_pass``/``after_bet`` the
-  opponent's at ``"p"``/``"b"``."""
+def _deal_outcomes(first, second, after_pass, after_bet):
+  """The probability of each terminal history per deal, ``{history: [..., 6]}``, given bet
+  probabilities per card (``[..., 3]``): ``first``/``second`` the agent's at ``""``/``"pb"``,
+  ``after_pass``/``after_bet`` the opponent's at ``"p"``/``"b"``."""
   rank = max(x.ndim for x in (first, second, after_pass, after_bet))
   lift = lambda x: x.reshape((1,) * (rank - x.ndim) + x.shape)       # explicit broadcasting
   f, s = lift(first)[..., _C0], lift(second)[..., _C0]
   op, ob = lift(after_pass)[..., _C1], lift(after_bet)[..., _C1]
-  win = _WIN.reshape((1,) * (rank - 1) + _WIN.shape)
-  passed = (1 - op) * win + op * ((1 - s) * -1.0 + s * 2 * win)
-  bet = (1 - ob) * 1.0 + ob * 2 * win
-  return (1 - f) * passed + f * bet
+  return {"pp": (1 - f) * (1 - op), "pbp": (1 - f) * op * (1 - s), "pbb": (1 - f) * op * s,
+          "bp": f * (1 - ob), "bb": f * ob}
+
+
+def _deal_values(first, second, after_pass, after_bet, win_rate: bool = False):
+  """The agent's expected winnings per deal ``[..., 6]`` (or, with ``win_rate``, the
+  probability that it wins the pot) under the given bet probabilities (``_deal_outcomes``)."""
+  reach = _deal_outcomes(first, second, after_pass, after_bet)
+  rank = reach["pp"].ndim
+  wins = _WIN.reshape((1,) * (rank - 1) + _WIN.shape) > 0
+  if win_rate:
+    paid = {"pp": wins, "pbp": 0.0, "pbb": wins, "bp": 1.0, "bb": wins}
+  else:
+    paid = {h: np.where(wins, 1.0, -1.0) * (1.0 if h == "pp" else 2.0) for h in ("pp", "pbb", "bb")}
+    paid.update({"pbp": -1.0, "bp": 1.0})
+  return sum(reach[h] * paid[h] for h in TERMINAL)
 
 
 _PURE = np.asarray(list(itertools.product((0.0, 1.0), repeat=2)))      # [4, 2] per-card plans
@@ -336,6 +348,15 @@ class KuhnGame:
             "seats": {seat: {"policy": {s: policy[s] for s in INFO_STATES[p]},
                              "value": values[seat], "best_response_gain": gain[seat]}
                       for p, seat in SEAT_OF.items()}}
+
+  def win_rates(self, apply: Callable, players: Sequence[Any]) -> np.ndarray:
+    """``float64[N, N]``: the probability that player ``i`` in the agent's seat wins the pot
+    against player ``j`` in the opponent's, exactly (chance deals uniformly)."""
+    tables = [self.seat_table(apply, p) for p in players]
+    bets = [_bets(t) for t in tables]
+    return np.array([[float(_deal_values(bets[i][0], bets[i][1], bets[j][2], bets[j][3],
+                                         win_rate=True).mean()) for j in range(len(players))]
+                     for i in range(len(players))])
 
   def export_policy(self, apply: Callable, seats: Mapping[str, Any], path: str) -> None:
     write_policy(path, self.profile(apply, seats))

@@ -13,7 +13,10 @@ learner: ``players.selfplay.ema``, the optional magnet update), evaluated in the
 ``apply`` from ``play.frozen``. The policy term is
 
 * ``estimator="sampled"``: ``(r - b) * log pi(a|h)`` for the sampled move ``a`` (REINFORCE;
-  ``r`` is the seat's reward of the game, ``judgments["<seat>/rewards"]``; ``b`` the batch mean);
+  ``r`` is the seat's reward of the game, ``judgments["<seat>/rewards"]``; ``b`` the batch mean
+  by default, 0 with ``baseline="none"``, or with ``baseline="role"`` the seat's role baseline --
+  an EMA of its rewards over the steps, SPIRAL's role-conditioned advantages -- kept by the step
+  as ``role_baselines``, ``players.selfplay.role_baselines``);
 * ``estimator="all_actions"``: ``sum_v pi(v|h) q(v)`` over every move ``v``, with ``q`` from
   ``judgments["<seat>/action_values"]`` (``float32[B, V]``: what each token would have paid as
   the seat's one decision of the row; a full-feedback game's judge gives it, e.g. a matrix game).
@@ -43,6 +46,7 @@ import jax.numpy as jnp
 from gamejax import records
 from gamejax.payoffs.base import Payoff, Play
 from gamejax.payoffs.kl import read_judgment
+from gamejax.payoffs.policy_gradient import ROLE_BASELINES, check_baseline, seat_baseline
 
 ESTIMATORS = ("sampled", "all_actions")
 LEGAL = -1e8          # logits at or below this are illegal moves (the games mask them to -1e9)
@@ -68,7 +72,8 @@ def kl_to_magnet(logp_BTV: jax.Array, magnet_logp_BTV: jax.Array | None,
 
 
 def mmd(seat: str | Sequence[str] = "agent", alpha: float = 0.05, magnet: str | None = None,
-        estimator: str = "sampled") -> Payoff:
+        estimator: str = "sampled", baseline: str = "batch_mean",
+        role_baselines: str = ROLE_BASELINES) -> Payoff:
   """The MMD payoff of ``seat`` (see the module docstring); ``alpha=0``: naive policy gradient.
 
   ``seat`` may name both seats (``("agent", "opponent")``): self-play, one model scored in each
@@ -83,6 +88,7 @@ def mmd(seat: str | Sequence[str] = "agent", alpha: float = 0.05, magnet: str | 
     raise ValueError(f"mmd: alpha must be >= 0 (0: naive policy gradient), got {alpha}")
   if estimator not in ESTIMATORS:
     raise ValueError(f"mmd: estimator={estimator!r}; expected one of {ESTIMATORS}")
+  check_baseline(baseline, "mmd")
 
   def seat_value(s, play, logp_BTV, legal_BTV, magnet_logp):
     moves = play.moves
@@ -92,7 +98,8 @@ def mmd(seat: str | Sequence[str] = "agent", alpha: float = 0.05, magnet: str | 
                               f"the {s}'s reward of each game")
     if estimator == "sampled":
       logp_BT = jnp.take_along_axis(logp_BTV, records.next_tokens(moves)[..., None], -1)[..., 0]
-      advantages_B = rewards_B - rewards_B.mean()
+      advantages_B = rewards_B - seat_baseline(baseline, s, rewards_B, play, "mmd",
+                                               role_baselines)
       terms_B = advantages_B * (jnp.where(mask_BT > 0, logp_BT, 0.0)).sum(-1)
     else:
       values_BV = read_judgment(play, records.seat_key(s, "action_values"),
@@ -136,6 +143,6 @@ def mmd(seat: str | Sequence[str] = "agent", alpha: float = 0.05, magnet: str | 
     metrics["loss"] = -total
     return total, metrics
 
-  if magnet is not None:
-    payoff.frozen_players = (magnet,)     # the run checks the stage has it
+  payoff.frozen_players = tuple(   # the frozen players it reads: the run checks the stage has them
+      n for n in (magnet, role_baselines if baseline == "role" else None) if n is not None)
   return payoff

@@ -51,7 +51,8 @@ from gamejax.payoffs.kl import (REFERENCE_TOKEN_LOGPROBS, kl_estimate, read_judg
 
 REWARDS = "rewards"
 BEHAVIOUR_LOGPROBS = "behaviour_logprobs"
-BASELINES = ("batch_mean", "none")
+BASELINES = ("batch_mean", "none", "role")
+ROLE_BASELINES = "roles"      # where the step keeps the role baselines (Stage.followers)
 LOSS_AGGREGATIONS = ("sequence", "token", "constant")
 
 
@@ -140,6 +141,28 @@ def _rewards(play: Play, rows: int, name: str, seat: str) -> jax.Array:
                        f"the judge's reward of each of the {seat}'s completions")
 
 
+def check_baseline(baseline: str, name: str) -> None:
+  if baseline not in BASELINES:
+    raise ValueError(f"{name}: unknown baseline {baseline!r}; expected one of {BASELINES}")
+
+
+def seat_baseline(baseline: str, seat: str, rewards_B: jax.Array, play: Play, name: str,
+                  role_baselines: str = ROLE_BASELINES) -> jax.Array:
+  """The constant ``b`` subtracted from ``seat``'s rewards: the batch mean (``"batch_mean"``), 0
+  (``"none"``), or (``"role"``) the seat's role baseline, kept by the step in
+  ``play.frozen[role_baselines]`` (``players.selfplay.role_baselines``: an EMA of the seat's
+  rewards over past steps)."""
+  if baseline == "batch_mean":
+    return rewards_B.mean()
+  if baseline == "none":
+    return jnp.zeros((), rewards_B.dtype)
+  if role_baselines not in play.frozen:
+    raise KeyError(f"{name}: baseline='role' reads role baselines {role_baselines!r}, which the "
+                   f"step does not keep; the frozen players are {sorted(play.frozen)} (add "
+                   f"Stage.followers={{{role_baselines!r}: role_baselines()}})")
+  return jax.lax.stop_gradient(play.frozen[role_baselines][seat]).astype(rewards_B.dtype)
+
+
 def _reward_metrics(rewards_B, advantages_B, mask_BT):
   return {"reward_mean": rewards_B.mean(), "reward_std": rewards_B.std(),
           "advantage_abs_mean": jnp.abs(advantages_B).mean(),
@@ -149,25 +172,29 @@ def _reward_metrics(rewards_B, advantages_B, mask_BT):
 
 # ---- the payoffs ---------------------------------------------------------------------------------
 
-def reinforce(baseline: str = "batch_mean", seat: str = "agent") -> Payoff:
+def reinforce(baseline: str = "batch_mean", seat: str = "agent",
+              role_baselines: str = ROLE_BASELINES) -> Payoff:
   """REINFORCE (Williams 1992): ``mean_i (r_i - b) * log pi(completion_i)``, ``b`` constant.
 
-  ``baseline="batch_mean"``: ``b`` is the batch's mean reward; ``"none"``: ``b = 0``.
-  Reads ``judgments["<seat>/rewards"]``.
+  ``baseline="batch_mean"``: ``b`` is the batch's mean reward; ``"none"``: ``b = 0``;
+  ``"role"``: the seat's role baseline, an EMA of its rewards kept by the step under the name
+  ``role_baselines`` (``players.selfplay.role_baselines``; SPIRAL's role-conditioned
+  advantages). Reads ``judgments["<seat>/rewards"]``.
   """
   records.seat_key(seat, REWARDS)
-  if baseline not in BASELINES:
-    raise ValueError(f"reinforce: unknown baseline {baseline!r}; expected one of {BASELINES}")
+  check_baseline(baseline, "reinforce")
   batched_term = jax.vmap(_score_function_term)
 
   def payoff(params: Any, play: Play):
     logp_BT, mask_BT = seat_token_logprobs(params, play, seat)
     rewards_B = _rewards(play, logp_BT.shape[0], "reinforce", seat)
-    b = rewards_B.mean() if baseline == "batch_mean" else 0.0
-    advantages_B = rewards_B - b
+    advantages_B = rewards_B - seat_baseline(baseline, seat, rewards_B, play, "reinforce",
+                                             role_baselines)
     value = batched_term(logp_BT, mask_BT, advantages_B).mean()
     return value, {"loss": -value, **_reward_metrics(rewards_B, advantages_B, mask_BT)}
 
+  if baseline == "role":
+    payoff.frozen_players = (role_baselines,)      # the run checks the stage keeps them
   return payoff
 
 

@@ -14,6 +14,11 @@ starts and kept by the step after every update (``Game.after``):
   buffer kept in the game state and saved with it); a game samples one member per game
   (``league_members``).
 
+Beside them the step keeps statistics of the play: ``role_baselines(decay)`` holds, per seat, an
+EMA of the seat's mean reward (``{"agent": b, "opponent": b}``, updated from the step's judgments
+after the update), the role-conditioned baseline of SPIRAL (2025) that a payoff subtracts
+(``mmd(baseline="NAME")``, ``reinforce(baseline="NAME")``).
+
 Playing against the learner itself in the same step needs no follower: seat it in both seats.
 ``mixture(policy, reference, beta)`` seats the geometric mixture ``pi^(1 - beta) rho^beta`` of two
 players (Nash-MD's opponent, Munos et al. 2023: the current policy and a frozen reference).
@@ -34,6 +39,8 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+
+from gamejax import records
 
 KINDS = ("snapshot", "lagged", "ema", "league")
 LEAGUE_PARAMS, LEAGUE_COUNT = "params", "count"
@@ -99,16 +106,48 @@ def _positive_int(x) -> bool:
   return not isinstance(x, bool) and isinstance(x, int) and x >= 1
 
 
-def init_followers(followers: Mapping[str, Follower], params: Mapping[str, Any]) -> dict:
+@dataclasses.dataclass(frozen=True)
+class RoleBaselines:
+  """Per seat, an EMA of the seat's mean reward over the steps (starting at 0):
+  ``b <- decay * b + (1 - decay) * mean(judgments["<seat>/rewards"])`` after each step."""
+  decay: float = 0.95
+  learner = None          # follows no learner
+
+  def __post_init__(self):
+    if not 0.0 <= self.decay < 1.0:
+      raise ValueError(f"role_baselines(decay={self.decay!r}): decay must be in [0, 1)")
+
+  def init(self) -> dict:
+    return {seat: jnp.zeros((), jnp.float32) for seat in records.SEATS}
+
+  def observe(self, baselines: Mapping[str, Any], judgments: Mapping[str, Any]) -> dict:
+    out = dict(baselines)
+    for seat in records.SEATS:
+      rewards = judgments.get(records.seat_key(seat, "rewards"))
+      if rewards is not None:
+        mean = jax.lax.stop_gradient(jnp.mean(rewards)).astype(jnp.float32)
+        out[seat] = self.decay * baselines[seat] + (1.0 - self.decay) * mean
+    return out
+
+
+def role_baselines(decay: float = 0.95) -> RoleBaselines:
+  return RoleBaselines(decay)
+
+
+def init_followers(followers: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
   """Each follower's starting params: a fresh copy of its learner's (the step donates them); a
-  league starts with the learner's initial params as its one member (every slot holds them)."""
-  missing = {n: f.learner for n, f in followers.items() if f.learner not in params}
+  league starts with the learner's initial params as its one member (every slot holds them);
+  role baselines start at 0."""
+  missing = {n: f.learner for n, f in followers.items()
+             if f.learner is not None and f.learner not in params}
   if missing:
     raise KeyError(f"followers {missing} follow learners that do not exist; the learners are "
                    f"{sorted(params)}")
   out = {}
   for name, f in followers.items():
-    if f.kind == "league":
+    if isinstance(f, RoleBaselines):
+      out[name] = f.init()
+    elif f.kind == "league":
       out[name] = {LEAGUE_PARAMS: jax.tree.map(
           lambda p, n=f.size: jnp.repeat(jnp.asarray(p)[None], n, axis=0), params[f.learner]),
                    LEAGUE_COUNT: jnp.ones((), jnp.int32)}
@@ -137,16 +176,20 @@ class Keeper:
   """Keeps a set of followers; ``after`` is a ``Game.after`` function."""
   followers: Mapping[str, Follower]
 
-  def update(self, frozen: Mapping[str, Any], params: Mapping[str, Any], step) -> dict:
+  def update(self, frozen: Mapping[str, Any], params: Mapping[str, Any], step,
+             judgments: Mapping[str, Any] | None = None) -> dict:
     out = dict(frozen)
     for name, f in self.followers.items():
-      out[name] = f.update(frozen[name], params[f.learner], step)
+      if isinstance(f, RoleBaselines):
+        out[name] = f.observe(frozen[name], judgments or {})
+      else:
+        out[name] = f.update(frozen[name], params[f.learner], step)
     return out
 
-  def after(self, old_state, new_state):
+  def after(self, old_state, new_state, judgments=None):
     del old_state
     return new_state.replace(frozen=self.update(new_state.frozen, new_state.params,
-                                                new_state.step))
+                                                new_state.step, judgments))
 
 
 def follow(followers: Mapping[str, Follower]) -> Keeper:

@@ -174,7 +174,9 @@ class Stage:
   # both seats (self-play), or learners named after the seats sit in them.
   seats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   # More frozen followers of the learners, by name (MMD's magnet: ``{"magnet": ema("agent", .99)}``).
-  followers: Mapping[str, selfplay.Follower] = dataclasses.field(default_factory=dict)
+  # Role baselines (``role_baselines(decay)``) are kept here too.
+  followers: Mapping[str, selfplay.Follower | selfplay.RoleBaselines] = dataclasses.field(
+      default_factory=dict)
   # "simultaneous" (every learner every step) or "alternating" (one learner per step).
   updates: str = "simultaneous"
 
@@ -327,7 +329,7 @@ def _validate_game_stage(s: Stage) -> None:
   if clash:
     raise ExperimentError(f"Stage {s.name!r}: {clash} name both a learner and a follower")
   for name, f in followers.items():
-    if f.learner not in learners:
+    if f.learner is not None and f.learner not in learners:
       raise ExperimentError(f"Stage {s.name!r}: follower {name!r} follows {f.learner!r}, which is "
                             f"not a learner of the stage ({sorted(learners)})")
   seated = s.seated
