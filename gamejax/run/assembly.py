@@ -126,6 +126,17 @@ def stage_state(exp: Experiment, index: int, game: game_step.Game, players: Mapp
   return game_step.init_state(game, {name: copy(p) for name, p in players.items()}, rng, frozen)
 
 
+def constant_players(exp: Experiment, index: int) -> tuple[str, ...]:
+  """The frozen players of stage ``index`` that never change while it plays (its reference, its
+  reward-model judge, snapshots): checkpoints write them once."""
+  stage = exp.stages[index]
+  names = ["reference"] if stage.reference else []
+  if stage.rollout is not None and stage.rollout.judge == "reward_model":
+    names.append(judges.JUDGE)
+  names += [n for n, f in stage.all_followers.items() if getattr(f, "kind", None) == "snapshot"]
+  return tuple(names)
+
+
 def initial_players(exp: Experiment, index: int,
                     finals: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
   """Each learner's starting params, by name: from an earlier stage (``finals``: stage name ->

@@ -81,7 +81,8 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
   step_fn, state_sharding = game_step.make_step(game, mesh, abstract)
   batch_sharding = sharding.batch_sharding(mesh, leading=1)
 
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage.name), keep=exp.keep_checkpoints)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage.name), keep=exp.keep_checkpoints,
+                      constant=assembly.constant_players(exp, index))
   start = ckpt.latest_step()
   if start is not None:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -69,7 +69,8 @@ def restore_players(exp: Experiment, index: int, workdir: str) -> tuple[dict, di
   abstract = jax.eval_shape(
       lambda j: assembly.stage_state(exp, index, game, assembly.initial_players(exp, index),
                                      judge_params=j), judge)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage.name), keep=exp.keep_checkpoints)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage.name), keep=exp.keep_checkpoints,
+                      constant=assembly.constant_players(exp, index))
   try:
     state, _ = ckpt.restore(abstract)
   finally:
