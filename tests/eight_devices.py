@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def assert_eight_devices_match_one(module: str, timeout: int = 600) -> None:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")       # (conftest's flags kept)
   here = os.path.dirname(os.path.abspath(__file__))
   proc = subprocess.run([sys.executable, "-c", SCRIPT % (here, module)], env=env,
                         capture_output=True, text=True, timeout=timeout)

@@ -79,9 +79,10 @@ def test_data_folder_without_records(tmp_path, capsys):
   folder = tmp_path / "texts"
   folder.mkdir()
   (folder / "empty.txt").write_text("")
+  # (A small pre-training set: prepare_data builds it before it reaches the sft stage's folder.)
   code, err = _train([f"--gin_file={PIPELINE}", "--gin.sft/Stage.data=@local_text()",
                       f"--gin.local_text.path='{folder}'", f"--gin.Experiment.data_dir='{tmp_path}/d'",
-                      f"--workdir={tmp_path / 'run'}"], capsys)
+                      "--gin.pretrain/arena.num_train=20", f"--workdir={tmp_path / 'run'}"], capsys)
   assert code == 2 and str(folder) in err and "no usable records" in err
   assert not (tmp_path / "run").exists()
 

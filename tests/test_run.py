@@ -18,7 +18,8 @@ TINY_ARENA = [f"--gin_file={EXP}/arithmetic/pipeline.gin", f"--gin_file={EXP}/mo
               "--gin.Evaluation.num_examples=20", "--gin.Evaluation.batch_size=10",
               "--gin.RL_STEPS=4", "--gin.reward_model/Stage.steps=4", "--gin.GROUP_SIZE=2",
               "--gin.grpo/arena.num_train=200", "--gin.arena_preferences.num_train=100",
-              "--gin.arena_preferences.num_test=20", "--no_progress"]
+              "--gin.arena_preferences.num_test=20", "--gin.pretrain/arena.num_test=20",
+              "--gin.sft/arena.num_test=20", "--gin.grpo/arena.num_test=20", "--no_progress"]
 STAGES = ("pretrain", "sft", "sft_continued", "reward_model", "grpo", "grpo_rm")
 
 
@@ -58,6 +59,7 @@ def test_cli_pipeline_writes_run_directory_and_evaluates(tmp_path, capsys, monke
   assert sorted(os.listdir(work)) == ["checkpoints", "config.gin", "metrics.jsonl", "summary.json"]
   summary = json.load(open(work / "summary.json"))
   assert summary["demonstrator"]["player"] == "drop_carry:0"
+  assert summary["pretrain"]["heldout_records"] == summary["sft"]["heldout_records"] == 20
   for stage in STAGES:
     held_out = "pair_accuracy" if stage == "reward_model" else "accuracy"
     assert 0.0 <= summary[stage][held_out] <= 1.0 and summary[stage]["steps"] == 4
@@ -91,7 +93,8 @@ def test_ppo_stage_plays_with_an_actor_critic(tmp_path):
   step, and the next stage starts from its policy part."""
   config.parse([f"{EXP}/arithmetic/ppo.gin", f"{EXP}/models/tiny.gin"],
                ["ppo/Stage.steps=2", "Stage.steps_per_call=2", "COMPLETIONS_PER_PROMPT=2",
-                "ppo/Stage.batch_size=2", "ppo/arena.num_train=50", "eval/arena.num_test=10",
+                "ppo/Stage.batch_size=2", "ppo/arena.num_train=50", "ppo/arena.num_test=10",
+                "eval/arena.num_test=10",
                 "Evaluation.num_examples=10", "Evaluation.batch_size=10",
                 f"Experiment.data_dir='{tmp_path / 'data'}'"])
   exp = config.build_experiment()
@@ -119,6 +122,7 @@ def test_each_arithmetic_experiment_plays_its_last_stage(tmp_path, name, metric)
   config.parse([f"{EXP}/arithmetic/{name}.gin", f"{EXP}/models/tiny.gin"],
                [f"{stage}/Stage.steps=2", "Stage.steps_per_call=2", "GROUP_SIZE=2",
                 f"{stage}/Stage.batch_size=4", "rloo/arena.num_train=50", "grpo/arena.num_train=50",
+                "rloo/arena.num_test=10", "grpo/arena.num_test=10",
                 "arena_preferences.num_train=40", "arena_preferences.num_test=10",
                 "eval/arena.num_test=10", "Evaluation.num_examples=10",
                 "Evaluation.batch_size=10", f"Experiment.data_dir='{tmp_path / 'data'}'"])
