@@ -5,7 +5,7 @@ Configurables (use these names in ``.gin`` files):
   run structure: ``Experiment``, ``Stage``, ``Player``, ``Optimizer``, ``Evaluation``,
     ``Rollout``, ``LlamaConfig``;
   games and their players: ``matrix_game``, ``kuhn_poker``; followers ``snapshot``, ``lagged``, ``ema``,
-    ``league``; seat ``mixture``; ``role_baselines``;
+    ``league``; seat ``mixture``, ``scripted``; ``role_baselines``;
   payoffs: ``imitation``, ``weighted``, ``grpo``, ``rloo``, ``reinforce``, ``kl_to_reference``,
     ``dpo``, ``ipo``, ``bradley_terry``, ``ppo``, ``ppo_prepare``, ``mmd``;
   judges and opponents: ``arena_judge``, ``arena_feedback``, ``fixed_reply``;
@@ -29,7 +29,7 @@ from gamejax.data import arena as arena_data
 from gamejax.models.llama import LlamaConfig
 from gamejax import payoffs
 from gamejax.data import preferences as preference_data
-from gamejax.games import kuhn, matrix
+from gamejax.games import base as games_base, kuhn, matrix
 from gamejax.players import judges, opponents, selfplay
 
 
@@ -54,7 +54,7 @@ def register() -> None:
     gin.external_configurable(fn, name=fn.__name__, module="gamejax")
   for fn in (judges.arena_judge, opponents.arena_feedback, opponents.fixed_reply,
              selfplay.snapshot, selfplay.lagged, selfplay.ema, selfplay.league, selfplay.mixture,
-             selfplay.role_baselines,
+             selfplay.role_baselines, games_base.scripted,
              matrix.matrix_game, kuhn.kuhn_poker):
     gin.external_configurable(fn, name=fn.__name__, module="gamejax")
   gin.external_configurable(arena, name="arena", module="gamejax")

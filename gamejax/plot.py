@@ -1,8 +1,9 @@
 """``gamejax plot --workdir=DIR [--workdir=DIR2 ...]``: PNG curves of a run's logged metrics (matplotlib, an optional
 extra: ``pip install 'gamejax[plot]'``).
 
-One figure per group of metrics found in ``metrics.jsonl`` -- exploitability, each seat's reward,
-the judge's accuracies, Elo, losses -- with one curve per metric and stage, against the step. The
+One figure per group of metrics found in ``metrics.jsonl`` -- exploitability, each seat's
+best-response gain, each seat's reward, the judge's accuracies, Elo, losses -- with one curve per
+metric and stage, against the step. The
 PNGs go to ``DIR/plots/`` (``--output`` elsewhere); the paths written are returned.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Mapping, Sequence
 # Figure name -> the metric-name pattern it draws (the first group that matches a metric wins).
 GROUPS: Sequence[tuple[str, str]] = (
     ("exploitability", r"^(exploitability|nash_conv)$"),
+    ("best_response_gain", r"^best_response_gain/"),
     ("rewards", r"(^judge/.*reward|/reward_mean$)"),
     ("accuracy", r"(^judge/exact$|accuracy)"),
     ("elo", r"(^|/)elo"),

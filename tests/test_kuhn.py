@@ -16,7 +16,7 @@ from open_spiel.python.algorithms import exploitability as os_exploitability
 from open_spiel.python.games import data as os_data
 
 from gamejax import records, sharding, step as game_step
-from gamejax.games import kuhn
+from gamejax.games import base as games_base, kuhn
 from gamejax.models import llama
 from gamejax.payoffs import Play, mmd
 from gamejax.players import selfplay
@@ -195,6 +195,47 @@ def test_play_deals_samples_each_seat_from_its_model_and_scores_what_it_played()
   assert abs(evaluated["seats"]["agent"]["value"] - value) < 1e-12
 
 
+def test_a_scripted_seat_plays_its_table():
+  """A model against the scripted player 'nash:0.2': the scripted seat's moves follow its table
+  (bets with a Q after a bet: alpha + 1/3 of the time), its behaviour log-probs are the table's,
+  and the exact evaluation sees the table."""
+  apply = POKER.mask(functools.partial(llama.apply, CFG), CFG.vocab_size)
+  scripted = games_base.scripted("nash:0.2").value(POKER, "agent")
+  state = game_step.GameState(params={"b": llama.init_params(CFG, jax.random.PRNGKey(1))},
+                              opt_state={}, frozen={"agent": scripted}, rng=None, step=None)
+  play = POKER.play_fn(apply, {"agent": "agent", "opponent": "b"}, game_step.player_params)
+  n = 12000
+  moves, facts = jax.jit(play)(state, {"games": jnp.zeros((n,), jnp.int32)}, jax.random.PRNGKey(4))
+  tokens, behaviour = np.asarray(moves.tokens), np.asarray(facts["behaviour_logprobs"])
+  want = kuhn.nash_policy(0.2)
+  for card, ch in enumerate("JQK"):
+    first = tokens[:, 7] == kuhn.token(ch)
+    bet = tokens[first, 8] == kuhn.token("b")
+    assert abs(bet.mean() - want[str(card)][1]) < 0.03
+    played = np.where(bet, want[str(card)][1], want[str(card)][0])
+    np.testing.assert_allclose(np.exp(behaviour[first, 7]), played, atol=1e-6)
+  faced = (tokens[:, 7] == kuhn.token("Q")) & (tokens[:, 9] == kuhn.token("b"))
+  assert abs((tokens[faced, 10] == kuhn.token("b")).mean() - (0.2 + 1 / 3)) < 0.05
+  evaluated = POKER.evaluate(apply, {"agent": scripted, "opponent": state.params["b"]})
+  for s_ in kuhn.INFO_STATES[0]:
+    np.testing.assert_allclose(evaluated["seats"]["agent"]["policy"][s_], want[s_], atol=1e-6)
+
+
+def test_scripted_policies_and_their_errors(tmp_path):
+  np.testing.assert_array_equal(POKER.scripted_policy("always_bet", "opponent")[:, 1], 1.0)
+  np.testing.assert_allclose(POKER.scripted_policy("nash", "agent"),
+                             kuhn.policy_table(kuhn.nash_policy(0.0)))
+  path = tmp_path / "policy.json"
+  kuhn.write_policy(str(path), kuhn.nash_policy(1 / 3))
+  np.testing.assert_allclose(POKER.scripted_policy(str(path), "agent"),
+                             kuhn.policy_table(kuhn.nash_policy(1 / 3)))
+  for bad, message in [("nash:0.5", "alpha=0.5 must be in"), ("bluff", "expected one of"),
+                       (str(tmp_path / "none.json"), "No such file"),
+                       ({"0": [1.0, 0.0]}, "no probabilities for information states")]:
+    with pytest.raises(kuhn.GameConfigError, match=message):
+      POKER.scripted_policy(bad, "opponent")
+
+
 # ---- MMD on multi-decision rows against a NumPy reference ----------------------------------------
 
 V = 128
@@ -271,10 +312,9 @@ def test_mmd_on_kuhn_games_matches_numpy_value_and_gradient(seat, alpha, role):
 
 # ---- the compiled step and the experiment from gin ------------------------------------------------
 
-def test_kuhn_in_the_compiled_step_two_learners_and_a_league_trace_once():
+def _kuhn_step(mesh):
   """Two learners (one per seat, the opponent's seat a league of the opponent's snapshots, each
-  with its role baseline) play, are judged and updated in one compiled step, traced once; the logged exploitability is the
-  exact one of the seated policies (the league's as its mixed strategy)."""
+  with its role baseline), compiled for ``mesh``: ``(g, apply, fn, state, batches, traces)``."""
   apply = POKER.mask(functools.partial(llama.apply, CFG), CFG.vocab_size)
   learners = {s: game_step.Learner(apply, mmd(s, alpha=0.2, baseline="role"), optax.adam(3e-3))
               for s in records.SEATS}
@@ -288,12 +328,33 @@ def test_kuhn_in_the_compiled_step_two_learners_and_a_league_trace_once():
   state = game_step.init_state(g, params, jax.random.PRNGKey(7),
                                selfplay.init_followers(followers, params))
   traces = []
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
   fn, shardings = game_step.make_step(g, mesh, jax.eval_shape(lambda: state),
                                       on_trace=lambda: traces.append(1))
-  state = jax.device_put(state, shardings)
-  before = jax.device_get(state.params)
   batches = {"games": np.zeros((3, 64), np.int32)}
+  return g, apply, fn, jax.device_put(state, shardings), batches, traces
+
+
+def run_on(mesh):
+  """Two calls of the two-learner league step on ``mesh``: the losses and the final params."""
+  _, _, fn, state, batches, _ = _kuhn_step(mesh)
+  losses = []
+  for _ in range(2):
+    state, metrics = fn(state, batches)
+    losses.append(np.stack([np.asarray(metrics[f"{s}/loss"]) for s in records.SEATS]))
+  return np.concatenate(losses, axis=1), jax.device_get(state.params)
+
+
+def test_kuhn_on_eight_devices_matches_one_device():
+  import eight_devices
+  eight_devices.assert_eight_devices_match_one("test_kuhn")
+
+
+def test_kuhn_in_the_compiled_step_two_learners_and_a_league_trace_once():
+  """Two learners play, are judged and updated in one compiled step, traced once; the role
+  baselines are the EMAs of the logged rewards; the logged exploitability is the exact one of
+  the seated policies (the league's as its mixed strategy)."""
+  g, apply, fn, state, batches, traces = _kuhn_step(sharding.make_mesh(devices=jax.devices()[:1]))
+  before = jax.device_get(state.params)
   rewards = []
   for _ in range(2):
     state, metrics = fn(state, batches)
@@ -373,3 +434,26 @@ def test_win_rates_are_exact():
     want = np.mean([_np_win_probability(profile, d) for d in kuhn.DEALS])
     np.testing.assert_allclose(rates[i, j], want, atol=1e-12)
   assert len({round(x, 6) for x in rates.ravel()}) > 3          # the players differ
+
+
+def test_kuhn_best_response_to_a_scripted_player_from_gin(tmp_path, capsys):
+  """experiments/kuhn/best_response.gin, shortened: against the scripted uniform player the
+  learner's exact best-response gain falls and its winnings approach the best response's 0.5;
+  the exported profile holds the scripted seat's uniform rows."""
+  from gamejax import cli
+  work = tmp_path / "run"
+  gin_file = os.path.join(os.path.dirname(MMD_GIN), "best_response.gin")
+  assert cli.main(["train", f"--gin_file={gin_file}", f"--workdir={work}", "--no_progress",
+                   "--gin.KUHN_STEPS=150", "--gin.selfplay/Stage.batch_size=512"]) == 0, \
+      capsys.readouterr().err
+  rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+  gains = [r["best_response_gain/agent"] for r in rows]
+  assert gains[-1] < 0.5 * gains[0] and gains[-1] < 0.1, gains
+  summary = json.load(open(work / "summary.json"))["selfplay"]
+  assert summary["seats"]["agent"]["value"] > 0.4
+  assert kuhn.best_response_value(kuhn.uniform_policy(), 0) == 0.5
+  path = tmp_path / "policy.json"
+  assert cli.main(["eval", f"--workdir={work}", f"--export_policy={path}"]) == 0
+  exported = json.load(open(path))
+  for s_ in kuhn.INFO_STATES[1]:
+    np.testing.assert_allclose(exported[s_], [0.5, 0.5], atol=1e-6)

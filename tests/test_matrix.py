@@ -60,6 +60,26 @@ def test_known_equilibria_have_zero_exploitability():
     assert _openspiel_nash_conv(game.agent_matrix, game.opponent_matrix, nash, nash) < 1e-12
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_scripted_nash_is_an_equilibrium_openspiel_agrees_with(seed):
+  """The scripted 'nash' player of each seat is its maxmin strategy: the two together have zero
+  NashConv by OpenSpiel's count, on biased RPS (the closed form (1, 10, 5) / 16) and on random
+  zero-sum matrices."""
+  game = matrix.matrix_game(preset="biased_rps")
+  for seat in records.SEATS:
+    np.testing.assert_allclose(game.scripted_policy("nash", seat), np.array([1, 10, 5]) / 16,
+                               atol=1e-9)
+  a = np.random.default_rng(seed).normal(size=(3 + seed, 4)).round(2)
+  game = matrix.matrix_game(matrix=a.tolist())
+  x, y = game.scripted_policy("nash", "agent"), game.scripted_policy("nash", "opponent")
+  assert x.shape == (3 + seed,) and y.shape == (4,)
+  assert _openspiel_nash_conv(a, -a, x, y) < 1e-7
+  general = matrix.matrix_game(matrix=[[1, 0], [0, 1]], opponent_matrix=[[1, 0], [0, 2]])
+  with pytest.raises(matrix.GameConfigError, match="'nash' needs a zero-sum game"):
+    general.scripted_policy("nash", "agent")
+  np.testing.assert_array_equal(general.scripted_policy("b", "opponent"), [0.0, 1.0])
+
+
 # ---- the MMD payoff against a NumPy reference -----------------------------------------------------
 
 V, BOS_, L1, L2 = 8, 1, 2, 3
@@ -372,6 +392,10 @@ MMD_GIN = os.path.join(os.path.dirname(__file__), "..", "experiments", "matrix",
      "mixture.reference='ghost'\nmixture.beta=0.5", "mixes 'ghost', which is no player"),
     ("selfplay/Stage.seats={'agent': 'agent', 'opponent': @league()}\nleague.learner='agent'\n"
      "league.size=0\nleague.every=10", "league size must be an int >= 1"),
+    ("selfplay/Stage.seats={'agent': 'agent', 'opponent': @scripted()}\n"
+     "scripted.policy=[0.5, 0.6, 0]", "is not a probability distribution over 3 moves"),
+    ("selfplay/Stage.seats={'agent': 'agent', 'opponent': @scripted()}\nscripted.policy='Q'",
+     "seats['opponent']=scripted('Q'): expected 'uniform', 'nash'"),
 ])
 def test_bad_game_configs_exit_2_and_create_nothing(tmp_path, capsys, binding, message):
   from gamejax import cli
@@ -504,3 +528,31 @@ def test_a_mixture_seat_plays_the_geometric_mixture_of_two_players():
                              rtol=1e-4)
   with pytest.raises(ValueError, match="beta must be in"):
     selfplay.mixture("agent", "reference", 1.5)
+
+
+BEST_RESPONSE_GIN = os.path.join(os.path.dirname(MMD_GIN), "best_response.gin")
+
+
+def test_a_learner_finds_the_best_response_to_a_scripted_seat(tmp_path, capsys):
+  """experiments/matrix/best_response.gin, shortened: the scripted opponent plays exactly its
+  mixed strategy (summary and `gamejax eval`, restored from the frozen players written once), and
+  the learner's best-response gain falls towards 0 while its payoff nears the best response's."""
+  import json
+  from gamejax import cli
+  work = tmp_path / "run"
+  assert cli.main(["train", f"--gin_file={BEST_RESPONSE_GIN}", f"--workdir={work}",
+                   "--no_progress", "--gin.MATRIX_STEPS=300"]) == 0, capsys.readouterr().err
+  rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+  gains = [r["best_response_gain/agent"] for r in rows]
+  assert gains[-1] < 0.05 * gains[0] and gains[-1] < 0.2, gains
+  np.testing.assert_allclose([r["best_response_gain/opponent"] for r in rows][-1], 16.25,
+                             atol=0.05)                      # the opponent's gain against P: 16.25
+  summary = json.load(open(work / "summary.json"))["selfplay"]
+  opponent = summary["seats"]["opponent"]["policy"]
+  np.testing.assert_allclose([opponent[a] for a in "RPS"], [0.5, 0.25, 0.25], atol=1e-6)
+  assert summary["seats"]["agent"]["value"] > 11.25 - 0.2
+  assert os.path.isdir(work / "checkpoints" / "selfplay.frozen")
+  capsys.readouterr()
+  assert cli.main(["eval", f"--workdir={work}"]) == 0
+  out = json.loads(capsys.readouterr().out)["selfplay"]
+  np.testing.assert_allclose(out["exploitability"], summary["exploitability"], atol=1e-9)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Callable, Sequence
+import numbers
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -92,9 +93,52 @@ def legal_moves(apply: Callable, legal_after: np.ndarray) -> Callable:
   return masked
 
 
+SCRIPTED = "scripted_logprobs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scripted:
+  """A seat played by one of the game's scripted players: a fixed policy, named (``"uniform"``,
+  ``"nash"``, ...) or given (the game says which: ``game.scripted_policy(policy, seat)``). It
+  sits in the game state as the frozen player named after its seat, ``{SCRIPTED: log-probs}``,
+  the table its seat's model would compute, and is written once with the frozen players."""
+  policy: Any
+
+  def value(self, game: Any, seat: str) -> dict:
+    """The frozen player: the seat's log-prob table (``MASKED`` where the policy gives 0)."""
+    probs = np.asarray(game.scripted_policy(self.policy, seat), np.float64)
+    logp = np.where(probs > 0, np.log(np.maximum(probs, 1e-300)), MASKED)
+    return {SCRIPTED: jnp.asarray(logp, jnp.float32)}
+
+
+def scripted(policy: Any) -> Scripted:
+  """A scripted player for a seat: ``seats={"opponent": scripted("always_bet")}``."""
+  return Scripted(policy)
+
+
+def is_scripted(value: Any) -> bool:
+  return isinstance(value, Mapping) and set(value) == {SCRIPTED}
+
+
+def check_distribution(probs: Sequence[float], n: int, setting: str) -> np.ndarray:
+  """``float64[n]``: ``probs`` when it is a distribution over ``n`` moves, else a
+  ``GameConfigError`` naming ``setting``."""
+  bad = (isinstance(probs, (str, bytes)) or not isinstance(probs, Sequence)
+         or any(isinstance(p, bool) or not isinstance(p, numbers.Real) for p in probs))
+  p = None if bad else np.asarray(probs, np.float64)
+  if p is None or p.shape != (n,) or not np.isfinite(p).all() or (p < 0).any() or (
+      abs(p.sum() - 1.0) > 1e-6):
+    raise GameConfigError(f"{setting}: {probs!r} is not a probability distribution over {n} "
+                          "moves (non-negative, summing to 1)")
+  return p / p.sum()
+
+
 def seat_logprobs(logprobs: Callable[[Any], jax.Array], value: Any) -> jax.Array:
   """The log-probs ``logprobs(params)`` of the player ``value`` sitting in a seat: plain params,
-  or a geometric mixture of two players (``selfplay.mixture``, mixed action by action)."""
+  a scripted player's fixed table (``Scripted``), or a geometric mixture of two players
+  (``selfplay.mixture``, mixed action by action)."""
+  if is_scripted(value):
+    return value[SCRIPTED]
   if selfplay.is_mixture(value):
     return selfplay.mix_logprobs(logprobs(value["mixture_a"]), logprobs(value["mixture_b"]),
                                  value["beta"])

@@ -142,6 +142,15 @@ def nash_policy(alpha: float) -> dict[str, list[float]]:
   }
 
 
+def constant_policy(move: int) -> dict[str, list[float]]:
+  return {s: np.eye(2)[move].tolist() for s in ALL_INFO_STATES}
+
+
+NAMED_POLICIES = {"uniform": uniform_policy, "nash": lambda: nash_policy(0.0),
+                  "always_pass": lambda: constant_policy(PASS),
+                  "always_bet": lambda: constant_policy(BET)}
+
+
 def write_policy(path: str, policy: Mapping[str, Sequence[float]]) -> None:
   """Writes ``{information state: [p(pass), p(bet)]}`` as JSON (atomically), for any tool to
   check. A policy that is not a distribution at every information state cannot be written."""
@@ -210,11 +219,12 @@ _PURE = np.asarray(list(itertools.product((0.0, 1.0), repeat=2)))      # [4, 2] 
 _AT_CARD = np.eye(3)[:, None, :] > 0                                    # [3 cards, 1, 3]
 
 
-def table_exploitability(table):
-  """NashConv / 2 of a ``[12, 2]`` policy table (rows in ``ALL_INFO_STATES`` order), exact and
-  vectorised; NumPy or jnp (it only measures). A seat's best response picks, for each of its
-  cards, the best of its 4 pure plans at that card's two information states (the 64 pure
-  strategies, card by card)."""
+def table_gains(table):
+  """``(agent's, opponent's)`` best-response gains of a ``[12, 2]`` policy table (rows in
+  ``ALL_INFO_STATES`` order): what each seat would win by best-responding to the other's
+  policy, exact and vectorised; NumPy or jnp (it only measures). A seat's best response picks,
+  for each of its cards, the best of its 4 pure plans at that card's two information states
+  (the 64 pure strategies, card by card)."""
   xp = jnp if isinstance(table, jax.Array) else np
   first, second, after_pass, after_bet = _bets(table)
   value = _deal_values(first, second, after_pass, after_bet).mean()
@@ -223,7 +233,13 @@ def table_exploitability(table):
   opponent = -_deal_values(first, second, plan(0, after_pass), plan(1, after_bet))
   mine = lambda cards: np.arange(3)[:, None, None] == cards[None, None]              # [3, 1, 6]
   best = lambda v, cards: xp.where(mine(cards), v, 0.0).sum(-1).max(-1).sum() / 6
-  return 0.5 * ((best(agent, _C0) - value) + (best(opponent, _C1) + value))
+  return best(agent, _C0) - value, best(opponent, _C1) + value
+
+
+def table_exploitability(table):
+  """NashConv / 2 of a ``[12, 2]`` policy table: half the seats' ``table_gains``."""
+  agent, opponent = table_gains(table)
+  return 0.5 * (agent + opponent)
 
 
 # ---- the language game ---------------------------------------------------------------------------
@@ -250,6 +266,25 @@ def transcript(info_state: str) -> np.ndarray:
   seat = SEAT_OF[(len(info_state) - 1) % 2]
   text = LABELS[seat] + CARDS[int(info_state[0])] + info_state[1:]
   return np.asarray([BOS] + [token(c) for c in text], np.int32)
+
+
+def profile_table(tables: Mapping[str, Any]):
+  """The ``[12, 2]`` profile of the players in the two seats (seat -> that player's ``[12, 2]``
+  table): each seat's information states from its own player's table. NumPy or jnp."""
+  agent, opponent = tables["agent"], tables["opponent"]
+  at_agent = np.isin(np.arange(len(ALL_INFO_STATES)), ROWS["agent"])[:, None]
+  xp = jnp if isinstance(agent, jax.Array) or isinstance(opponent, jax.Array) else np
+  return xp.where(at_agent, agent, opponent)
+
+
+def sampled_chips(deal, a0, o1, a2):
+  """The agent's chips in each sampled game (``deal`` indexes ``DEALS``; ``a0``, ``o1``, ``a2``
+  the moves, ``a2`` read only after ``pb``): ``_deal_values`` of the moves played, as bet
+  probabilities of 0 or 1, at the game's deal."""
+  bet = lambda move: jnp.broadcast_to((move == BET).astype(jnp.float32)[:, None],
+                                      (move.shape[0], 3))
+  values = _deal_values(bet(a0), bet(a2), bet(o1), bet(o1))          # [n, 6 deals]
+  return jnp.take_along_axis(values, deal[:, None], axis=1)[:, 0]
 
 
 def league_table(tables_K, weights_K):
@@ -329,10 +364,8 @@ class KuhnGame:
     """The strategy profile of the players in ``seats`` (seat -> params): each seat's
     information states from the player sitting in it, as ``{OpenSpiel info state: [p(pass),
     p(bet)]}`` (what ``gamejax eval --export_policy`` writes)."""
-    table = np.zeros((len(ALL_INFO_STATES), 2))
-    for seat, rows in ROWS.items():
-      table[rows] = self.seat_table(apply, seats[seat])[rows]
-    return table_policy(table)
+    return table_policy(profile_table({seat: self.seat_table(apply, seats[seat])
+                                       for seat in records.SEATS}))
 
   def evaluate(self, apply: Callable, seats: Mapping[str, Any]) -> dict:
     """Exact figures of the seated players' policies, by walking the tree in float64:
@@ -357,6 +390,27 @@ class KuhnGame:
     return np.array([[float(_deal_values(bets[i][0], bets[i][1], bets[j][2], bets[j][3],
                                          win_rate=True).mean()) for j in range(len(players))]
                      for i in range(len(players))])
+
+  def scripted_policy(self, policy: Any, seat: str) -> np.ndarray:
+    """``float64[12, 2]``: a scripted player's policy (the seat plays its rows): ``"uniform"``,
+    ``"always_pass"``, ``"always_bet"``, ``"nash"`` / ``"nash:ALPHA"`` (Kuhn's equilibrium
+    family, alpha in [0, 1/3], default 0), ``{information state: [p(pass), p(bet)]}`` or the
+    path of such a JSON file (``gamejax eval --export_policy`` writes one)."""
+    setting = f"seats[{seat!r}]=scripted({policy!r})"
+    try:
+      if isinstance(policy, str) and policy in NAMED_POLICIES:
+        return policy_table(NAMED_POLICIES[policy]())
+      if isinstance(policy, str) and policy.startswith("nash:"):
+        return policy_table(nash_policy(float(policy[len("nash:"):])))
+      if isinstance(policy, str) and policy.endswith(".json"):
+        with open(policy, encoding="utf-8") as f:
+          return policy_table(json.load(f))
+      if isinstance(policy, Mapping):
+        return policy_table(policy)
+    except (OSError, ValueError) as e:            # PolicyError, a bad alpha, a bad JSON file
+      raise GameConfigError(f"{setting}: {e}") from e
+    raise GameConfigError(f"{setting}: expected one of {sorted(NAMED_POLICIES)}, 'nash:ALPHA', "
+                          "a {information state: [p(pass), p(bet)]} dict or a .json file of one")
 
   def export_policy(self, apply: Callable, seats: Mapping[str, Any], path: str) -> None:
     write_policy(path, self.profile(apply, seats))
@@ -385,7 +439,8 @@ class KuhnGame:
       picks = jax.random.split(k_league)
       (logp_a, table_a), (logp_o, table_o) = (seat_policy(state, s, n, k)
                                                for s, k in zip(records.SEATS, picks))
-      c0, c1 = deals[jax.random.randint(k_deal, (n,), 0, len(DEALS))].T
+      deal = jax.random.randint(k_deal, (n,), 0, len(DEALS))
+      c0, c1 = deals[deal].T
       at = lambda logp, row: jnp.take_along_axis(logp, row[:, None, None], axis=1)[:, 0]
       first_logp = at(logp_a, _row(c0, 0))
       a0 = jax.random.categorical(k_agent, first_logp)
@@ -413,15 +468,12 @@ class KuhnGame:
           [zero, zero, zero, chosen(reply_logp, o1), zero,
            zero, zero, chosen(first_logp, a0), zero, jnp.where(third, chosen(second_logp, a2), 0.0),
            zero], axis=1)
-      win = jnp.where(c0 > c1, 1.0, -1.0)
-      chips = jnp.where(a0 == BET, jnp.where(o1 == BET, 2 * win, 1.0),
-                        jnp.where(o1 == PASS, win, jnp.where(a2 == BET, 2 * win, -1.0)))
+      chips = sampled_chips(deal, a0, o1, a2)
       record = records.GameRecord(tokens=tokens, positions=positions, segment_ids=segments,
                                   players=players)
-      table = jnp.zeros((len(ALL_INFO_STATES), 2), jnp.float32)
-      table = table.at[rows["agent"]].set(table_a[rows["agent"]])
-      table = table.at[rows["opponent"]].set(table_o[rows["opponent"]])
-      metrics = {"exploitability": table_exploitability(table),
+      a_gain, o_gain = table_gains(profile_table({"agent": table_a, "opponent": table_o}))
+      metrics = {"exploitability": 0.5 * (a_gain + o_gain),
+                 "best_response_gain/agent": a_gain, "best_response_gain/opponent": o_gain,
                  "play/tokens": (segments > 0).sum().astype(jnp.float32),
                  "play/bet_rate": ((a0 == BET).sum() + (o1 == BET).sum()
                                    + (third & (a2 == BET)).sum()) / (2 * n + third.sum())}

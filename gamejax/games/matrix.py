@@ -35,10 +35,12 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import optimize
 
 from gamejax import records
 from gamejax.data.tokenizer import BOS
-from gamejax.games.base import GameConfigError, legal_moves, per_game_logprobs, seat_logprobs, token
+from gamejax.games.base import (GameConfigError, check_distribution, legal_moves, per_game_logprobs,
+                                seat_logprobs, token)
 from gamejax.players import selfplay
 
 PRESETS = {
@@ -53,9 +55,29 @@ def nash_conv(a, b, x, y):
   """``NashConv = [max_i (A y)_i - x A y] + [max_j (x B)_j - x B y]``: how much the two seats
   gain by best-responding to each other's mixed strategies ``x`` (rows) and ``y`` (columns).
   Exploitability is half of it. NumPy or jnp arrays."""
+  agent, opponent = seat_gains(a, b, x, y)
+  return agent + opponent
+
+
+def seat_gains(a, b, x, y):
+  """``(agent's, opponent's)`` best-response gains: what each seat would win by best-responding
+  to the other's mixed strategy (their sum is ``nash_conv``)."""
   xp = jnp if any(isinstance(v, jax.Array) for v in (a, b, x, y)) else np
   ay, xb = a @ y, x @ b
-  return (xp.max(ay) - x @ ay) + (xp.max(xb) - xb @ y)
+  return xp.max(ay) - x @ ay, xp.max(xb) - xb @ y
+
+
+def maxmin_strategy(m: np.ndarray) -> np.ndarray:
+  """The mixed strategy over ``m``'s rows that maximises the worst case ``min_j (x m)_j`` (a
+  linear program): in a zero-sum game, a Nash equilibrium strategy of the row player."""
+  n, k = m.shape
+  res = optimize.linprog(np.r_[np.zeros(n), -1.0], A_ub=np.c_[-m.T, np.ones(k)],
+                         b_ub=np.zeros(k), A_eq=np.r_[np.ones(n), 0.0][None], b_eq=[1.0],
+                         bounds=[(0, None)] * n + [(None, None)], method="highs")
+  if not res.success:
+    raise GameConfigError(f"no maxmin strategy for {m.tolist()}: {res.message}")
+  x = np.maximum(res.x[:n], 0.0)
+  return x / x.sum()
 
 
 def _matrix(value, setting: str) -> np.ndarray:
@@ -112,6 +134,30 @@ class MatrixGame:
     """``apply`` whose logits give illegal next tokens ``MASKED`` (a policy over legal moves)."""
     return legal_moves(apply, self.legal_after(vocab_size))
 
+  def seat_matrix(self, seat: str) -> np.ndarray:
+    """The seat's own payoffs, rows its actions and columns the other seat's."""
+    return self.agent_matrix if seat == "agent" else self.opponent_matrix.T
+
+  def scripted_policy(self, policy: Any, seat: str) -> np.ndarray:
+    """``float64[A]``: a scripted player's mixed strategy in ``seat``: ``"uniform"``,
+    ``"nash"`` (the seat's maxmin strategy, a Nash equilibrium strategy of a zero-sum game), one
+    action's character (``"R"``: always that action) or the probabilities of its actions."""
+    n = len(self.action_tokens(seat))
+    setting = f"seats[{seat!r}]=scripted({policy!r})"
+    if isinstance(policy, str) and policy == "uniform":
+      return np.full(n, 1.0 / n)
+    if isinstance(policy, str) and policy == "nash":
+      if not np.array_equal(self.opponent_matrix, -self.agent_matrix):
+        raise GameConfigError(f"{setting}: 'nash' needs a zero-sum game (give the "
+                              "probabilities)")
+      return maxmin_strategy(self.seat_matrix(seat))
+    if isinstance(policy, str) and len(policy) == 1 and policy in self.actions[:n]:
+      return np.eye(n)[self.actions.index(policy)]
+    if isinstance(policy, str):
+      raise GameConfigError(f"{setting}: expected 'uniform', 'nash', one of the seat's actions "
+                            f"{list(self.actions[:n])} or a list of {n} probabilities")
+    return check_distribution(policy, n, setting)
+
   # ---- in the step ------------------------------------------------------------------------------
 
   def seat_logprobs(self, apply: Callable, params: Any, seat: str) -> jax.Array:
@@ -120,10 +166,6 @@ class MatrixGame:
     logits_V = apply(params, prefix, jnp.arange(2)[None], jnp.ones_like(prefix))[0, -1]
     logp_V = jax.nn.log_softmax(logits_V.astype(jnp.float32))
     return logp_V[jnp.asarray(self.action_tokens(seat))]
-
-  def exploitability(self, x, y):
-    return 0.5 * nash_conv(jnp.asarray(self.agent_matrix, jnp.float32),
-                           jnp.asarray(self.opponent_matrix, jnp.float32), x, y)
 
   def policy_logprobs(self, apply: Callable, value: Any, seat: str) -> jax.Array:
     """``float32[A]``: the seat's policy when ``value`` sits in it (params, or a mixture)."""
@@ -147,8 +189,7 @@ class MatrixGame:
     x, y = probs["agent"], probs["opponent"]
     a, b = self.agent_matrix, self.opponent_matrix
     value = {"agent": float(x @ a @ y), "opponent": float(x @ b @ y)}
-    gain = {"agent": float(np.max(a @ y)) - value["agent"],
-            "opponent": float(np.max(x @ b)) - value["opponent"]}
+    gain = dict(zip(records.SEATS, map(float, seat_gains(a, b, x, y))))
     conv = gain["agent"] + gain["opponent"]
     return {"exploitability": 0.5 * conv, "nash_conv": conv,
             "seats": {seat: {"policy": dict(zip(self.actions, probs[seat].tolist())),
@@ -204,7 +245,10 @@ class MatrixGame:
       behaviour_BT = jnp.concatenate([zero, chosen["agent"], zero,
                                       zero, chosen["opponent"], zero], axis=1)
       x, y = policies["agent"][1], policies["opponent"][1]
-      metrics = {"exploitability": self.exploitability(x, y),
+      a_gain, o_gain = seat_gains(jnp.asarray(self.agent_matrix, jnp.float32),
+                                  jnp.asarray(self.opponent_matrix, jnp.float32), x, y)
+      metrics = {"exploitability": 0.5 * (a_gain + o_gain),
+                 "best_response_gain/agent": a_gain, "best_response_gain/opponent": o_gain,
                  "play/tokens": jnp.asarray(6.0 * n, jnp.float32)}
       for s, probs in (("agent", x), ("opponent", y)):
         metrics.update({f"policy/{s}/{c}": p for c, p in zip(self.actions, probs)})

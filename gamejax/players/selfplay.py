@@ -112,6 +112,7 @@ class RoleBaselines:
   ``b <- decay * b + (1 - decay) * mean(judgments["<seat>/rewards"])`` after each step."""
   decay: float = 0.95
   learner = None          # follows no learner
+  kind = "role_baselines"
 
   def __post_init__(self):
     if not 0.0 <= self.decay < 1.0:

@@ -122,18 +122,20 @@ def stage_state(exp: Experiment, index: int, game: game_step.Game, players: Mapp
   if stage.rollout is not None and stage.rollout.judge == "reward_model":
     frozen[judges.JUDGE] = copy(judge_params)
   frozen.update(selfplay.init_followers(stage.all_followers, players))
+  frozen.update({seat: who.value(stage.game, seat) for seat, who in stage.scripted.items()})
   rng = jax.random.fold_in(jax.random.PRNGKey(exp.seed), index)
   return game_step.init_state(game, {name: copy(p) for name, p in players.items()}, rng, frozen)
 
 
 def constant_players(exp: Experiment, index: int) -> tuple[str, ...]:
   """The frozen players of stage ``index`` that never change while it plays (its reference, its
-  reward-model judge, snapshots): checkpoints write them once."""
+  reward-model judge, snapshots, scripted players): checkpoints write them once."""
   stage = exp.stages[index]
   names = ["reference"] if stage.reference else []
   if stage.rollout is not None and stage.rollout.judge == "reward_model":
     names.append(judges.JUDGE)
   names += [n for n, f in stage.all_followers.items() if getattr(f, "kind", None) == "snapshot"]
+  names += list(stage.scripted)
   return tuple(names)
 
 

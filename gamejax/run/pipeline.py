@@ -96,7 +96,8 @@ def describe_stages(exp: Experiment) -> str:
           f"{name} ({p.model}, payoff {_payoff_name(p.payoff)}, from "
           f"{ {None: 'fresh', 'previous': 'previous stage'}.get(p.init_from, p.init_from)})"
           for name, p in s.players.items())
-      seats = ", ".join(f"{seat}: {who_}" for seat, who_ in s.seated.items())
+      seats = ", ".join(f"{seat}: {s.seats[seat] if seat in s.scripted else who_}"
+                        for seat, who_ in s.seated.items())
       followers = ", ".join(f"{n} = {f.kind} of {f.learner}" for n, f in s.all_followers.items())
       lines.append(f"  {i + 1}. {s.name}: game {getattr(s.game, 'name', type(s.game).__name__)}, "
                    f"{s.steps} steps x {s.batch_size} games; learners {who}; seats {seats}"

@@ -25,6 +25,7 @@ import optax
 from gamejax import records
 from gamejax.data import sources
 from gamejax.data.tokenizer import VOCAB_SIZE
+from gamejax.games.base import GameConfigError, Scripted
 from gamejax.models import llama
 from gamejax.payoffs.base import Payoff
 from gamejax.players import judges, selfplay
@@ -55,6 +56,9 @@ class Optimizer:
   b1: float = 0.9
   b2: float = 0.98
   grad_clip: float = 1.0
+  # Adam's epsilon. Near a game's equilibrium the gradients shrink towards 0 and Adam's
+  # normalised step does not: a larger eps lets the steps shrink with them.
+  eps: float = 1e-8
 
   def build(self, total_steps: int) -> optax.GradientTransformation:
     warmup = min(self.warmup_steps, max(total_steps - 1, 0))
@@ -62,7 +66,8 @@ class Optimizer:
         0.0, self.learning_rate, warmup, max(total_steps, warmup + 1),
         end_value=self.learning_rate * self.end_factor)
     return optax.chain(optax.clip_by_global_norm(self.grad_clip),
-                       optax.adamw(schedule, self.b1, self.b2, weight_decay=self.weight_decay))
+                       optax.adamw(schedule, self.b1, self.b2, self.eps,
+                                   weight_decay=self.weight_decay))
 
 
 ANSWER_WIDTH = 19       # digits of the judge's answer key (arena answers fit int64)
@@ -169,7 +174,8 @@ class Stage:
   game: Any = None
   learners: Mapping[str, Player] = dataclasses.field(default_factory=dict)
   # seat ("agent", "opponent") -> who sits there: a learner's or a follower's name, a follower
-  # (``lagged("agent", every=10)``, then named after the seat) or a geometric mixture of two
+  # (``lagged("agent", every=10)``, then named after the seat), one of the game's scripted
+  # players (``scripted("nash")``, also named after the seat) or a geometric mixture of two
   # players (``mixture("agent", "reference", beta)``: Nash-MD's opponent). Default: the only learner sits in
   # both seats (self-play), or learners named after the seats sit in them.
   seats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -198,8 +204,13 @@ class Stage:
       if len(learners) == 1:
         return {seat: learners[0] for seat in records.SEATS}
       return {seat: seat for seat in records.SEATS if seat in learners}
-    return {seat: seat if isinstance(who, selfplay.Follower) else who
+    return {seat: seat if isinstance(who, (selfplay.Follower, Scripted)) else who
             for seat, who in seats.items()}
+
+  @property
+  def scripted(self) -> dict[str, Scripted]:
+    """seat -> the scripted player sitting in it (a frozen player named after the seat)."""
+    return {seat: who for seat, who in self.seats.items() if isinstance(who, Scripted)}
 
   @property
   def all_followers(self) -> dict[str, selfplay.Follower]:
@@ -328,6 +339,18 @@ def _validate_game_stage(s: Stage) -> None:
   clash = sorted(set(learners) & set(followers))
   if clash:
     raise ExperimentError(f"Stage {s.name!r}: {clash} name both a learner and a follower")
+  for seat, who in s.scripted.items():
+    if not hasattr(s.game, "scripted_policy"):
+      raise ExperimentError(f"Stage {s.name!r}: seats[{seat!r}] is scripted, but the game "
+                            f"{getattr(s.game, 'name', s.game)!r} has no scripted players")
+    if seat in learners or seat in s.followers:
+      raise ExperimentError(f"Stage {s.name!r}: seats[{seat!r}] is scripted, so {seat!r} names "
+                            "its player; a learner or a follower has that name too")
+    try:
+      who.value(s.game, seat)
+    except GameConfigError as e:
+      raise ExperimentError(f"Stage {s.name!r}: {e}") from e
+  scripted = set(s.scripted)
   for name, f in followers.items():
     if f.learner is not None and f.learner not in learners:
       raise ExperimentError(f"Stage {s.name!r}: follower {name!r} follows {f.learner!r}, which is "
@@ -336,15 +359,15 @@ def _validate_game_stage(s: Stage) -> None:
   for seat in records.SEATS:
     if seat not in seated:
       raise ExperimentError(f"Stage {s.name!r}: seat {seat!r} has no player (no policy); set "
-                            f"seats={{{seat!r}: ...}} to a learner ({sorted(learners)}) or a "
-                            "follower (lagged/ema/snapshot)")
+                            f"seats={{{seat!r}: ...}} to a learner ({sorted(learners)}), a "
+                            "follower (lagged/ema/snapshot/league) or a scripted player")
     who = seated[seat]
     for part in getattr(who, "parts", ()):
       if part not in learners and part not in followers:
         raise ExperimentError(f"Stage {s.name!r}: seats[{seat!r}] mixes {part!r}, which is no "
                               f"player of the stage; the learners are {sorted(learners)}, the "
                               f"followers {sorted(followers)}")
-    if isinstance(who, selfplay.Mixture):
+    if isinstance(who, selfplay.Mixture) or seat in scripted:
       continue
     if who not in learners and who not in followers:
       raise ExperimentError(f"Stage {s.name!r}: seats[{seat!r}]={who!r} is no player of the "
