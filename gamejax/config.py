@@ -3,12 +3,13 @@ that name the file, the line and the unknown name (with close matches).
 
 Configurables (use these names in ``.gin`` files):
   run structure: ``Experiment``, ``Stage``, ``Player``, ``Optimizer``, ``Evaluation``,
-    ``Rollout``, ``LlamaConfig``;
+    ``Rollout``, ``Spin``, ``LlamaConfig``;
   games and their players: ``matrix_game``, ``kuhn_poker``; followers ``snapshot``, ``lagged``, ``ema``,
     ``league``; seat ``mixture``, ``scripted``; ``role_baselines``;
   payoffs: ``imitation``, ``weighted``, ``grpo``, ``rloo``, ``reinforce``, ``kl_to_reference``,
-    ``dpo``, ``ipo``, ``bradley_terry``, ``ppo``, ``ppo_prepare``, ``mmd``;
-  judges and opponents: ``arena_judge``, ``arena_feedback``, ``fixed_reply``;
+    ``dpo``, ``ipo``, ``bradley_terry``, ``ppo``, ``ppo_prepare``, ``mmd``, ``sppo``;
+  judges and opponents: ``arena_judge``, ``pairwise_judge``, ``arena_preference``,
+    ``arena_feedback``, ``fixed_reply``;
   data sources: ``arena``, ``arena_preferences``, ``local_text``.
 """
 from __future__ import annotations
@@ -46,13 +47,14 @@ def register() -> None:
   if _REGISTERED:
     return
   for obj in (run.Experiment, run.Stage, run.Player, run.Optimizer, run.Evaluation, run.DataSpec,
-              run.Rollout, LlamaConfig):
+              run.Rollout, run.Spin, LlamaConfig):
     gin.external_configurable(obj, name=obj.__name__, module="gamejax")
   for fn in (payoffs.imitation, payoffs.weighted, payoffs.grpo, payoffs.rloo, payoffs.reinforce,
              payoffs.kl_to_reference, payoffs.dpo, payoffs.ipo, payoffs.bradley_terry,
-             payoffs.ppo, payoffs.ppo_prepare, payoffs.mmd):
+             payoffs.ppo, payoffs.ppo_prepare, payoffs.mmd, payoffs.sppo):
     gin.external_configurable(fn, name=fn.__name__, module="gamejax")
-  for fn in (judges.arena_judge, opponents.arena_feedback, opponents.fixed_reply,
+  for fn in (judges.arena_judge, judges.pairwise_judge, judges.arena_preference,
+             opponents.arena_feedback, opponents.fixed_reply,
              selfplay.snapshot, selfplay.lagged, selfplay.ema, selfplay.league, selfplay.mixture,
              selfplay.role_baselines, games_base.scripted,
              matrix.matrix_game, kuhn.kuhn_poker):
@@ -64,14 +66,17 @@ def register() -> None:
 
 
 def arena(min_digits: int = 1, max_digits: int = 3, ops: Sequence[str] = ("+", "-"),
-          players: Sequence = (("perfect", 1.0),), worked: bool = True, outcome_tag: bool = False,
+          players: Sequence = (("perfect", 1.0),), worked: bool = True, outcome_tag=False,
           num_train: int = 20000, num_test: int = 1000, seed: int = 0,
           test_fraction: float = 0.1, pad: bool = True, too_long: str = "truncate") -> run.DataSpec:
   """Records of the arithmetic arena: problems posed by the opponent, answered by ``players``
-  (scripted player specs with weights: ``[("perfect", 0.5), ("drop_carry:0", 0.5)]``)."""
+  (scripted player specs with weights: ``[("perfect", 0.5), ("drop_carry:0", 0.5)]``).
+  ``outcome_tag``: True (the opponent's move opens with "W " or "L ": whether the answer that
+  follows is right) or a pair of tags ``("right: ", "wrong: ")``."""
   params = dict(min_digits=min_digits, max_digits=max_digits, ops=tuple(ops),
                 players=arena_data.normalize_players(players), worked=bool(worked),
-                outcome_tag=bool(outcome_tag), num_train=num_train, num_test=num_test, seed=seed,
+                outcome_tag=arena_data.canonical_outcome_tag(outcome_tag), num_train=num_train,
+                num_test=num_test, seed=seed,
                 test_fraction=test_fraction, pad=bool(pad))
   return run.DataSpec("arithmetic_arena", params, too_long)
 

@@ -82,6 +82,10 @@ HEAVY = {
     "test_play.py::test_a_nan_judge_is_counted_and_never_reaches_the_params": 9,
     "test_run.py::test_each_arithmetic_experiment_plays_its_last_stage": 8,
     "test_run.py::test_resume_continues_with_same_data_order": 8,
+    "test_spin.py::test_spin_experiment_reports_accuracy_after_each_iteration": 30,
+    "test_spin.py::test_spin_step_matches_numpy_loss_and_refreshes_its_opponent": 20,
+    "test_outcome.py::test_outcome_experiment_evaluates_given_each_tag_and_its_control_untagged": 15,
+    "test_run.py::test_each_arithmetic_experiment_plays_its_last_stage[sppo-agent/win_rate_mean]": 15,
 }
 
 

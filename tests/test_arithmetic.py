@@ -263,13 +263,14 @@ def test_grade_partial_credit(text, exact, partial):
 
 @pytest.mark.parametrize("worked", [True, False])
 @pytest.mark.parametrize("spec", ["perfect", "drop_carry:0"])
-@pytest.mark.parametrize("tag", [False, True])
+@pytest.mark.parametrize("tag", [False, True, ("right: ", "wrong: ")])
 def test_transcript_attribution_and_text(worked, spec, tag):
   p = ar.Problem(57, 68, "+")
   sol = ar.parse_player(spec).solve(p, None)
   tokens, players = ar.transcript(p, sol, worked, outcome_tag=tag)
   assert tokens.dtype == np.int32 and players.dtype == np.int8 and tokens.shape == players.shape
-  prefix = ("W " if spec == "perfect" else "L ") if tag else ""
+  tags = {False: ("", ""), True: ("W ", "L ")}.get(tag, tag)
+  prefix = tags[0] if spec == "perfect" else tags[1]
   question = prefix + "57+68="
   answer = {("perfect", True): "7+8+0=15;5+6+1=12|125", ("perfect", False): "125",
             ("drop_carry:0", True): "7+8+0=15;5+6+0=11|115", ("drop_carry:0", False): "115"}
@@ -350,7 +351,8 @@ def test_generate_examples_rejects_bad_arguments(players, match):
     ar.generate_examples(ar.ArenaConfig(), "dev", 5, 0, [("perfect", 1.0)], True, False)
 
 
-@pytest.mark.parametrize("worked,tag,pad", [(True, False, True), (False, True, True), (True, True, False)])
+@pytest.mark.parametrize("worked,tag,pad", [(True, False, True), (False, True, True), (True, True, False),
+                                            (True, ("right ", "wrong "), True)])
 def test_transcripts_follow_the_arena_turns(worked, tag, pad):
   cfg = ar.ArenaConfig(max_digits=3, pad=pad)
   structure = ar.turns(cfg, worked, tag)
@@ -368,3 +370,13 @@ def test_transcripts_follow_the_arena_turns(worked, tag, pad):
     structure.check(list(tokens) + [5], list(players) + [players[-1]])
   with pytest.raises(ValueError, match="turn 0 is the opponent's"):
     structure.check(tokens, [3 - p for p in players])
+
+
+@pytest.mark.parametrize("tags, message", [
+    ("W ", "expected True, False or a pair"), (("W ",), "expected True, False or a pair"),
+    (("", "L "), "not a non-empty text"), (("W ", "L\u00e9"), "printable ASCII"),
+    (("W\n", "L "), "printable ASCII"), (("right=", "wrong"), "arena's own characters"),
+    (("W1", "L"), "arena's own characters"), (("ok", "ok?"), "prefix"), (("W", "W"), "prefix")])
+def test_bad_outcome_tags_are_refused(tags, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    ar.outcome_tags(tags)

@@ -120,6 +120,28 @@ def test_bad_game_settings_are_config_errors(tmp_path, capsys, binding, message)
   assert not work.exists()
 
 
+@pytest.mark.parametrize("experiment, binding, message", [
+    ("outcome", "pretrain/arena.outcome_tag=('W', 'W!')",
+     "arena.outcome_tag: outcome tags ('W', 'W!'): 'W' is a prefix of 'W!'"),
+    ("outcome", "eval/arena.outcome_tag=('gut ', 'schlecht\u00e9')", "printable ASCII"),
+    ("outcome", "pretrain/arena.outcome_tag='W '", "expected True, False or a pair"),
+    ("spin", "spin/Spin.iterations=0", "Spin.iterations=0; SPIN needs at least 1 iteration"),
+    ("spin", "spin/Spin.iterations=7", "steps=300 do not split into Spin.iterations=7"),
+    ("spin", "spin/Stage.reference=True", "brings its own reference"),
+    ("spin", "spin/Stage.eval_every=15",
+     "eval_every=15 must be a positive multiple of steps_per_call=10"),
+    ("sppo", "sppo/sppo.eta=0.0", "sppo: eta must be > 0"),
+    ("reward_model", "reward_model/Stage.eval_every=10", "eval_every=10 evaluates a policy"),
+    ("sppo", "sppo/pairwise_judge.group_size=1", "pairwise_judge needs group_size >= 2"),
+])
+def test_bad_regime_settings_are_config_errors(tmp_path, capsys, experiment, binding, message):
+  work = tmp_path / "run"
+  code, err = _train([f"--gin_file={EXP}/arithmetic/{experiment}.gin", f"--gin.{binding}",
+                      f"--workdir={work}"], capsys)
+  assert code == 2 and message in err, err
+  assert not work.exists()
+
+
 def test_unquoted_string_value_shows_the_quoting_that_works(tmp_path, capsys):
   code, err = _train([f"--gin_file={EXP}/text/sft.gin", "--gin.local_text.path=/path/to/folder",
                       f"--workdir={tmp_path / 'run'}"], capsys)

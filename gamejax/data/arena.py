@@ -39,7 +39,7 @@ class ArenaBuilderConfig(tfds.core.BuilderConfig):
   pad: bool = True
   players: tuple[tuple[str, float], ...] = DEFAULT_PLAYERS
   worked: bool = True
-  outcome_tag: bool = False
+  outcome_tag: bool | tuple[str, str] = False    # True: arithmetic.OUTCOME_TAGS; or (right, wrong)
   num_train: int = 20_000
   num_test: int = 500
   seed: int = 0
@@ -53,7 +53,9 @@ class ArenaBuilderConfig(tfds.core.BuilderConfig):
     """The generation parameters as a JSON-serialisable dict (what the config name hashes)."""
     return {"min_digits": self.min_digits, "max_digits": self.max_digits, "ops": list(self.ops),
             "test_fraction": self.test_fraction, "pad": self.pad, "players": [list(p) for p in self.players],
-            "worked": self.worked, "outcome_tag": self.outcome_tag, "num_train": self.num_train,
+            "worked": self.worked,
+            "outcome_tag": self.outcome_tag if isinstance(self.outcome_tag, bool)
+                           else list(self.outcome_tag), "num_train": self.num_train,
             "num_test": self.num_test, "seed": self.seed}
 
 
@@ -85,9 +87,24 @@ def normalize_players(players) -> tuple[tuple[str, float], ...]:
   return tuple(out)
 
 
+def canonical_outcome_tag(outcome_tag) -> bool | tuple[str, str]:
+  """False, True (the default tags) or a checked pair of texts (a ``DataError`` if bad).
+
+  >>> canonical_outcome_tag(["W ", "L "]), canonical_outcome_tag(["right: ", "wrong: "])
+  (True, ('right: ', 'wrong: '))
+  """
+  try:
+    tags = arithmetic.outcome_tags(outcome_tag)
+  except ValueError as e:
+    raise DataError(f"arena.outcome_tag: {e}") from None
+  if tags is None or tags == arithmetic.OUTCOME_TAGS:
+    return tags is not None
+  return tags
+
+
 def arena_config(*, min_digits: int = 1, max_digits: int = 3, ops: Sequence[str] = arithmetic.OPS,
                  test_fraction: float = 0.1, pad: bool = True, players=DEFAULT_PLAYERS, worked: bool = True,
-                 outcome_tag: bool = False, num_train: int = 20_000, num_test: int = 500,
+                 outcome_tag=False, num_train: int = 20_000, num_test: int = 500,
                  seed: int = 0) -> ArenaBuilderConfig:
   """A validated :class:`ArenaBuilderConfig`, named ``<ops>_d<lo>-<hi>_<style>[_tagged]_<hash>``.
 
@@ -97,13 +114,14 @@ def arena_config(*, min_digits: int = 1, max_digits: int = 3, ops: Sequence[str]
   arena = arithmetic.ArenaConfig(min_digits=int(min_digits), max_digits=int(max_digits),
                                  ops=tuple(ops), test_fraction=float(test_fraction), pad=bool(pad))
   players = normalize_players(players)
+  outcome_tag = canonical_outcome_tag(outcome_tag)
   if int(num_train) < 1 or int(num_test) < 0:
     raise DataError(f"arena needs num_train >= 1 and num_test >= 0, got num_train={num_train}, "
                      f"num_test={num_test}")
   cfg = ArenaBuilderConfig(
       name="pending", min_digits=arena.min_digits, max_digits=arena.max_digits, ops=arena.ops,
       test_fraction=arena.test_fraction, pad=arena.pad, players=players, worked=bool(worked),
-      outcome_tag=bool(outcome_tag), num_train=int(num_train), num_test=int(num_test),
+      outcome_tag=outcome_tag, num_train=int(num_train), num_test=int(num_test),
       seed=int(seed))
   params_json = json.dumps(cfg.params(), sort_keys=True)
   digest = hashlib.sha256(params_json.encode("utf-8")).hexdigest()[:10]

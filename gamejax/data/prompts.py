@@ -19,6 +19,7 @@ import numpy as np
 
 from gamejax import records
 from gamejax.data.errors import DataError
+from gamejax.data.loader import BATCH_KEYS
 from gamejax.data.reader import EpochReader
 from gamejax.games.arithmetic import answer_digits
 
@@ -61,20 +62,27 @@ class PromptLoader(EpochReader):
   def __iter__(self):
     return self
 
-  def __next__(self) -> dict[str, np.ndarray]:
+  def _empty(self) -> dict[str, np.ndarray]:
     b, length = self.batch_size, self.prompt_len
     out = {"prompt": np.zeros((b, length), np.int32), "prompt_lengths": np.zeros((b,), np.int32)}
     if self.answer_width:
       out["answer_digits"] = np.zeros((b, self.answer_width), np.int32)
+    return out
+
+  def _fill(self, out: dict[str, np.ndarray], row: int, decoded) -> None:
+    prompt, answer = decoded[:2]
+    out["prompt"][row, self.prompt_len - len(prompt):] = prompt
+    out["prompt_lengths"][row] = len(prompt)
+    if answer is not None:
+      out["answer_digits"][row] = answer
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    out = self._empty()
     epoch, pos = self._epoch, self._index
-    for row in range(b):
+    for row in range(self.batch_size):
       if pos >= self._num:
         epoch, pos = epoch + 1, 0
-      prompt, answer = self._fetch(epoch, pos)
-      out["prompt"][row, length - len(prompt):] = prompt
-      out["prompt_lengths"][row] = len(prompt)
-      if answer is not None:
-        out["answer_digits"][row] = answer
+      self._fill(out, row, self._fetch(epoch, pos))
       pos += 1
     self._epoch, self._index = epoch, pos
     return out
@@ -84,3 +92,50 @@ class PromptLoader(EpochReader):
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._epoch, self._index = self._position_from(state)
+
+
+class DemonstrationLoader(PromptLoader):
+  """A ``PromptLoader`` whose batches also hold each example's whole record: the demonstration
+  (``tokens``, ``positions``, ``segment_ids``, ``players``: ``int32[B, seq_len]``, one record per
+  row, right-padded). SPIN's batches: the demonstrator's answer beside the prompt that the previous
+  iterate answers. A record longer than ``seq_len`` is a ``DataError`` naming the example.
+
+  >>> src = [{"tokens": np.array([1, 60, 50, 70, 2]), "players": np.array([2, 2, 1, 1, 1])}]
+  >>> batch = next(DemonstrationLoader(src, batch_size=1, prompt_len=3, seed=0, seq_len=6))
+  >>> batch["prompt"].tolist(), batch["tokens"].tolist(), batch["segment_ids"].tolist()
+  ([[0, 1, 60]], [[1, 60, 50, 70, 2, 0]], [[1, 1, 1, 1, 1, 0]])
+  """
+  kind = "demonstration loader"
+
+  def __init__(self, source, batch_size: int, prompt_len: int, seed: int, seq_len: int,
+               shuffle: bool = True, answer_width: int = 0):
+    if int(seq_len) < 1:
+      raise DataError(f"seq_len={seq_len} must be >= 1")
+    self.seq_len = int(seq_len)
+    super().__init__(source, batch_size, prompt_len, seed, shuffle, answer_width)
+
+  def _decode(self, example, index: int):
+    prompt, answer = super()._decode(example, index)
+    tokens = np.asarray(example["tokens"], np.int32)
+    players = np.asarray(example["players"], np.int32)
+    if len(tokens) > self.seq_len:
+      raise DataError(f"example {index} of {self._what}: its record has {len(tokens)} tokens, "
+                      f"more than seq_len={self.seq_len}")
+    if not (players == records.AGENT).any():
+      raise DataError(f"example {index} of {self._what}: its record has no agent move to "
+                      "demonstrate")
+    return prompt, answer, tokens, players
+
+  def _empty(self) -> dict[str, np.ndarray]:
+    out = super()._empty()
+    out.update({k: np.zeros((self.batch_size, self.seq_len), np.int32) for k in BATCH_KEYS})
+    return out
+
+  def _fill(self, out: dict[str, np.ndarray], row: int, decoded) -> None:
+    super()._fill(out, row, decoded)
+    tokens, players = decoded[2:]
+    n = len(tokens)
+    out["tokens"][row, :n] = tokens
+    out["players"][row, :n] = players
+    out["segment_ids"][row, :n] = 1
+    out["positions"][row, :n] = np.arange(n, dtype=np.int32)

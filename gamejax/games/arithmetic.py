@@ -31,6 +31,10 @@ MAX_DIGITS = 18  # operands and answers must fit int64
 _MAX_MISSES = 50_000  # consecutive rejected draws before sampling gives up (split exhausted)
 _TOKENIZER = ByteTokenizer()
 _DIGITS_RE = re.compile(r"[0-9]+")
+# Outcome tags (question-condition-answer records): the opponent's move opens with the first when
+# the answer that follows is right, with the second when it is wrong.
+OUTCOME_TAGS = ("W ", "L ")
+_ARENA_SYNTAX = set("0123456789+-=|;")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,13 +230,59 @@ def parse_player(spec: str) -> ScriptedPlayer:
   raise bad("unknown player or missing/extra ':' argument")
 
 
-def turns(cfg: ArenaConfig, worked: bool = True, outcome_tag: bool = False) -> Turns:
-  """The arena's turn structure: the opponent poses (BOS + question), the agent answers (+ EOS).
+def outcome_tags(outcome_tag) -> tuple[str, str] | None:
+  """The (right, wrong) tags of ``outcome_tag``: False -> None (untagged records), True ->
+  ``OUTCOME_TAGS``, or a pair of texts, checked: each non-empty printable ASCII (the byte
+  tokenizer's one-token-per-character alphabet), free of the arena's own characters (digits,
+  ``+-=|;``), and neither a prefix of the other, so a record's tag reads back unambiguously.
+
+  >>> outcome_tags(True), outcome_tags(("right: ", "wrong: "))
+  (('W ', 'L '), ('right: ', 'wrong: '))
+  >>> outcome_tags(("ok", "ok?"))
+  Traceback (most recent call last):
+  ...
+  ValueError: outcome tags ('ok', 'ok?'): 'ok' is a prefix of 'ok?'; a record's tag must read back unambiguously
+  """
+  if outcome_tag is False or outcome_tag is None:
+    return None
+  if outcome_tag is True:
+    return OUTCOME_TAGS
+  if not isinstance(outcome_tag, (tuple, list)) or len(outcome_tag) != 2:
+    raise ValueError(f"outcome tags {outcome_tag!r}: expected True, False or a pair of texts "
+                     "(right, wrong)")
+  tags = tuple(outcome_tag)
+  for tag in tags:
+    if not isinstance(tag, str) or not tag:
+      raise ValueError(f"outcome tags {tags!r}: {tag!r} is not a non-empty text")
+    bad = sorted({ch for ch in tag if not (" " <= ch <= "~")})
+    if bad:
+      raise ValueError(f"outcome tags {tags!r}: {tag!r} has characters outside the tokenizer's "
+                       f"printable ASCII alphabet: {bad}")
+    clash = sorted(set(tag) & _ARENA_SYNTAX)
+    if clash:
+      raise ValueError(f"outcome tags {tags!r}: {tag!r} uses the arena's own characters {clash}")
+  right, wrong = tags
+  for a, b in ((right, wrong), (wrong, right)):
+    if b.startswith(a):
+      raise ValueError(f"outcome tags {tags!r}: {a!r} is a prefix of {b!r}; a record's tag must "
+                       "read back unambiguously")
+  return tags
+
+
+def tag_len(outcome_tag) -> int:
+  """Tokens of the longest tag (0 for untagged records)."""
+  tags = outcome_tags(outcome_tag)
+  return max(len(t) for t in tags) if tags else 0
+
+
+def turns(cfg: ArenaConfig, worked: bool = True, outcome_tag=False) -> Turns:
+  """The arena's turn structure: the opponent poses (BOS + [tag +] question), the agent answers
+  (+ EOS).
 
   >>> turns(ArenaConfig(max_digits=3)).turns
   (Turn(player='opponent', max_len=9), Turn(player='agent', max_len=32))
   """
-  question = 1 + (2 if outcome_tag else 0) + 2 * cfg.max_digits + 2
+  question = 1 + tag_len(outcome_tag) + 2 * cfg.max_digits + 2
   cols = cfg.max_digits
   answer = (cols + 1) + 1                       # digits (with a final carry) + EOS
   if worked:
@@ -293,12 +343,14 @@ def _won(problem: Problem, solution: Solution) -> bool:
 
 
 def transcript(problem: Problem, solution: Solution, worked: bool,
-               outcome_tag: bool = False, width: int = 0) -> tuple[np.ndarray, np.ndarray]:
+               outcome_tag=False, width: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """``(tokens int32[L], players int8[L])``: BOS + question by OPPONENT, answer + EOS by AGENT.
 
-  With ``outcome_tag`` the question is prefixed with "W " or "L " (whether ``solution`` is right).
+  With ``outcome_tag`` (True: "W "/"L ", or a pair of texts, ``outcome_tags``) the question is
+  prefixed with the right or the wrong tag (whether ``solution`` is right).
   """
-  prefix = ("W " if _won(problem, solution) else "L ") if outcome_tag else ""
+  tags = outcome_tags(outcome_tag)
+  prefix = tags[0 if _won(problem, solution) else 1] if tags else ""
   move_o = _TOKENIZER.encode(prefix + problem.question_text(width))
   move_a = _TOKENIZER.encode(worked_text(solution) if worked else answer_text(solution))
   tokens = np.concatenate([[BOS], move_o, move_a, [EOS]]).astype(np.int32)
@@ -319,7 +371,7 @@ def player_accuracy(player: ScriptedPlayer | str, problems: Sequence[Problem], s
 
 def generate_examples(cfg: ArenaConfig, split: str, num_examples: int, seed: int,
                       players: Sequence[tuple[str, float]], worked: bool,
-                      outcome_tag: bool) -> Iterator[tuple[str, dict]]:
+                      outcome_tag) -> Iterator[tuple[str, dict]]:
   """Iterator of ``(key, example)``: a problem of ``split`` solved by a player drawn by weight.
 
   Deterministic given ``seed``; test problems are unique.

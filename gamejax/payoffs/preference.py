@@ -104,6 +104,7 @@ def _preference(pair_loss: PairLoss, beta: float, players: Sequence[str | int],
                "chosen_logratio": chosen_P.mean(), "rejected_logratio": rejected_P.mean()}
     return -loss, metrics
 
+  payoff.__qualname__ = name        # what `gamejax train --dry_run` calls it
   return payoff
 
 

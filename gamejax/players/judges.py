@@ -37,6 +37,7 @@ import numpy as np
 
 from gamejax.data.tokenizer import EOS, OFFSET, ByteTokenizer
 from gamejax.models import reward
+from gamejax.payoffs.general_preference import group_win_rates
 from gamejax import records
 from gamejax.records import GameRecord
 
@@ -179,6 +180,45 @@ def host_judge(fn: Callable[[str, str], float], seat: str = "agent") -> Responde
         lambda *a: score(*map(np.asarray, a)), shape, moves.tokens, moves.segment_ids,
         completions(moves, facts), facts["completion_mask"])
     return {rewards_key: rewards_B}
+
+  return respond
+
+
+Preference = Callable[[GameRecord, Mapping[str, Any], int], jax.Array]
+
+
+def arena_preference(eos_id: int = EOS) -> Preference:
+  """The arena's grader as a preference: ``P(y > y') = 1/2 + (exact(y) - exact(y')) / 2`` (a
+  right answer beats a wrong one; two right or two wrong answers tie at 1/2)."""
+
+  def prefer(moves, facts, group_size):
+    exact_B, _ = jax.vmap(lambda c, w: arena_grade(c, w, eos_id))(completions(moves, facts),
+                                                                 facts[ANSWER_KEY])
+    e_PG = exact_B.astype(jnp.float32).reshape(-1, group_size)
+    return 0.5 + 0.5 * (e_PG[:, :, None] - e_PG[:, None, :])
+
+  return prefer
+
+
+def pairwise_judge(prefer: Preference, group_size: int, seat: str = "agent") -> Responder:
+  """A judge of preferences between the ``group_size`` answers to each prompt:
+  ``prefer(moves, facts, group_size) -> float32[P, G, G]`` gives ``P(y_i > y_j | x)`` within each
+  group. Judgments for ``seat``: ``"win_rates"`` (``mean_{j != i} P(y_i > y_j)``, SPPO's
+  estimate of ``P(y_i > pi_t)``), the same as ``"rewards"`` (GRPO against the pairwise judge:
+  reward = win rate in the group). Metrics: the mean win rate, and the preferences' distance
+  from a preference (``judge/antisymmetry``: ``max |P + P^T - 1|``, 0 for a proper judge)."""
+  if group_size < 2:
+    raise ValueError(f"pairwise_judge needs group_size >= 2 answers per prompt; got {group_size}")
+  key = functools.partial(records.seat_key, seat)
+
+  def respond(state, moves, facts, rng):
+    del state, rng
+    prefs_PGG = jnp.asarray(prefer(moves, facts, group_size), jnp.float32)
+    chex.assert_shape(prefs_PGG, (moves.tokens.shape[0] // group_size, group_size, group_size))
+    win_B = jax.vmap(group_win_rates)(prefs_PGG).reshape(-1)
+    skew = jnp.abs(prefs_PGG + jnp.swapaxes(prefs_PGG, 1, 2) - 1.0).max()
+    return {key("win_rates"): win_B, key("rewards"): win_B,
+            "metrics": {"judge/win_rate": win_B.mean(), "judge/antisymmetry": skew}}
 
   return respond
 

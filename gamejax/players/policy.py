@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from gamejax import records, sampling
+from gamejax import records, sampling, step as game_step
 from gamejax.data.tokenizer import EOS
 from gamejax.models import llama
 
@@ -67,7 +67,8 @@ def sampled_play(cfg: llama.LlamaConfig, group_size: int, max_new_tokens: int,
                  turns: int = 1, opponent: Opponent | None = None,
                  params_of: Callable[[Any], Any] = lambda params: params,
                  scaled_logprobs: bool = True):
-  """``play(state, batch, rng) -> (moves, facts)`` sampling ``state.params[player]``.
+  """``play(state, batch, rng) -> (moves, facts)`` sampling ``player``'s params: a learner's or
+  a frozen player's (SPIN's previous iterate; ``step.player_params``).
 
   With ``turns > 1`` the game goes on after the agent's move: ``opponent(completion_BN, facts,
   rng) -> (reply_BR, reply_mask_BR)`` answers it (e.g. ``opponents.arena_feedback``), and the agent
@@ -96,7 +97,7 @@ def sampled_play(cfg: llama.LlamaConfig, group_size: int, max_new_tokens: int,
     players_BL = jnp.where(real_BL, records.OPPONENT, records.NOBODY).astype(jnp.int32)
     logprobs_BL = jnp.zeros((b, length), jnp.float32)     # the sampler's, at each token's slot
     facts = {k: repeat(v) for k, v in batch.items() if k not in PROMPT_KEYS}
-    params = jax.lax.stop_gradient(params_of(state.params[player]))
+    params = jax.lax.stop_gradient(params_of(game_step.player_params(state, player)))
     no_stop, moved = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
     for turn in range(turns):
       k_sample, k_reply = jax.random.split(jax.random.fold_in(rng, turn))

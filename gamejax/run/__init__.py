@@ -19,11 +19,12 @@ from gamejax.run.loop import (MetricsWriter, StageResult, Throughput, count_even
 from gamejax.run.pipeline import (describe_stages, prepare_data, restore_params, restore_players,
                                   run_experiment, stage_table)
 from gamejax.run.schema import (AGENT, ANSWER_WIDTH, COUNTED, PAIR_SOURCES, DataSpec, Evaluation,
-                                Experiment, ExperimentError, Optimizer, Player, Rollout, Stage)
+                                Experiment, ExperimentError, Optimizer, Player, Rollout, Spin,
+                                Stage)
 
 __all__ = [
     "AGENT", "ANSWER_WIDTH", "COUNTED", "DataSpec", "Evaluation", "Experiment", "ExperimentError",
-    "MetricsWriter", "Optimizer", "PAIR_SOURCES", "Player", "Rollout", "Stage", "StageResult",
+    "MetricsWriter", "Optimizer", "PAIR_SOURCES", "Player", "Rollout", "Spin", "Stage", "StageResult",
     "Throughput", "count_events", "describe_stages", "evaluate", "evaluate_stage", "export_policy", "heldout",
     "initial_players", "load_eval_examples", "policies_of", "prepare_data", "reference_accuracies",
     "restore_params", "restore_players", "run_experiment", "run_stage", "seated_players", "stage_game",

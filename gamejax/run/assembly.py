@@ -16,9 +16,9 @@ import numpy as np
 from gamejax import step as game_step
 from gamejax.data.loader import PackedLoader
 from gamejax.data.pairs import PairLoader
-from gamejax.data.prompts import PromptLoader
+from gamejax.data.prompts import DemonstrationLoader, PromptLoader
 from gamejax.evaluation import arena as arena_eval
-from gamejax.players import judges, policy, reference as reference_player, selfplay
+from gamejax.players import judges, policy, reference as reference_player, selfplay, spin
 from gamejax.run import registry
 from gamejax.run.schema import ANSWER_WIDTH, PAIR_SOURCES, Experiment, Stage
 
@@ -52,10 +52,13 @@ def stage_loader(exp: Experiment, index: int, source):
     return GamesLoader(stage.batch_size)
   if stage.data.name in PAIR_SOURCES:
     return PairLoader(source, stage.batch_size // 2, stage.seq_len, seed=seed)
-  if stage.rollout is None:
+  if stage.rollout is None and stage.spin is None:
     return PackedLoader(source, stage.batch_size, stage.seq_len, seed=seed,
                         too_long=stage.data.too_long)
   width = ANSWER_WIDTH if stage.data.name == "arithmetic_arena" else 0
+  if stage.spin is not None:
+    return DemonstrationLoader(source, stage.batch_size, stage.spin.prompt_len, seed=seed,
+                               seq_len=stage.seq_len, answer_width=width)
   return PromptLoader(source, stage.batch_size, stage.rollout.prompt_len, seed=seed,
                       answer_width=width)
 
@@ -89,6 +92,8 @@ def stage_game(exp: Experiment, index: int) -> game_step.Game:
         respond=stage.game.respond_fn(cfg.vocab_size),
         after=selfplay.follow(followers).after if followers else None,
         updates=stage.updates)
+  if stage.spin is not None:
+    return spin_game(exp, stage, learners)
   r = stage.rollout
   reference_apply = learner_apply(exp, stage, "policy")
   parts = [reference_player.reference(reference_apply)] if stage.reference else []
@@ -103,6 +108,27 @@ def stage_game(exp: Experiment, index: int) -> game_step.Game:
   judge = registry.JUDGES[r.judge or "arena"](cfg) if isinstance(r.judge, (str, type(None))) \
       else r.judge
   return game_step.Game(learners=learners, play=play, respond=judges.responders(judge, *parts))
+
+
+def spin_followers(stage: Stage) -> dict[str, selfplay.Follower]:
+  """A SPIN stage's previous iterate: the agent's params, refreshed at each iteration's start."""
+  if stage.spin is None:
+    return {}
+  return {spin.OPPONENT: selfplay.lagged("agent", every=stage.steps // stage.spin.iterations)}
+
+
+def spin_game(exp: Experiment, stage: Stage, learners) -> game_step.Game:
+  """SPIN: the previous iterate samples an answer to each demonstration's prompt; the payoff
+  scores demonstration over sample, the previous iterate's log-probs as its reference."""
+  p = stage.spin
+  budget = p.max_new_tokens or arena_eval.answer_budget(dict(stage.data.params))
+  sample = policy.sampled_play(exp.model, 1, budget, p.temperature, p.top_k, p.top_p,
+                               player=spin.OPPONENT)
+  followers = spin_followers(stage)
+  return game_step.Game(
+      learners=learners, play=spin.spin_play(sample),
+      respond=reference_player.reference(learner_apply(exp, stage, "policy"), spin.OPPONENT),
+      after=selfplay.follow(followers).after)
 
 
 def stage_state(exp: Experiment, index: int, game: game_step.Game, players: Mapping[str, Any],
@@ -121,7 +147,8 @@ def stage_state(exp: Experiment, index: int, game: game_step.Game, players: Mapp
     frozen["reference"] = copy(registry.MODELS[stage.player].policy(players["agent"]))
   if stage.rollout is not None and stage.rollout.judge == "reward_model":
     frozen[judges.JUDGE] = copy(judge_params)
-  frozen.update(selfplay.init_followers(stage.all_followers, players))
+  frozen.update(selfplay.init_followers({**stage.all_followers, **spin_followers(stage)},
+                                        players))
   frozen.update({seat: who.value(stage.game, seat) for seat, who in stage.scripted.items()})
   rng = jax.random.fold_in(jax.random.PRNGKey(exp.seed), index)
   return game_step.init_state(game, {name: copy(p) for name, p in players.items()}, rng, frozen)

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 from gamejax import step as game_step
 from gamejax.data import sources
 from gamejax.evaluation import arena as arena_eval, heldout as heldout_eval, reward as reward_eval
+from gamejax.games import arithmetic
 from gamejax.run import assembly
 from gamejax.run.schema import PAIR_SOURCES, Experiment, ExperimentError
 
@@ -62,7 +63,8 @@ def heldout(exp: Experiment, index: int, params: Any) -> dict:
   test = stage.data.load("test", data_dir)
   if not len(test):
     return {}
-  players = getattr(stage.payoff, "players", ("agent", "opponent"))
+  players = ("agent",) if stage.spin is not None else getattr(stage.payoff, "players",
+                                                              ("agent", "opponent"))
   return heldout_eval.heldout_loss(exp.model, params, test, players, stage.seq_len)
 
 
@@ -78,9 +80,25 @@ def load_eval_examples(exp: Experiment) -> list[dict] | None:
 
 
 def evaluate(exp: Experiment, params: Any, examples: Sequence[dict]) -> dict:
+  """Held-out accuracy of greedy answers. On records that carry their outcome, ``accuracy`` is
+  conditioned on the right tag, ``given_wrong`` holds the figures conditioned on the wrong one
+  (with the reference players' errors it reproduces)."""
   ev = exp.evaluation
   budget = ev.max_new_tokens or arena_eval.answer_budget(dict(ev.data.params))
-  return arena_eval.agent_accuracy(exp.model, params, examples, budget, ev.batch_size)
+  tags = arithmetic.outcome_tags(ev.data.params.get("outcome_tag", False))
+  accuracy = lambda prompts=None: arena_eval.agent_accuracy(exp.model, params, examples, budget,
+                                                          ev.batch_size, prompts)
+  if tags is None:
+    out = accuracy()
+    out.pop("answers")
+    return out
+  out = accuracy(arena_eval.tagged_prompts(examples, tags, tags[0]))
+  wrong = accuracy(arena_eval.tagged_prompts(examples, tags, tags[1]))
+  wrong["reproduces"] = arena_eval.reproduced_flaws(examples, wrong.pop("answers"),
+                                                    ev.reference_players, seed=exp.seed)
+  out.pop("answers")
+  out.update(conditioned_on=tags[0], given_wrong=wrong)
+  return out
 
 
 def reference_accuracies(exp: Experiment, examples: Sequence[dict]) -> dict:

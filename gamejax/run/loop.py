@@ -84,12 +84,14 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage.name), keep=exp.keep_checkpoints,
                       constant=assembly.constant_players(exp, index))
   start = ckpt.latest_step()
+  accuracy_at = {}             # held-out accuracy every eval_every steps: "step" -> accuracy
   if start is not None:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sharding)
     state, extra = ckpt.restore(target)
     loader.set_state(extra["data"])
     resumed_counts = dict(extra.get("counts", {}))
+    accuracy_at.update(extra.get("accuracy_at", {}))
     log(f"[{stage.name}] resumed from step {start}")
   else:
     state = jax.jit(make_state, out_shardings=state_sharding)(init_players)
@@ -124,6 +126,14 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
     bar.update(k)
     bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}")
 
+  def evaluate_now(state, step_no) -> float:
+    """Held-out accuracy of the agent's current policy, logged as ``eval/accuracy``."""
+    policy_params = assembly.policies_of(exp, index, state.params)["agent"]
+    figures = evaluation.evaluate(exp, policy_params, eval_examples)
+    writer.write({"stage": stage.name, "step": step_no, "eval/accuracy": figures["accuracy"]})
+    log(f"[{stage.name}] step {step_no}: held-out accuracy {figures['accuracy']:.4f}")
+    return figures["accuracy"]
+
   try:
     for step_no in range(start + k, end + 1, k):
       batches = _stack([next(loader) for _ in range(k)])
@@ -131,13 +141,18 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
       if pending is not None:
         flush(*pending)
       pending = (step_no, metrics)
+      if stage.eval_every and step_no % stage.eval_every == 0 and step_no < stage.steps:
+        flush(*pending)
+        pending = None
+        accuracy_at[str(step_no)] = evaluate_now(state, step_no)
       if step_no % stage.checkpoint_every == 0 and step_no < end:
         ckpt.save(step_no, state, {"data": loader.get_state(), "stage": stage.name,
-                                   "counts": counts})
+                                   "counts": counts, "accuracy_at": accuracy_at})
     if pending is not None:
       flush(*pending)
     if end > start:
-      ckpt.save(end, state, {"data": loader.get_state(), "stage": stage.name, "counts": counts})
+      ckpt.save(end, state, {"data": loader.get_state(), "stage": stage.name, "counts": counts,
+                             "accuracy_at": accuracy_at})
   finally:
     bar.close()
     writer.close()
@@ -160,6 +175,8 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
         f"{stats['truncated']} truncated, {stats['skipped']} skipped")
   if end == stage.steps:
     result.update(evaluation.evaluate_stage(exp, index, players, eval_examples, frozen=frozen))
+    if accuracy_at and "accuracy" in result:
+      result["accuracy_at"] = {**accuracy_at, str(end): result["accuracy"]}
   return StageResult(params=players, metrics=result)
 
 

@@ -103,7 +103,10 @@ def describe_stages(exp: Experiment) -> str:
                    f"{s.steps} steps x {s.batch_size} games; learners {who}; seats {seats}"
                    + (f"; followers {followers}" if followers else ""))
       continue
-    game = "records" if s.rollout is None else (
+    game = "records" if s.rollout is None and s.spin is None else (
+        f"self-play against the previous iterate: {s.spin.iterations} iterations of "
+        f"{s.steps // s.spin.iterations} steps, its answers sampled at temperature "
+        f"{s.spin.temperature}") if s.rollout is None else (
         f"plays: {s.rollout.group_size} per prompt, temperature {s.rollout.temperature} "
         f"(scored at {s.rollout.score_temperature}), judge "
         f"{s.rollout.judge if isinstance(s.rollout.judge, str) else s.rollout.judge or 'arena'}"

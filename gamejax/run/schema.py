@@ -111,6 +111,21 @@ class Rollout:
 
 
 @dataclasses.dataclass(frozen=True)
+class Spin:
+  """SPIN (self-play fine-tuning, Chen et al. 2024) on a stage's demonstrations: ``iterations``
+  rounds of ``steps / iterations`` steps; in each, the previous iterate (the agent's params when
+  the round began, a frozen follower named ``"reference"``) answers the prompts by sampling, and
+  the stage's payoff (``dpo(beta)``) scores the demonstration over that answer, with the previous
+  iterate as its reference. The first round's opponent is the stage's initial model."""
+  iterations: int = 3
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  max_new_tokens: int | None = None     # None: the agent's longest move in the arena's turns
+  prompt_len: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
 class Player:
   """A learning player: its model (a registered kind, ``registry.MODELS``: ``"policy"``,
   ``"policy_value"``, ``"reward_model"``), payoff, optimizer and starting params.
@@ -185,6 +200,12 @@ class Stage:
       default_factory=dict)
   # "simultaneous" (every learner every step) or "alternating" (one learner per step).
   updates: str = "simultaneous"
+  # Self-play on the stage's demonstrations against the previous iterate (``Spin``); then
+  # ``batch_size`` demonstrations per step make ``2 * batch_size`` rows of moves.
+  spin: Spin | None = None
+  # Held-out figures (the Evaluation's) every ``eval_every`` steps too, logged as ``eval/...`` in
+  # metrics.jsonl and kept in the summary (``accuracy_at``: step -> accuracy).
+  eval_every: int | None = None
 
   @property
   def players(self) -> dict[str, Player]:
@@ -263,6 +284,11 @@ class Experiment:
                               f"{'not a folder' if os.path.exists(folder) else 'no such folder'}")
     for i, s in enumerate(self.stages):
       _validate_stage(s, self.stages[:i])
+      if s.eval_every is not None and (self.evaluation is None or s.game is not None
+                                       or s.player == "reward_model"):
+        raise ExperimentError(f"Stage {s.name!r}: eval_every={s.eval_every} evaluates a policy "
+                              "stage's held-out accuracy; it needs an Evaluation "
+                              "(Experiment.evaluation) and a stage that is no game or reward model")
 
 
 def _validate_stage(s: Stage, earlier: Sequence[Stage]) -> None:
@@ -272,6 +298,9 @@ def _validate_stage(s: Stage, earlier: Sequence[Stage]) -> None:
   if s.steps % s.steps_per_call:
     raise ExperimentError(f"Stage {s.name!r}: steps={s.steps} is not a multiple of "
                           f"steps_per_call={s.steps_per_call}")
+  if s.eval_every is not None and (s.eval_every <= 0 or s.eval_every % s.steps_per_call):
+    raise ExperimentError(f"Stage {s.name!r}: eval_every={s.eval_every} must be a positive "
+                          f"multiple of steps_per_call={s.steps_per_call}")
   if s.learners and s.payoff is not None:
     raise ExperimentError(f"Stage {s.name!r}: give the learner inline (payoff=...) or several in "
                           "learners={...}, not both")
@@ -298,6 +327,31 @@ def _validate_stage(s: Stage, earlier: Sequence[Stage]) -> None:
                           "it takes no rollout or reference")
   if s.rollout is not None:
     _validate_rollout(s, earlier)
+  if s.spin is not None:
+    _validate_spin(s)
+
+
+def _validate_spin(s: Stage) -> None:
+  p = s.spin
+  if not isinstance(p.iterations, int) or p.iterations < 1:
+    raise ExperimentError(f"Stage {s.name!r}: Spin.iterations={p.iterations!r}; SPIN needs at "
+                          "least 1 iteration")
+  if s.steps % p.iterations:
+    raise ExperimentError(f"Stage {s.name!r}: steps={s.steps} do not split into "
+                          f"Spin.iterations={p.iterations} equal rounds")
+  if s.rollout is not None or s.reference or s.player != "policy":
+    raise ExperimentError(f"Stage {s.name!r}: a SPIN stage samples its own answers and brings its "
+                          "own reference (the previous iterate): it takes no rollout, no "
+                          "reference=True and player='policy'")
+  if s.data.name in PAIR_SOURCES:
+    raise ExperimentError(f"Stage {s.name!r}: SPIN plays on demonstrations (game records), not "
+                          f"on preference pairs ({s.data.name!r})")
+  if p.prompt_len < 1 or (p.max_new_tokens or 1) < 1 or not p.temperature >= 0:
+    raise ExperimentError(f"Stage {s.name!r}: Spin prompt_len and max_new_tokens must be positive "
+                          f"and temperature >= 0; got {p}")
+  if p.max_new_tokens is None and s.data.name != "arithmetic_arena":
+    raise ExperimentError(f"Stage {s.name!r}: Spin.max_new_tokens must be set for dataset "
+                          f"{s.data.name!r} (only the arena implies it)")
 
 
 def _validate_player(s: Stage, name: str, p: Player, earlier: Sequence[Stage]) -> None:

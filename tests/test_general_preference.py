@@ -1,0 +1,134 @@
+"""General-preference games: SPPO's loss and gradient against a NumPy reference written from Wu et
+al. (2024), group win rates against a loop, and the arena's pairwise judge against hand-graded
+answers."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bigram_reference import bigram_apply, np_next_token_logliks, np_token_logliks
+from gamejax import records
+from gamejax.data.tokenizer import EOS, ByteTokenizer
+from gamejax.games import arithmetic
+from gamejax.payoffs import Play, group_win_rates, sppo
+from gamejax.players import judges
+
+V, T, G, PROMPTS = 9, 10, 3, 2
+TOK = ByteTokenizer()
+
+
+@pytest.fixture
+def batch():
+  """PROMPTS prompts with G answers each (group-major rows), random win rates and reference."""
+  rng = np.random.default_rng(3)
+  rows = []
+  for _ in range(PROMPTS):
+    prompt = rng.integers(1, V, rng.integers(2, 4))
+    for _ in range(G):
+      answer = rng.integers(1, V, rng.integers(1, T - len(prompt) + 1))
+      rows.append((np.concatenate([prompt, answer]).astype(np.int32),
+                   np.array([records.OPPONENT] * len(prompt) + [records.AGENT] * len(answer),
+                            np.int32)))
+  record = records.from_transcripts(rows, T)
+  table = rng.normal(size=(V, V)).astype(np.float32)
+  ref_table = rng.normal(size=(V, V)).astype(np.float32)
+  ref = np_next_token_logliks(ref_table, record.tokens, record.players, record.segment_ids,
+                              (records.AGENT, records.OPPONENT)).astype(np.float32)
+  win = rng.uniform(size=(PROMPTS * G,)).astype(np.float32)
+  return record, table, ref, win
+
+
+def _np_sppo(table, record, ref, win, eta):
+  """Wu et al. (2024), eq. 3.6: mean over answers of (log pi(y|x)/pi_t(y|x) - eta (P - 1/2))^2,
+  log-probs summed over the answer's tokens; ``ref`` per token (summed over the agent's here)."""
+  logp, _ = np_token_logliks(table, record.tokens, record.players, record.segment_ids,
+                             (records.AGENT,))
+  agent_next = np.zeros_like(ref)
+  players, segments = np.asarray(record.players), np.asarray(record.segment_ids)
+  agent_next[:, :-1] = (players[:, 1:] == records.AGENT) & (segments[:, 1:] > 0)
+  ref_sum = (np.asarray(ref, np.float64) * agent_next).sum(axis=1)
+  return np.mean([(lp - r - eta * (w - 0.5)) ** 2 for lp, r, w in zip(logp, ref_sum, win)])
+
+
+def _play(record, ref, win):
+  judgments = {"reference_token_logprobs": jnp.asarray(ref), "agent/win_rates": jnp.asarray(win)}
+  return Play(bigram_apply, jax.tree.map(jnp.asarray, record), judgments, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("eta", [0.5, 3.0])
+def test_sppo_value_matches_numpy(batch, eta):
+  record, table, ref, win = batch
+  value, metrics = sppo(eta=eta, group_size=G)({"table": jnp.asarray(table)},
+                                               _play(record, ref, win))
+  want = _np_sppo(table, record, ref, win, eta)
+  np.testing.assert_allclose(-float(value), want, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["target_mean"]), eta * np.mean(win - 0.5), rtol=1e-5)
+
+
+def test_sppo_gradient_matches_finite_differences(batch):
+  record, table, ref, win = batch
+  play, payoff = _play(record, ref, win), sppo(eta=2.0, group_size=G)
+  grad = jax.grad(lambda t: payoff({"table": t}, play)[0])(jnp.asarray(table, jnp.float32))
+  rng, h = np.random.default_rng(0), 1e-4
+  table64 = np.asarray(table, np.float64)
+  for _ in range(6):
+    i, j = rng.integers(V), rng.integers(V)
+    up, down = table64.copy(), table64.copy()
+    up[i, j] += h
+    down[i, j] -= h
+    numeric = -(_np_sppo(up, record, ref, win, 2.0) - _np_sppo(down, record, ref, win, 2.0)) / (2 * h)
+    np.testing.assert_allclose(float(grad[i, j]), numeric, rtol=2e-3, atol=2e-4)
+
+
+def test_sppo_is_zero_where_the_log_ratio_meets_its_target(batch):
+  """At log pi/pi_t = eta (P - 1/2) for every answer the loss is 0 (SPPO's fixed point)."""
+  record, table, _, win = batch
+  logp, _ = np_token_logliks(table, record.tokens, record.players, record.segment_ids,
+                             (records.AGENT,))
+  # A reference whose agent-token log-probs sum to logp - eta (win - 1/2), put on one token.
+  ref = np.zeros(record.tokens.shape, np.float32)
+  players = np.asarray(record.players)
+  for b in range(len(logp)):
+    first = np.flatnonzero(players[b, 1:] == records.AGENT)[0]
+    ref[b, first] = logp[b] - 1.5 * (win[b] - 0.5)
+  value, _ = sppo(eta=1.5)({"table": jnp.asarray(table)}, _play(record, ref, win))
+  assert abs(float(value)) < 1e-8 + 1e-5
+
+
+def test_group_win_rates_leave_each_answer_out():
+  prefs = np.random.default_rng(0).uniform(size=(5, 5))
+  want = [np.mean([prefs[i, j] for j in range(5) if j != i]) for i in range(5)]
+  np.testing.assert_allclose(np.asarray(group_win_rates(jnp.asarray(prefs))), want, rtol=1e-6)
+
+
+def test_arena_pairwise_judge_prefers_right_answers_and_ties_at_half():
+  problem = arithmetic.Problem(57, 68, "+")                        # 125
+  texts = ["7+8+0=15;5+6+1=12|125", "7+8+0=15;5+6+0=11|115", "|125", "|124"]   # R, W, R, W
+  width = 12
+  completions = np.zeros((len(texts), 24), np.int32)
+  for i, text in enumerate(texts):
+    ids = list(TOK.encode(text)) + [EOS]
+    completions[i, :len(ids)] = ids
+  key = np.stack([arithmetic.answer_digits(problem.answer, width)] * len(texts))
+  facts = {"completion": jnp.asarray(completions), judges.ANSWER_KEY: jnp.asarray(key)}
+  moves = records.GameRecord(*(jnp.ones((len(texts), 4), jnp.int32),) * 4)
+  judge = judges.pairwise_judge(judges.arena_preference(), group_size=2)
+  out = judge(None, moves, facts, None)
+  # Groups (R, W) and (R, W): the right answer wins its pair.
+  np.testing.assert_allclose(np.asarray(out["agent/win_rates"]), [1.0, 0.0, 1.0, 0.0])
+  np.testing.assert_allclose(np.asarray(out["agent/rewards"]), [1.0, 0.0, 1.0, 0.0])
+  assert float(out["metrics"]["judge/antisymmetry"]) == 0.0
+  four = judges.pairwise_judge(judges.arena_preference(), group_size=4)(None, moves, facts, None)
+  # Each right answer beats two wrong ones and ties the other right one: (1 + 1 + 1/2) / 3.
+  np.testing.assert_allclose(np.asarray(four["agent/win_rates"]), [5 / 6, 1 / 6, 5 / 6, 1 / 6],
+                             rtol=1e-6)
+
+
+def test_bad_sppo_settings():
+  with pytest.raises(ValueError, match="eta must be > 0"):
+    sppo(eta=0.0)
+  with pytest.raises(ValueError, match="group_size must be >= 2"):
+    sppo(group_size=1)
+  with pytest.raises(ValueError, match="group_size >= 2"):
+    judges.pairwise_judge(judges.arena_preference(), group_size=1)
