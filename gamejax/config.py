@@ -9,6 +9,7 @@ Configurables (use these names in ``.gin`` files):
   payoffs: ``imitation``, ``weighted``, ``grpo``, ``rloo``, ``reinforce``, ``kl_to_reference``,
     ``dpo``, ``ipo``, ``bradley_terry``, ``ppo``, ``ppo_prepare``, ``mmd``, ``sppo``;
   judges and opponents: ``arena_judge``, ``pairwise_judge``, ``arena_preference``,
+    ``cyclic_preference``,
     ``arena_feedback``, ``fixed_reply``;
   data sources: ``arena``, ``arena_preferences``, ``local_text``.
 """
@@ -54,6 +55,7 @@ def register() -> None:
              payoffs.ppo, payoffs.ppo_prepare, payoffs.mmd, payoffs.sppo):
     gin.external_configurable(fn, name=fn.__name__, module="gamejax")
   for fn in (judges.arena_judge, judges.pairwise_judge, judges.arena_preference,
+             judges.cyclic_preference,
              opponents.arena_feedback, opponents.fixed_reply,
              selfplay.snapshot, selfplay.lagged, selfplay.ema, selfplay.league, selfplay.mixture,
              selfplay.role_baselines, games_base.scripted,

@@ -2,7 +2,8 @@
 extra: ``pip install 'gamejax[plot]'``).
 
 One figure per group of metrics found in ``metrics.jsonl`` -- exploitability, each seat's
-best-response gain, each seat's reward, the judge's accuracies, Elo, losses -- with one curve per
+best-response gain, each seat's reward, the judge's accuracies, Elo, a cyclic game's style
+frequencies, losses -- with one curve per
 metric and stage, against the step. The
 PNGs go to ``DIR/plots/`` (``--output`` elsewhere); the paths written are returned.
 """
@@ -21,6 +22,7 @@ GROUPS: Sequence[tuple[str, str]] = (
     ("accuracy", r"(^judge/exact$|accuracy)"),
     ("elo", r"(^|/)elo"),
     ("policy", r"^policy/"),
+    ("style", r"^style/"),
     ("loss", r"(^|/)loss$"),
 )
 

@@ -132,6 +132,9 @@ def test_bad_game_settings_are_config_errors(tmp_path, capsys, binding, message)
      "eval_every=15 must be a positive multiple of steps_per_call=10"),
     ("sppo", "sppo/sppo.eta=0.0", "sppo: eta must be > 0"),
     ("reward_model", "reward_model/Stage.eval_every=10", "eval_every=10 evaluates a policy"),
+    ("cyclic_sppo", "cyclic_preference.strengths=(0.5, 0.7, 0.2)",
+     "cyclic_preference.strengths=(0.5, 0.7, 0.2): expected 3 strengths in (0, 1/2]"),
+    ("cyclic_sppo", "sppo/Stage.reference=True", "instead of reference=True"),
     ("sppo", "sppo/pairwise_judge.group_size=1", "pairwise_judge needs group_size >= 2"),
 ])
 def test_bad_regime_settings_are_config_errors(tmp_path, capsys, experiment, binding, message):

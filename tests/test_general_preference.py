@@ -1,6 +1,8 @@
 """General-preference games: SPPO's loss and gradient against a NumPy reference written from Wu et
 al. (2024), group win rates against a loop, and the arena's pairwise judge against hand-graded
 answers."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,3 +134,78 @@ def test_bad_sppo_settings():
     sppo(group_size=1)
   with pytest.raises(ValueError, match="group_size >= 2"):
     judges.pairwise_judge(judges.arena_preference(), group_size=1)
+
+
+def _styled(texts):
+  completions = np.zeros((len(texts), 4), np.int32)
+  for i, text in enumerate(texts):
+    ids = list(TOK.encode(text)) + [EOS]
+    completions[i, :len(ids)] = ids
+  return {"completion": jnp.asarray(completions)}
+
+
+def test_cyclic_preference_is_intransitive_and_unstyled_answers_lose():
+  a, b, c = 0.4, 0.3, 0.1
+  prefer = judges.cyclic_preference(("A", "B", "C"), (a, b, c))
+  facts = _styled(["A1", "B", "C", "x", "A", "A", "x", "y"])
+  moves = records.GameRecord(*(jnp.ones((8, 4), jnp.int32),) * 4)
+  got = np.asarray(prefer(moves, facts, 4))
+  want = np.array([[.5, .5 + a, .5 - c, 1.], [.5 - a, .5, .5 + b, 1.], [.5 + c, .5 - b, .5, 1.],
+                   [0., 0., 0., .5]])
+  np.testing.assert_allclose(got[0], want, rtol=1e-6)
+  np.testing.assert_allclose(got[1], [[.5, .5, 1., 1.], [.5, .5, 1., 1.], [0., 0., .5, .5],
+                                      [0., 0., .5, .5]], rtol=1e-6)
+  out = judges.pairwise_judge(prefer, 4)(None, moves, facts, None)
+  m = out["metrics"]
+  np.testing.assert_allclose([float(m[f"style/p_{s}"]) for s in "ABC"], [3 / 8, 1 / 8, 1 / 8])
+  np.testing.assert_allclose(float(m["style/p_unstyled"]), 3 / 8)
+  x = judges.cyclic_equilibrium((a, b, c))
+  tv = 0.5 * (np.abs(np.array([3 / 8, 1 / 8, 1 / 8]) - x).sum() + 3 / 8)
+  np.testing.assert_allclose(float(m["style/distance"]), tv, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strengths", [(0.5, 0.5, 0.5), (0.5, 0.3, 0.2), (0.05, 0.4, 0.25)])
+def test_cyclic_equilibrium_is_the_games_maxmin_strategy(strengths):
+  """Against the equilibrium every style wins exactly 1/2, and it is the maxmin strategy that
+  linear programming finds for the zero-sum game P - 1/2."""
+  from gamejax.games import matrix
+  x = judges.cyclic_equilibrium(strengths)
+  p = judges.cyclic_matrix(strengths)
+  np.testing.assert_allclose(p @ x, [0.5] * 3, atol=1e-12)
+  np.testing.assert_allclose(matrix.maxmin_strategy(p - 0.5), x, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"strengths": (0.5, 0.6, 0.2)}, "strengths in (0, 1/2]"),
+    ({"strengths": (0.5, 0.0, 0.2)}, "strengths in (0, 1/2]"),
+    ({"strengths": (0.5, 0.2)}, "strengths in (0, 1/2]"),
+    ({"styles": ("A", "A", "B")}, "3 different one-byte texts"),
+    ({"styles": ("A", "BB", "C")}, "3 different one-byte texts"),
+])
+def test_bad_cyclic_preferences_are_refused(kwargs, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    judges.cyclic_preference(**kwargs)
+
+
+def test_cyclic_sppo_experiment_refreshes_its_reference_each_iteration(tmp_path):
+  import json
+  import os
+  from gamejax import config, run, sharding
+  exp_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+  config.parse([f"{exp_dir}/arithmetic/cyclic_sppo.gin", f"{exp_dir}/models/tiny.gin"],
+               ["sppo/Stage.steps=6", "sppo/Stage.steps_per_call=2", "ITERATION_STEPS=4",
+                "GROUP_SIZE=4", "sppo/Stage.batch_size=2", "sppo/arena.num_train=20",
+                "sppo/arena.num_test=5", f"Experiment.data_dir='{tmp_path / 'data'}'"])
+  exp = config.build_experiment()
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  work = str(tmp_path / "run")
+  result = run.run_stage(exp, 0, None, work, mesh, progress=False, log=lambda _: None)
+  rows = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
+  assert {"style/distance", "style/p_A", "agent/win_rate_mean", "judge/antisymmetry"} <= set(rows[0])
+  # Refreshed at step 4, not since: the reference is neither the final params nor the initial.
+  _, frozen = run.restore_players(exp, 0, work)
+  final = jax.tree.leaves(result.params["agent"])
+  initial = jax.tree.leaves(run.initial_players(exp, 0)["agent"])
+  reference = jax.tree.leaves(frozen["reference"])
+  assert any(not np.allclose(r, f) for r, f in zip(reference, final))
+  assert any(not np.allclose(r, i) for r, i in zip(reference, initial))

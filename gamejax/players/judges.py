@@ -200,6 +200,70 @@ def arena_preference(eos_id: int = EOS) -> Preference:
   return prefer
 
 
+def cyclic_equilibrium(strengths) -> np.ndarray:
+  """The symmetric Nash equilibrium of the cyclic style game with edge strengths ``(a, b, c)``
+  (``P(A > B) = 1/2 + a``, ``P(B > C) = 1/2 + b``, ``P(C > A) = 1/2 + c``): ``(b, c, a) / (a + b
+  + c)``, the mix against which every style wins 1/2.
+
+  >>> cyclic_equilibrium((0.1, 0.2, 0.3)).round(4).tolist()
+  [0.3333, 0.5, 0.1667]
+  """
+  a, b, c = (float(x) for x in strengths)
+  return np.asarray([b, c, a]) / (a + b + c)
+
+
+def cyclic_matrix(strengths) -> np.ndarray:
+  """``float64[3, 3]``: ``P(style i > style j)`` of the cyclic game (ties 1/2 on the diagonal)."""
+  a, b, c = (float(x) for x in strengths)
+  return 0.5 + np.asarray([[0.0, a, -c], [-a, 0.0, b], [c, -b, 0.0]])
+
+
+def cyclic_preference(styles=("A", "B", "C"), strengths=(0.5, 0.5, 0.5)) -> Preference:
+  """An intransitive judge of answers by their opening character: style 0 beats style 1 with
+  probability ``1/2 + strengths[0]``, 1 beats 2 with ``1/2 + strengths[1]``, 2 beats 0 with
+  ``1/2 + strengths[2]`` (each strength in ``(0, 1/2]``; equal styles tie at 1/2). An answer that
+  opens with anything else loses to every styled answer and ties another unstyled one. No reward
+  ranks the styles: the game's solution is the mixed equilibrium ``cyclic_equilibrium``."""
+  styles = tuple(styles)
+  tok = ByteTokenizer()
+  if len(styles) != 3 or len(set(styles)) != 3 or any(
+      not isinstance(x, str) or len(tok.encode(x)) != 1 for x in styles):
+    raise ValueError(f"cyclic_preference.styles={styles!r}: expected 3 different one-byte texts")
+  strengths = tuple(float(x) for x in strengths)
+  if len(strengths) != 3 or not all(0.0 < x <= 0.5 for x in strengths):
+    raise ValueError(f"cyclic_preference.strengths={strengths!r}: expected 3 strengths in (0, 1/2] "
+                     "(P(winner > loser) = 1/2 + strength must be a probability in [0, 1], and a "
+                     "cycle needs every edge)")
+  ids = jnp.asarray([int(tok.encode(x)[0]) for x in styles])
+  table = np.full((4, 4), 0.5)                      # index 3: an unstyled opening
+  table[:3, :3] = cyclic_matrix(strengths)
+  table[:3, 3], table[3, :3] = 1.0, 0.0
+  table = jnp.asarray(table, jnp.float32)
+
+  def prefer(moves, facts, group_size):
+    first_B = completions(moves, facts)[:, 0]
+    style_B = jnp.argmax(jnp.concatenate([first_B[:, None] == ids[None, :],
+                                          jnp.ones_like(first_B[:, None], bool)], axis=1), axis=1)
+    s_PG = style_B.reshape(-1, group_size)
+    return table[s_PG[:, :, None], s_PG[:, None, :]]
+
+  prefer.styles, prefer.strengths, prefer.style_ids = styles, strengths, ids
+  return prefer
+
+
+def style_metrics(prefer: Preference, completion_BN: jax.Array) -> dict:
+  """The sampled answers' style frequencies (``style/p_<style>``, ``style/p_unstyled``) and their
+  distance to the cyclic game's equilibrium: ``style/distance``, the total variation between the
+  frequencies and the equilibrium (unstyled mass counts in full)."""
+  first_B = completion_BN[:, 0]
+  freq_S = jnp.stack([(first_B == i).mean() for i in prefer.style_ids])
+  target_S = jnp.asarray(cyclic_equilibrium(prefer.strengths), jnp.float32)
+  out = {f"style/p_{name}": f for name, f in zip(prefer.styles, freq_S)}
+  out["style/p_unstyled"] = 1.0 - freq_S.sum()
+  out["style/distance"] = 0.5 * (jnp.abs(freq_S - target_S).sum() + (1.0 - freq_S.sum()))
+  return out
+
+
 def pairwise_judge(prefer: Preference, group_size: int, seat: str = "agent") -> Responder:
   """A judge of preferences between the ``group_size`` answers to each prompt:
   ``prefer(moves, facts, group_size) -> float32[P, G, G]`` gives ``P(y_i > y_j | x)`` within each
@@ -217,8 +281,10 @@ def pairwise_judge(prefer: Preference, group_size: int, seat: str = "agent") -> 
     chex.assert_shape(prefs_PGG, (moves.tokens.shape[0] // group_size, group_size, group_size))
     win_B = jax.vmap(group_win_rates)(prefs_PGG).reshape(-1)
     skew = jnp.abs(prefs_PGG + jnp.swapaxes(prefs_PGG, 1, 2) - 1.0).max()
-    return {key("win_rates"): win_B, key("rewards"): win_B,
-            "metrics": {"judge/win_rate": win_B.mean(), "judge/antisymmetry": skew}}
+    metrics = {"judge/win_rate": win_B.mean(), "judge/antisymmetry": skew}
+    if hasattr(prefer, "style_ids"):         # a cyclic style game: where the styles stand
+      metrics.update(style_metrics(prefer, completions(moves, facts)))
+    return {key("win_rates"): win_B, key("rewards"): win_B, "metrics": metrics}
 
   return respond
 

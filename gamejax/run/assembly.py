@@ -96,7 +96,8 @@ def stage_game(exp: Experiment, index: int) -> game_step.Game:
     return spin_game(exp, stage, learners)
   r = stage.rollout
   reference_apply = learner_apply(exp, stage, "policy")
-  parts = [reference_player.reference(reference_apply)] if stage.reference else []
+  refreshed = "reference" in stage.followers
+  parts = [reference_player.reference(reference_apply)] if stage.reference or refreshed else []
   if r is None:
     respond = judges.responders(*parts) if parts else game_step.no_response
     return game_step.Game(learners=learners, respond=respond)
@@ -107,7 +108,8 @@ def stage_game(exp: Experiment, index: int) -> game_step.Game:
                              scaled_logprobs=r.score_at_temperature)
   judge = registry.JUDGES[r.judge or "arena"](cfg) if isinstance(r.judge, (str, type(None))) \
       else r.judge
-  return game_step.Game(learners=learners, play=play, respond=judges.responders(judge, *parts))
+  return game_step.Game(learners=learners, play=play, respond=judges.responders(judge, *parts),
+                        after=selfplay.follow(stage.followers).after if refreshed else None)
 
 
 def spin_followers(stage: Stage) -> dict[str, selfplay.Follower]:

@@ -194,7 +194,9 @@ class Stage:
   # players (``mixture("agent", "reference", beta)``: Nash-MD's opponent). Default: the only learner sits in
   # both seats (self-play), or learners named after the seats sit in them.
   seats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  # More frozen followers of the learners, by name (MMD's magnet: ``{"magnet": ema("agent", .99)}``).
+  # More frozen followers of the learners, by name (MMD's magnet: ``{"magnet": ema("agent", .99)}``;
+  # in a rollout stage, ``{"reference": lagged("agent", every=N)}``: a reference refreshed every
+  # N steps instead of the fixed ``reference=True``).
   # Role baselines (``role_baselines(decay)``) are kept here too.
   followers: Mapping[str, selfplay.Follower | selfplay.RoleBaselines] = dataclasses.field(
       default_factory=dict)
@@ -311,9 +313,16 @@ def _validate_stage(s: Stage, earlier: Sequence[Stage]) -> None:
     return
   if s.data is None:
     raise ExperimentError(f"Stage {s.name!r}: needs data (a dataset) or a game")
-  if len(s.players) > 1 or s.seats or s.followers:
-    raise ExperimentError(f"Stage {s.name!r}: learners, seats and followers need a game "
+  if len(s.players) > 1 or s.seats:
+    raise ExperimentError(f"Stage {s.name!r}: learners and seats need a game "
                           "(game=matrix_game(...)); a stage played on data has one learner")
+  if s.followers and (s.rollout is None or set(s.followers) != {"reference"}
+                      or s.reference):
+    raise ExperimentError(f"Stage {s.name!r}: a stage played on data takes one follower, "
+                          "followers={'reference': lagged('agent', every=N)} (a reference refreshed "
+                          "every N steps: SPPO's iterations), with a rollout and instead of "
+                          f"reference=True; got followers={dict(s.followers)}, "
+                          f"reference={s.reference}")
   if s.data.too_long not in ("truncate", "skip", "error"):
     raise ExperimentError(f"Stage {s.name!r}: data too_long={s.data.too_long!r}; expected "
                           "'truncate', 'skip' or 'error'")
