@@ -89,6 +89,17 @@ def completions(moves: GameRecord, facts: Mapping[str, Any]) -> jax.Array:
   return facts["completion"]
 
 
+def graded(moves: GameRecord, facts: Mapping[str, Any], eos_id: int = EOS,
+           who: str = "arena_judge"):
+  """``(exact bool[B], partial float32[B])``: each completion against its answer key
+  (``arena_grade``); a ``KeyError`` naming ``who`` when the batch has no answer key."""
+  if ANSWER_KEY not in facts:
+    raise KeyError(f"{who} needs the answer key {ANSWER_KEY!r} in the batch (a prompt "
+                   f"loader built with the arena's answers); got keys {sorted(facts)}")
+  return jax.vmap(lambda c, w: arena_grade(c, w, eos_id))(completions(moves, facts),
+                                                          facts[ANSWER_KEY])
+
+
 def arena_judge(partial_credit: float = 0.0, eos_id: int = EOS, seat: str = "agent") -> Responder:
   """Rewards ``exact + partial_credit * partial`` per completion, from ``facts["answer_digits"]``,
   to ``seat`` (``"agent/rewards"``, ``"agent/exact"``, ``"agent/partial"``).
@@ -101,11 +112,7 @@ def arena_judge(partial_credit: float = 0.0, eos_id: int = EOS, seat: str = "age
 
   def respond(state, moves, facts, rng):
     del state, rng
-    if ANSWER_KEY not in facts:
-      raise KeyError(f"arena_judge needs the answer key {ANSWER_KEY!r} in the batch (a prompt "
-                     f"loader built with the arena's answers); got keys {sorted(facts)}")
-    exact_B, partial_B = jax.vmap(lambda c, w: arena_grade(c, w, eos_id))(
-        completions(moves, facts), facts[ANSWER_KEY])
+    exact_B, partial_B = graded(moves, facts, eos_id)
     exact_B = exact_B.astype(jnp.float32)
     rewards_B = exact_B + partial_credit * partial_B
     return {key("rewards"): rewards_B, key("exact"): exact_B, key("partial"): partial_B,
@@ -192,8 +199,7 @@ def arena_preference(eos_id: int = EOS) -> Preference:
   right answer beats a wrong one; two right or two wrong answers tie at 1/2)."""
 
   def prefer(moves, facts, group_size):
-    exact_B, _ = jax.vmap(lambda c, w: arena_grade(c, w, eos_id))(completions(moves, facts),
-                                                                 facts[ANSWER_KEY])
+    exact_B, _ = graded(moves, facts, eos_id, "arena_preference")
     e_PG = exact_B.astype(jnp.float32).reshape(-1, group_size)
     return 0.5 + 0.5 * (e_PG[:, :, None] - e_PG[:, None, :])
 
@@ -240,28 +246,31 @@ def cyclic_preference(styles=("A", "B", "C"), strengths=(0.5, 0.5, 0.5)) -> Pref
   table[:3, 3], table[3, :3] = 1.0, 0.0
   table = jnp.asarray(table, jnp.float32)
 
-  def prefer(moves, facts, group_size):
+  target_S = jnp.asarray(cyclic_equilibrium(strengths), jnp.float32)
+
+  def style_of(moves, facts):
+    """``int32[B]``: each answer's style (3: unstyled) by its opening token."""
     first_B = completions(moves, facts)[:, 0]
-    style_B = jnp.argmax(jnp.concatenate([first_B[:, None] == ids[None, :],
-                                          jnp.ones_like(first_B[:, None], bool)], axis=1), axis=1)
-    s_PG = style_B.reshape(-1, group_size)
+    return jnp.argmax(jnp.concatenate([first_B[:, None] == ids[None, :],
+                                       jnp.ones_like(first_B[:, None], bool)], axis=1), axis=1)
+
+  def prefer(moves, facts, group_size):
+    s_PG = style_of(moves, facts).reshape(-1, group_size)
     return table[s_PG[:, :, None], s_PG[:, None, :]]
 
-  prefer.styles, prefer.strengths, prefer.style_ids = styles, strengths, ids
+  def metrics(moves, facts):
+    """The sampled answers' style frequencies (``style/p_<style>``, ``style/p_unstyled``) and
+    their total variation from the equilibrium, unstyled mass counted in full
+    (``style/distance``)."""
+    style_B = style_of(moves, facts)
+    freq_S = jnp.stack([(style_B == k).mean() for k in range(3)])
+    out = {f"style/p_{name}": f for name, f in zip(styles, freq_S)}
+    out["style/p_unstyled"] = 1.0 - freq_S.sum()
+    out["style/distance"] = 0.5 * (jnp.abs(freq_S - target_S).sum() + (1.0 - freq_S.sum()))
+    return out
+
+  prefer.metrics = metrics
   return prefer
-
-
-def style_metrics(prefer: Preference, completion_BN: jax.Array) -> dict:
-  """The sampled answers' style frequencies (``style/p_<style>``, ``style/p_unstyled``) and their
-  distance to the cyclic game's equilibrium: ``style/distance``, the total variation between the
-  frequencies and the equilibrium (unstyled mass counts in full)."""
-  first_B = completion_BN[:, 0]
-  freq_S = jnp.stack([(first_B == i).mean() for i in prefer.style_ids])
-  target_S = jnp.asarray(cyclic_equilibrium(prefer.strengths), jnp.float32)
-  out = {f"style/p_{name}": f for name, f in zip(prefer.styles, freq_S)}
-  out["style/p_unstyled"] = 1.0 - freq_S.sum()
-  out["style/distance"] = 0.5 * (jnp.abs(freq_S - target_S).sum() + (1.0 - freq_S.sum()))
-  return out
 
 
 def pairwise_judge(prefer: Preference, group_size: int, seat: str = "agent") -> Responder:
@@ -269,8 +278,10 @@ def pairwise_judge(prefer: Preference, group_size: int, seat: str = "agent") -> 
   ``prefer(moves, facts, group_size) -> float32[P, G, G]`` gives ``P(y_i > y_j | x)`` within each
   group. Judgments for ``seat``: ``"win_rates"`` (``mean_{j != i} P(y_i > y_j)``, SPPO's
   estimate of ``P(y_i > pi_t)``), the same as ``"rewards"`` (GRPO against the pairwise judge:
-  reward = win rate in the group). Metrics: the mean win rate, and the preferences' distance
-  from a preference (``judge/antisymmetry``: ``max |P + P^T - 1|``, 0 for a proper judge)."""
+  reward = win rate in the group). Metrics: the mean win rate, the preferences' distance from a
+  preference (``judge/antisymmetry``: ``max |P + P^T - 1|``, 0 for a proper judge), and those of
+  ``prefer.metrics(moves, facts)`` when the preference has its own (``cyclic_preference``'s
+  style frequencies)."""
   if group_size < 2:
     raise ValueError(f"pairwise_judge needs group_size >= 2 answers per prompt; got {group_size}")
   key = functools.partial(records.seat_key, seat)
@@ -282,8 +293,8 @@ def pairwise_judge(prefer: Preference, group_size: int, seat: str = "agent") -> 
     win_B = jax.vmap(group_win_rates)(prefs_PGG).reshape(-1)
     skew = jnp.abs(prefs_PGG + jnp.swapaxes(prefs_PGG, 1, 2) - 1.0).max()
     metrics = {"judge/win_rate": win_B.mean(), "judge/antisymmetry": skew}
-    if hasattr(prefer, "style_ids"):         # a cyclic style game: where the styles stand
-      metrics.update(style_metrics(prefer, completions(moves, facts)))
+    if hasattr(prefer, "metrics"):
+      metrics.update(prefer.metrics(moves, facts))
     return {key("win_rates"): win_B, key("rewards"): win_B, "metrics": metrics}
 
   return respond

@@ -61,7 +61,7 @@ def spin_play(sample):
     metrics = dict(facts["metrics"])
     metrics["spin/identical"] = identical_B.astype(jnp.float32).mean()
     if judges.ANSWER_KEY in facts:
-      exact_B, _ = jax.vmap(judges.arena_grade)(facts["completion"], facts[judges.ANSWER_KEY])
+      exact_B, _ = judges.graded(sampled, facts, who="spin_play")
       metrics["spin/opponent_exact"] = exact_B.astype(jnp.float32).mean()
     return moves, {"metrics": metrics}
 
