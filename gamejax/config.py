@@ -31,8 +31,8 @@ from gamejax.data import arena as arena_data
 from gamejax.models.llama import LlamaConfig
 from gamejax import payoffs
 from gamejax.data import preferences as preference_data
-from gamejax.games import base as games_base, kuhn, matrix
-from gamejax.players import judges, opponents, selfplay
+from gamejax.games import base as games_base, kuhn, matrix, redteam
+from gamejax.players import judges, opponents, selfplay, versus
 
 
 class ConfigError(ValueError):
@@ -55,11 +55,11 @@ def register() -> None:
              payoffs.ppo, payoffs.ppo_prepare, payoffs.mmd, payoffs.sppo):
     gin.external_configurable(fn, name=fn.__name__, module="gamejax")
   for fn in (judges.arena_judge, judges.pairwise_judge, judges.arena_preference,
-             judges.cyclic_preference,
+             judges.cyclic_preference, versus.versus_judge,
              opponents.arena_feedback, opponents.fixed_reply,
              selfplay.snapshot, selfplay.lagged, selfplay.ema, selfplay.league, selfplay.mixture,
              selfplay.role_baselines, games_base.scripted,
-             matrix.matrix_game, kuhn.kuhn_poker):
+             matrix.matrix_game, kuhn.kuhn_poker, redteam.redteam_game):
     gin.external_configurable(fn, name=fn.__name__, module="gamejax")
   gin.external_configurable(arena, name="arena", module="gamejax")
   gin.external_configurable(local_text, name="local_text", module="gamejax")

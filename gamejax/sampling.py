@@ -31,8 +31,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from gamejax.models import llama
+from gamejax.players.selfplay import is_mixture, mix_logprobs
 
 PAD_ID = 0
+
+
+def _init_cache(cfg: llama.LlamaConfig, params, b: int, length: int):
+  """The KV cache of ``params``: one model's, or a geometric mixture's two (``is_mixture``)."""
+  if is_mixture(params):
+    return tuple(llama.init_cache(cfg, b, length) for _ in range(2))
+  return llama.init_cache(cfg, b, length)
+
+
+def _apply_cached(cfg: llama.LlamaConfig, params, tokens, positions, segments, cache, slot):
+  """``(logits, cache)`` of one model, or of the geometric mixture ``p_a^(1-beta) p_b^beta``
+  (``selfplay.mixture``, Nash-MD's opponent) token by token: its normalised log-probs, from both
+  models' forward passes over their own caches."""
+  if not is_mixture(params):
+    return llama.apply_with_cache(cfg, params, tokens, positions, segments, cache, slot)
+  out = [llama.apply_with_cache(cfg, params[k], tokens, positions, segments, c, slot)
+         for k, c in zip(("mixture_a", "mixture_b"), cache)]
+  logp = [jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1) for logits, _ in out]
+  return mix_logprobs(logp[0], logp[1], params["beta"]), (out[0][1], out[1][1])
 
 
 def left_pad(prompts: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +177,8 @@ def generate(cfg: llama.LlamaConfig, params, prompt_BP, prompt_lengths_B, max_ne
 
   Args:
     cfg: model config (static).
-    params: model params (``llama.init_params``).
+    params: model params (``llama.init_params``), or a geometric mixture of two models'
+      (``selfplay.mixture``'s ``{"mixture_a", "mixture_b", "beta"}``), sampled token by token.
     prompt_BP: int32[B, P] prompts, left-padded with 0 (see ``left_pad``).
     prompt_lengths_B: int32[B] number of real tokens per row, each in ``1..P``.
     max_new_tokens: N (static).
@@ -192,8 +213,8 @@ def generate(cfg: llama.LlamaConfig, params, prompt_BP, prompt_lengths_B, max_ne
   segments_BP = real_BP.astype(jnp.int32)
 
   # The last sampled token is never fed back, so P + N - 1 slots suffice.
-  cache = llama.init_cache(cfg, b, p + n - 1)
-  logits_BPV, cache = llama.apply_with_cache(
+  cache = _init_cache(cfg, params, b, p + n - 1)
+  logits_BPV, cache = _apply_cached(
       cfg, params, jnp.asarray(prompt_BP, jnp.int32), positions_BP, segments_BP, cache, 0)
 
   # Every step's random numbers, drawn here in one go: a uniform in (0, 1] per row (see _choose).
@@ -221,7 +242,7 @@ def generate(cfg: llama.LlamaConfig, params, prompt_BP, prompt_lengths_B, max_ne
     # Feed token i-1 (cache slot P - 1 + i, position length + i - 1), then choose token i. Rows
     # that have ended keep going; what they emit is masked out after the loop.
     position_B1 = (prompt_lengths_B + i - 1)[:, None]
-    logits_B1V, cache = llama.apply_with_cache(
+    logits_B1V, cache = _apply_cached(
         cfg, params, token_B[:, None], position_B1, jnp.ones((b, 1), jnp.int32), cache,
         p - 1 + i)
     token_B, tokens_BN, logprobs_BN = emit(i, logits_B1V[:, 0], tokens_BN, logprobs_BN)

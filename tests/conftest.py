@@ -51,6 +51,8 @@ for _option in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_t
 # estimated time), and everything else keeps its order. Without xdist nothing is reordered. The
 # rough costs in seconds (2-core CPU) only steer the order; a test missing here costs nothing.
 HEAVY = {
+    "test_redteam.py::test_redteam_stage_from_gin_trains_both_seats_and_reports_its_figures": 16,
+    "test_redteam.py::test_the_record_carries_the_attackers_move_with_its_sampling_logprobs": 8,
     "test_run.py::test_cli_pipeline_writes_run_directory_and_evaluates": 60,
     "test_matrix.py::test_matrix_experiment_runs_from_gin_evaluates_per_seat_plots_and_scores_its_league": 32,
     "test_matrix.py::test_two_learners_on_eight_devices_match_one_device": 24,

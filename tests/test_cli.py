@@ -136,6 +136,20 @@ def test_bad_game_settings_are_config_errors(tmp_path, capsys, binding, message)
      "cyclic_preference.strengths=(0.5, 0.7, 0.2): expected 3 strengths in (0, 1/2]"),
     ("cyclic_sppo", "sppo/Stage.reference=True", "instead of reference=True"),
     ("sppo", "sppo/pairwise_judge.group_size=1", "pairwise_judge needs group_size >= 2"),
+    ("redteam", "redteam_game.max_digits=2",
+     "the attacker writes 2-digit zero-padded problems with ops ('+', '-')"),
+    ("redteam", "arena.pad=False", "has max_digits=3, pad=False"),
+    ("redteam", "redteam_game.max_digits=10", "redteam_game.max_digits=10: the attacker's"),
+    ("redteam", "redteam_game.ops=['*']", "redteam_game.ops=('*',): expected a non-empty subset"),
+    ("redteam", "redteam/Stage.frozen_from={'control': 'nope'}",
+     "frozen_from['control']='nope'; expected an earlier stage's name"),
+    ("redteam", "redteam_game.defenders={'initial': 'ghost'}",
+     "the game reads the frozen player 'ghost'"),
+    ("redteam", "defender/grpo.group_size=4", "the game plays groups of 8"),
+    ("cyclic_nash_md", "nash_md/Stage.reference=False",
+     "needs Stage.reference=True"),
+    ("cyclic_nash_md", "nash_md/Rollout.versus=None",
+     "it compares the agent with an opponent: set Rollout.versus"),
 ])
 def test_bad_regime_settings_are_config_errors(tmp_path, capsys, experiment, binding, message):
   work = tmp_path / "run"

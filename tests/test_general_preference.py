@@ -209,3 +209,36 @@ def test_cyclic_sppo_experiment_refreshes_its_reference_each_iteration(tmp_path)
   reference = jax.tree.leaves(frozen["reference"])
   assert any(not np.allclose(r, f) for r, f in zip(reference, final))
   assert any(not np.allclose(r, i) for r, i in zip(reference, initial))
+
+
+def test_a_preference_outside_zero_one_is_a_config_error_and_counted_in_the_step(tmp_path, capsys):
+  """A judge's preference must be a probability: a gin-configured one that is not stops the run
+  before it starts (exit 2, the setting named, no workdir); the step counts any such value."""
+  import os
+  import gin
+  from gamejax import cli, config
+
+  def doubled_preference(scale=2.0):
+    inner = judges.arena_preference()
+    return lambda moves, facts, group_size: scale * inner(moves, facts, group_size)
+
+  config.register()
+  with gin.unlock_config():
+    gin.external_configurable(doubled_preference, module="tests")
+  exp = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+  work = tmp_path / "run"
+  code = cli.main(["train", f"--gin_file={exp}/arithmetic/sppo.gin",
+                   "--gin.sppo/pairwise_judge.prefer=@doubled_preference()",
+                   f"--workdir={work}"])
+  err = capsys.readouterr().err
+  assert code == 2 and "pairwise_judge.prefer=" in err and "in [0, 1]" in err, err
+  assert "values from 0 to 2" in err and not work.exists()
+  judge = judges.pairwise_judge(doubled_preference(1.5), group_size=2)
+  completion = jnp.asarray([list(TOK.encode("7")) + [EOS]] * 2, jnp.int32)
+  facts = {"completion": jnp.concatenate([completion, completion]),
+           judges.ANSWER_KEY: jnp.asarray([arithmetic.answer_digits(7, judges.ANSWER_WIDTH),
+                                           arithmetic.answer_digits(8, judges.ANSWER_WIDTH)] * 2)}
+  facts[judges.ANSWER_KEY] = facts[judges.ANSWER_KEY][jnp.asarray([0, 1, 0, 1])]
+  moves = records.GameRecord(*(jnp.zeros((4, 3), jnp.int32),) * 4)
+  out = judge(None, moves, facts, None)
+  assert float(out["metrics"]["judge/preference_out_of_range"]) == 2.0   # 1.5 * 1 twice

@@ -115,7 +115,8 @@ def test_ppo_stage_plays_with_an_actor_critic(tmp_path):
 @pytest.mark.parametrize("name, metric", [
     ("dpo", "agent/reward_margin"), ("ipo", "agent/reward_margin"),
     ("rloo", "agent/rloo/reward_mean"), ("reward_model", "agent/accuracy"),
-    ("grpo_retry", "judge/exact"), ("sppo", "agent/win_rate_mean")])
+    ("grpo_retry", "judge/exact"), ("sppo", "agent/win_rate_mean"),
+    ("nash_md", "judge/preference")])
 def test_each_arithmetic_experiment_plays_its_last_stage(tmp_path, name, metric):
   """experiments/arithmetic/<name>.gin builds; its last stage runs two steps of its game."""
   stage = name.split("_retry")[0]

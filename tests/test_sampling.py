@@ -55,9 +55,9 @@ def _naive_greedy(params, prompts, n, eos_id):
   return out
 
 
-def _full_logprobs(params, prompts, tokens_BN, temperature=1.0):
-  """log_softmax of the full forward (over ``temperature``) on prompt + generated tokens, at the
-  generated tokens."""
+def _full_all_logprobs(params, prompts, tokens_BN, temperature=1.0):
+  """``[B, N, V]``: log_softmax of the full forward (over ``temperature``) on prompt + generated
+  tokens, at each generated slot."""
   width = P + N
   buf = np.zeros((len(prompts), width), np.int32)
   for b, prompt in enumerate(prompts):
@@ -66,8 +66,13 @@ def _full_logprobs(params, prompts, tokens_BN, temperature=1.0):
   logp = jax.nn.log_softmax(
       _full_forward(CFG, params, buf, np.full(len(prompts), width, np.int32)) / temperature,
       axis=-1)
-  return np.stack([np.asarray(logp[b, len(p) - 1:len(p) - 1 + N])[np.arange(N), tokens_BN[b]]
-                   for b, p in enumerate(prompts)])
+  return np.stack([np.asarray(logp[b, len(p) - 1:len(p) - 1 + N]) for b, p in enumerate(prompts)])
+
+
+def _full_logprobs(params, prompts, tokens_BN, temperature=1.0):
+  """The full forward's log-probs (over ``temperature``) of the generated tokens."""
+  logp = _full_all_logprobs(params, prompts, tokens_BN, temperature)
+  return np.take_along_axis(logp, np.asarray(tokens_BN)[..., None], axis=-1)[..., 0]
 
 
 def test_left_pad():
@@ -405,3 +410,26 @@ def test_fixed_length_and_early_exit_loops_agree(params):
   for key in ("tokens", "lengths", "logprobs", "mask_BN", "stopped_B"):
     np.testing.assert_array_equal(looped[key], fixed[key])
   assert not np.asarray(looped["stopped_B"]).any()
+
+
+def test_a_geometric_mixture_samples_token_by_token_from_both_models(params):
+  """Nash-MD's opponent: each token from normalised ``(1 - beta) log p_a + beta log p_b`` given
+  the text so far (both models run their own KV caches); beta 0 is model a itself."""
+  from gamejax.players import selfplay
+  other = llama.init_params(CFG, jax.random.key(7))
+  prompt_BP, lengths_B = sampling.left_pad(PROMPTS, P)
+  fn = sampling.make_generate(CFG, N, temperature=1.0, eos_id=-1)
+  mix = lambda beta: selfplay.mixture("a", "b", beta).resolve({"a": params, "b": other}.get)
+  out = fn(mix(0.3), prompt_BP, lengths_B, jax.random.key(4))
+  tokens = np.asarray(out["tokens"])
+  logp_a = _full_all_logprobs(params, PROMPTS, tokens)
+  logp_b = _full_all_logprobs(other, PROMPTS, tokens)
+  mixed = jax.nn.log_softmax(0.7 * logp_a + 0.3 * logp_b, axis=-1)
+  want = np.take_along_axis(np.asarray(mixed), tokens[..., None], axis=-1)[..., 0]
+  np.testing.assert_allclose(out["logprobs"], want, atol=1e-4)
+  alone = fn(params, prompt_BP, lengths_B, jax.random.key(4))
+  as_a = fn(mix(0.0), prompt_BP, lengths_B, jax.random.key(4))
+  np.testing.assert_array_equal(as_a["tokens"], alone["tokens"])
+  np.testing.assert_allclose(as_a["logprobs"], alone["logprobs"], atol=1e-5)
+  assert not np.array_equal(tokens, np.asarray(alone["tokens"]))
+

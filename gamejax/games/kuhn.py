@@ -417,7 +417,8 @@ class KuhnGame:
 
   # ---- in the step ------------------------------------------------------------------------------
 
-  def play_fn(self, apply: Callable, seats: Mapping[str, str], player_params: Callable):
+  def play_fn(self, apply: Callable, seats: Mapping[str, str], player_params: Callable,
+              model=None):
     """``play(state, batch, rng) -> (moves, facts)``: ``batch["games"]`` rows of games, chance
     dealing uniformly, each seat's moves sampled from the player sitting in it."""
     moves_tok = jnp.asarray(self.move_tokens())
@@ -482,7 +483,7 @@ class KuhnGame:
 
     return play
 
-  def respond_fn(self, vocab_size: int):
+  def respond_fn(self, vocab_size: int, apply_of=None):
     """The judge: the chips each seat won (zero-sum), over ``reward_scale``."""
     del vocab_size
 

@@ -208,7 +208,8 @@ class MatrixGame:
     return np.array([[probs["agent"][i] @ outcome @ probs["opponent"][j] for j in range(n)]
                      for i in range(n)])
 
-  def play_fn(self, apply: Callable, seats: Mapping[str, str], player_params: Callable):
+  def play_fn(self, apply: Callable, seats: Mapping[str, str], player_params: Callable,
+              model=None):
     """``play(state, batch, rng) -> (moves, facts)``: ``batch["games"]`` rows of games, each
     seat's move sampled from the params of the player sitting in it (``seats[seat]``)."""
     tokens = {s: jnp.asarray(self.action_tokens(s)) for s in records.SEATS}
@@ -260,7 +261,7 @@ class MatrixGame:
 
     return play
 
-  def respond_fn(self, vocab_size: int):
+  def respond_fn(self, vocab_size: int, apply_of=None):
     """The judge: each seat's payoff of the two moves (over ``reward_scale``), and each seat's
     ``action_values`` (``float32[B, V]``): what each of its action tokens would have paid against
     the other's move (0 for other tokens, which the seat cannot play)."""

@@ -42,6 +42,7 @@ from gamejax import records
 from gamejax.records import GameRecord
 
 ANSWER_KEY = "answer_digits"      # int32[B, W]: right-aligned digits, -1 before them
+ANSWER_WIDTH = 19                 # W: digits of an answer key (arena answers fit int64)
 JUDGE = "judge"                   # the frozen player holding a reward model's params
 _ZERO, _NINE, _BAR = OFFSET + ord("0"), OFFSET + ord("9"), OFFSET + ord("|")
 
@@ -292,12 +293,41 @@ def pairwise_judge(prefer: Preference, group_size: int, seat: str = "agent") -> 
     chex.assert_shape(prefs_PGG, (moves.tokens.shape[0] // group_size, group_size, group_size))
     win_B = jax.vmap(group_win_rates)(prefs_PGG).reshape(-1)
     skew = jnp.abs(prefs_PGG + jnp.swapaxes(prefs_PGG, 1, 2) - 1.0).max()
-    metrics = {"judge/win_rate": win_B.mean(), "judge/antisymmetry": skew}
+    outside = ~((prefs_PGG >= 0.0) & (prefs_PGG <= 1.0))        # NaN counts too
+    metrics = {"judge/win_rate": win_B.mean(), "judge/antisymmetry": skew,
+               "judge/preference_out_of_range": outside.sum().astype(jnp.float32)}
     if hasattr(prefer, "metrics"):
       metrics.update(prefer.metrics(moves, facts))
     return {key("win_rates"): win_B, key("rewards"): win_B, "metrics": metrics}
 
+  respond.prefer, respond.group_size = prefer, group_size     # the run probes the preference
   return respond
+
+
+def check_preference(prefer: Preference, group_size: int, width: int = 12, seed: int = 0) -> None:
+  """A ``ValueError`` when ``prefer`` gives values outside [0, 1] (or not finite) on a probe batch
+  of random answers to two prompts: a preference is a probability. (Values that only some
+  answers bring out are counted in the step instead: ``judge/preference_out_of_range``.)"""
+  rng = np.random.default_rng(seed)
+  rows = 2 * group_size
+  key = rng.integers(0, 10, size=(rows, 3))
+  # Prompt 0: three-digit answers, every other one right; prompt 1: answers opening with any
+  # printable character (a style), then digits.
+  answer = np.where((np.arange(rows) % 2 == 0)[:, None], key, (key + 1) % 10)
+  completion = np.concatenate([_ZERO + answer, np.full((rows, width - 3), EOS)], axis=1)
+  completion[group_size:, 0] = rng.integers(OFFSET + 32, OFFSET + 127, size=rows - group_size)
+  facts = {"completion": jnp.asarray(completion, jnp.int32),
+           "completion_mask": jnp.ones(completion.shape, jnp.float32),
+           ANSWER_KEY: jnp.asarray(np.concatenate([np.full((rows, ANSWER_WIDTH - 3), -1), key],
+                                                  axis=1), jnp.int32)}
+  ones = jnp.ones(completion.shape, jnp.int32)
+  moves = GameRecord(jnp.asarray(completion, jnp.int32), ones, ones, ones)
+  values = np.asarray(prefer(moves, facts, group_size), np.float64)
+  if not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+    raise ValueError(f"pairwise_judge.prefer={getattr(prefer, '__qualname__', prefer)}: a "
+                     f"preference P(y > y') is a probability in [0, 1]; on a probe batch it gave "
+                     f"values from {np.nanmin(values):.4g} to {np.nanmax(values):.4g}"
+                     + ("" if np.isfinite(values).all() else " and non-finite ones"))
 
 
 def responders(*parts: Responder) -> Responder:

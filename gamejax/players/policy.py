@@ -35,6 +35,10 @@ from gamejax.data.tokenizer import EOS
 from gamejax.models import llama
 
 PROMPT_KEYS = ("prompt", "prompt_lengths")
+# Optional in a prompt batch: float32[B, L], the log-prob of each prompt token under the player
+# who wrote it (an opponent that sampled its move), at the token's own slot; the play's
+# ``behaviour_logprobs`` then cover the prompt's tokens too.
+PROMPT_LOGPROBS = "prompt_logprobs"
 
 
 Opponent = Callable[[jax.Array, Mapping[str, Any], jax.Array], tuple[jax.Array, jax.Array]]
@@ -75,7 +79,8 @@ def sampled_play(cfg: llama.LlamaConfig, group_size: int, max_new_tokens: int,
   moves again on the whole transcript so far, ``turns`` agent moves in all. The record holds every
   move, each token attributed to the player who made it (left-padded, contiguous); ``facts``
   describe the last agent move (``completion``, ``completion_mask``, ``stopped``), which is what
-  judges read. ``params_of`` picks the policy out of the player's params (e.g. an actor-critic's).
+  judges read. A batch may carry ``PROMPT_LOGPROBS`` (the prompt writer's log-probs of its
+  tokens): they go into ``behaviour_logprobs`` at the prompt's tokens. ``params_of`` picks the policy out of the player's params (e.g. an actor-critic's).
   ``scaled_logprobs``: behaviour log-probs of ``logits / temperature`` (score the learner with
   ``at_temperature(apply, temperature)`` then), else of the temperature-1 logits.
   """
@@ -95,8 +100,9 @@ def sampled_play(cfg: llama.LlamaConfig, group_size: int, max_new_tokens: int,
     b, length = tokens_BL.shape
     real_BL = jnp.arange(length)[None, :] >= (length - lengths_B)[:, None]
     players_BL = jnp.where(real_BL, records.OPPONENT, records.NOBODY).astype(jnp.int32)
-    logprobs_BL = jnp.zeros((b, length), jnp.float32)     # the sampler's, at each token's slot
-    facts = {k: repeat(v) for k, v in batch.items() if k not in PROMPT_KEYS}
+    logprobs_BL = (repeat(batch[PROMPT_LOGPROBS]).astype(jnp.float32) if PROMPT_LOGPROBS in batch
+                   else jnp.zeros((b, length), jnp.float32))   # the sampler's, at each slot
+    facts = {k: repeat(v) for k, v in batch.items() if k not in PROMPT_KEYS + (PROMPT_LOGPROBS,)}
     params = jax.lax.stop_gradient(params_of(game_step.player_params(state, player)))
     no_stop, moved = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
     for turn in range(turns):

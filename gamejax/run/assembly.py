@@ -7,6 +7,7 @@ stage with one inline learner and one with several go through the same code.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -18,7 +19,8 @@ from gamejax.data.loader import PackedLoader
 from gamejax.data.pairs import PairLoader
 from gamejax.data.prompts import DemonstrationLoader, PromptLoader
 from gamejax.evaluation import arena as arena_eval
-from gamejax.players import judges, policy, reference as reference_player, selfplay, spin
+from gamejax.players import (judges, policy, reference as reference_player, selfplay, spin,
+                             versus)
 from gamejax.run import registry
 from gamejax.run.schema import ANSWER_WIDTH, PAIR_SOURCES, Experiment, Stage
 
@@ -63,23 +65,35 @@ def stage_loader(exp: Experiment, index: int, source):
                       answer_width=width)
 
 
-def learner_apply(exp: Experiment, stage: Stage, model: str):
+def learner_apply(exp: Experiment, stage: Stage, model: str, seat: str | None = None):
   """A learner's ``apply``: its model kind's, at the stage's scoring temperature when it is a
-  policy, masked to the game's legal moves in a game stage."""
+  policy (in a game that samples text, ``seat``'s: ``game.score_temperature(seat)``), masked to
+  the game's legal moves in a game stage."""
   kind = registry.MODELS[model]
   apply = kind.apply(exp.model)
   if kind.samples and stage.rollout is not None:
     apply = policy.at_temperature(apply, stage.rollout.score_temperature)
   if stage.game is not None:
     apply = stage.game.mask(apply, exp.model.vocab_size)
+    if seat is not None and hasattr(stage.game, "score_temperature"):
+      apply = policy.at_temperature(apply, stage.game.score_temperature(seat))
   return apply
+
+
+def learner_seat(stage: Stage, name: str) -> str | None:
+  """The one seat learner ``name`` sits in (None: both, or a stage without seats)."""
+  if stage.game is None:
+    return None
+  seats = [seat for seat, who in stage.seated.items() if who == name]
+  return seats[0] if len(seats) == 1 else None
 
 
 def stage_game(exp: Experiment, index: int) -> game_step.Game:
   """The game of stage ``index``: its learners, how moves are made and who responds."""
   stage, cfg = exp.stages[index], exp.model
   learners = {
-      name: game_step.Learner(apply=learner_apply(exp, stage, p.model), payoff=p.payoff,
+      name: game_step.Learner(apply=learner_apply(exp, stage, p.model, learner_seat(stage, name)),
+                              payoff=p.payoff,
                               optimizer=p.optimizer.build(stage.steps), prepare=p.prepare,
                               epochs=p.epochs, minibatches=p.minibatches)
       for name, p in stage.players.items()}
@@ -88,8 +102,9 @@ def stage_game(exp: Experiment, index: int) -> game_step.Game:
     return game_step.Game(
         learners=learners,
         play=stage.game.play_fn(learner_apply(exp, stage, "policy"), stage.seated,
-                                game_step.player_params),
-        respond=stage.game.respond_fn(cfg.vocab_size),
+                                game_step.player_params, model=cfg),
+        respond=stage.game.respond_fn(
+            cfg.vocab_size, apply_of=lambda seat: learner_apply(exp, stage, "policy", seat)),
         after=selfplay.follow(followers).after if followers else None,
         updates=stage.updates)
   if stage.spin is not None:
@@ -102,10 +117,12 @@ def stage_game(exp: Experiment, index: int) -> game_step.Game:
     respond = judges.responders(*parts) if parts else game_step.no_response
     return game_step.Game(learners=learners, respond=respond)
   budget = r.max_new_tokens or arena_eval.answer_budget(dict(stage.data.params))
-  play = policy.sampled_play(cfg, r.group_size, budget, r.temperature, r.top_k, r.top_p,
-                             turns=r.turns, opponent=r.opponent,
-                             params_of=registry.MODELS[stage.player].policy,
-                             scaled_logprobs=r.score_at_temperature)
+  sampler = functools.partial(policy.sampled_play, cfg, r.group_size, budget, r.temperature,
+                              r.top_k, r.top_p, params_of=registry.MODELS[stage.player].policy,
+                              scaled_logprobs=r.score_at_temperature)
+  play = sampler(turns=r.turns, opponent=r.opponent)
+  if r.versus is not None:
+    play = versus.versus_play(play, sampler(player=r.versus))
   judge = registry.JUDGES[r.judge or "arena"](cfg) if isinstance(r.judge, (str, type(None))) \
       else r.judge
   return game_step.Game(learners=learners, play=play, respond=judges.responders(judge, *parts),
@@ -134,10 +151,12 @@ def spin_game(exp: Experiment, stage: Stage, learners) -> game_step.Game:
 
 
 def stage_state(exp: Experiment, index: int, game: game_step.Game, players: Mapping[str, Any],
-                judge_params=None) -> game_step.GameState:
+                judge_params=None, earlier: Mapping[str, Any] | None = None
+                ) -> game_step.GameState:
   """The stage's initial state from its learners' ``players`` params (the agent's is also the
-  frozen reference's), its followers' copies and, when its rollout is judged by a reward model,
-  that model's ``judge_params``.
+  frozen reference's), its followers' copies, the frozen players taken from ``earlier`` stages
+  (``Stage.frozen_from``: name -> params, see ``earlier_players``) and, when its rollout is
+  judged by a reward model, that model's ``judge_params``.
 
   Every leaf is a fresh copy: the step donates the state, and ``players`` may still be needed
   (another stage starts from them).
@@ -152,6 +171,7 @@ def stage_state(exp: Experiment, index: int, game: game_step.Game, players: Mapp
   frozen.update(selfplay.init_followers({**stage.all_followers, **spin_followers(stage)},
                                         players))
   frozen.update({seat: who.value(stage.game, seat) for seat, who in stage.scripted.items()})
+  frozen.update({name: copy(params) for name, params in (earlier or {}).items()})
   rng = jax.random.fold_in(jax.random.PRNGKey(exp.seed), index)
   return game_step.init_state(game, {name: copy(p) for name, p in players.items()}, rng, frozen)
 
@@ -165,7 +185,28 @@ def constant_players(exp: Experiment, index: int) -> tuple[str, ...]:
     names.append(judges.JUDGE)
   names += [n for n, f in stage.all_followers.items() if getattr(f, "kind", None) == "snapshot"]
   names += list(stage.scripted)
+  names += list(stage.frozen_from)
   return tuple(names)
+
+
+def earlier_players(exp: Experiment, index: int,
+                    finals: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+  """The frozen players stage ``index`` takes from earlier stages (``Stage.frozen_from``), by
+  name: the named learner's final policy params in ``finals`` (stage -> learner -> params), or
+  fresh params of the same shapes when ``finals`` is None (a restore's target)."""
+  stage = exp.stages[index]
+  out = {}
+  for name, source in stage.frozen_from.items():
+    stage_name, _, player = source.partition(":")
+    if finals is None:
+      out[name] = registry.MODELS["policy"].init(exp.model, jax.random.PRNGKey(0), None)
+      continue
+    got = finals.get(stage_name)
+    if got is None:
+      raise KeyError(f"stage {stage.name!r}: frozen_from[{name!r}] reads stage {stage_name!r}, "
+                     "which has no final params (not played yet)")
+    out[name] = got[player] if player else next(iter(got.values()))
+  return out
 
 
 def initial_players(exp: Experiment, index: int,

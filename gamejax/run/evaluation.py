@@ -19,6 +19,9 @@ def evaluate_stage(exp: Experiment, index: int, players: Mapping[str, Any], exam
   ``examples`` (none without an Evaluation) and, for a stage that imitates records, its held-out
   loss and perplexity on its data's test split."""
   stage = exp.stages[index]
+  if stage.game is not None and hasattr(stage.game, "evaluate_run"):    # a game of text
+    return stage.game.evaluate_run(exp.model, seated_players(exp, index, players, frozen),
+                                   dict(frozen or {}), examples, seed=exp.seed)
   if stage.game is not None:
     return stage.game.evaluate(assembly.learner_apply(exp, stage, "policy"),
                                seated_players(exp, index, players, frozen))

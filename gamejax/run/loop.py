@@ -76,7 +76,8 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
   game = assembly.stage_game(exp, index)
   init_players = assembly.initial_players(exp, index, finals)
   make_state = functools.partial(assembly.stage_state, exp, index, game,
-                                 judge_params=judge_params)
+                                 judge_params=judge_params,
+                                 earlier=assembly.earlier_players(exp, index, finals or {}))
   abstract = jax.eval_shape(make_state, init_players)
   step_fn, state_sharding = game_step.make_step(game, mesh, abstract)
   batch_sharding = sharding.batch_sharding(mesh, leading=1)

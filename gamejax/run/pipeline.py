@@ -68,7 +68,8 @@ def restore_players(exp: Experiment, index: int, workdir: str) -> tuple[dict, di
   game = assembly.stage_game(exp, index)
   abstract = jax.eval_shape(
       lambda j: assembly.stage_state(exp, index, game, assembly.initial_players(exp, index),
-                                     judge_params=j), judge)
+                                     judge_params=j,
+                                     earlier=assembly.earlier_players(exp, index)), judge)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage.name), keep=exp.keep_checkpoints,
                       constant=assembly.constant_players(exp, index))
   try:
@@ -109,7 +110,8 @@ def describe_stages(exp: Experiment) -> str:
         f"{s.spin.temperature}") if s.rollout is None else (
         f"plays: {s.rollout.group_size} per prompt, temperature {s.rollout.temperature} "
         f"(scored at {s.rollout.score_temperature}), judge "
-        f"{s.rollout.judge if isinstance(s.rollout.judge, str) else s.rollout.judge or 'arena'}"
+        f"{_payoff_name(s.rollout.judge) if callable(s.rollout.judge) else s.rollout.judge or 'arena'}"
+        + (f", versus {s.rollout.versus}" if s.rollout.versus is not None else "")
         + (f", {s.rollout.turns} turns" if s.rollout.turns > 1 else ""))
     init = {None: "fresh", "previous": "previous stage"}.get(s.init_from, s.init_from)
     lines.append(f"  {i + 1}. {s.name}: {s.player}, payoff {_payoff_name(s.payoff)}, {s.steps} "

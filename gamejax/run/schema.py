@@ -70,12 +70,13 @@ class Optimizer:
                                    weight_decay=self.weight_decay))
 
 
-ANSWER_WIDTH = 19       # digits of the judge's answer key (arena answers fit int64)
+ANSWER_WIDTH = judges.ANSWER_WIDTH     # digits of the judge's answer key
 # Per-step event counts summed into the stage's summary (the last part of a metric's name ->
 # summary key), found however the payoff nests (``agent/rloo/nonfinite_rewards`` under
 # ``weighted``); checkpoints carry them, so a resumed stage goes on counting.
 COUNTED = {"skipped_nonfinite": "skipped_nonfinite", "no_stop": "no_stop_completions",
-           "nonfinite_rewards": "nonfinite_rewards"}
+           "nonfinite_rewards": "nonfinite_rewards",
+           "preference_out_of_range": "preferences_out_of_range"}
 PAIR_SOURCES = ("arena_preferences",)
 
 
@@ -97,6 +98,11 @@ class Rollout:
   # (``opponents.arena_feedback()``, ``opponents.fixed_reply(text)``); judges score the last move.
   turns: int = 1
   opponent: Any = None
+  # Head to head: a player in the opponent's seat answers each prompt as often as the agent
+  # (``mixture('agent', 'reference', beta)``: Nash-MD's opponent, or a follower's name); rows
+  # interleave the agent's answers and its (``players.versus``), and the judge compares them
+  # (``versus_judge(prefer)``).
+  versus: Any = None
   # Score at the sampler's temperature (the TRL / verl convention): the behaviour, the learner's
   # and the reference's log-probs are all of ``logits / temperature``, so the first update's
   # importance ratio is 1 and KL terms refer to the policy that sampled. False: all at
@@ -208,6 +214,10 @@ class Stage:
   # Held-out figures (the Evaluation's) every ``eval_every`` steps too, logged as ``eval/...`` in
   # metrics.jsonl and kept in the summary (``accuracy_at``: step -> accuracy).
   eval_every: int | None = None
+  # Frozen players taken from earlier stages' final params, by name: ``{"control": "grpo",
+  # "start": "sft:agent"}`` ("stage" or "stage:learner"). A game reads them (the red-team game's
+  # references and the defenders it compares); they never change and are written once.
+  frozen_from: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
   @property
   def players(self) -> dict[str, Player]:
@@ -286,6 +296,11 @@ class Experiment:
                               f"{'not a folder' if os.path.exists(folder) else 'no such folder'}")
     for i, s in enumerate(self.stages):
       _validate_stage(s, self.stages[:i])
+      if hasattr(s.game, "check"):
+        try:
+          s.game.check(dict(self.evaluation.data.params) if self.evaluation else None)
+        except GameConfigError as e:
+          raise ExperimentError(f"Stage {s.name!r}: {e}") from e
       if s.eval_every is not None and (self.evaluation is None or s.game is not None
                                        or s.player == "reward_model"):
         raise ExperimentError(f"Stage {s.name!r}: eval_every={s.eval_every} evaluates a policy "
@@ -308,6 +323,7 @@ def _validate_stage(s: Stage, earlier: Sequence[Stage]) -> None:
                           "learners={...}, not both")
   for name, p in s.players.items():
     _validate_player(s, name, p, earlier)
+  _validate_frozen_from(s, earlier)
   if s.game is not None:
     _validate_game_stage(s)
     return
@@ -361,6 +377,27 @@ def _validate_spin(s: Stage) -> None:
   if p.max_new_tokens is None and s.data.name != "arithmetic_arena":
     raise ExperimentError(f"Stage {s.name!r}: Spin.max_new_tokens must be set for dataset "
                           f"{s.data.name!r} (only the arena implies it)")
+
+
+def _validate_frozen_from(s: Stage, earlier: Sequence[Stage]) -> None:
+  if s.frozen_from and s.game is None:
+    raise ExperimentError(f"Stage {s.name!r}: frozen_from={dict(s.frozen_from)} gives a game "
+                          "frozen players; the stage plays no game")
+  names = [e.name for e in earlier]
+  for frozen, source in s.frozen_from.items():
+    stage, _, player = str(source).partition(":")
+    ok = isinstance(source, str) and stage in names
+    if ok:
+      players = earlier[names.index(stage)].players
+      player = player or (next(iter(players)) if len(players) == 1 else "")
+      ok = player in players and players[player].model == "policy"
+    if not ok:
+      raise ExperimentError(f"Stage {s.name!r}: frozen_from[{frozen!r}]={source!r}; expected "
+                            f"an earlier stage's name ({names}) whose only learner is a policy, "
+                            "or 'stage:learner' naming a policy")
+    if frozen in s.players or frozen in s.all_followers or frozen in s.seats:
+      raise ExperimentError(f"Stage {s.name!r}: frozen_from names {frozen!r}, which is already a "
+                            "learner, a follower or a seat's player")
 
 
 def _validate_player(s: Stage, name: str, p: Player, earlier: Sequence[Stage]) -> None:
@@ -440,9 +477,18 @@ def _validate_game_stage(s: Stage) -> None:
     if p.model != "policy":
       raise ExperimentError(f"Stage {s.name!r}: learner {name!r} is a {p.model!r}; a game's "
                             "players are policies")
-    if getattr(p.payoff, "group_size", None) is not None:
-      raise ExperimentError(f"Stage {s.name!r}: learner {name!r}'s payoff groups completions of "
-                            "a prompt (GRPO/RLOO); a game stage plays independent games")
+    wanted = getattr(p.payoff, "group_size", None)
+    game_groups = getattr(s.game, "group_size", None)
+    if wanted is not None and wanted != game_groups:
+      raise ExperimentError(
+          f"Stage {s.name!r}: learner {name!r}'s payoff groups {wanted} completions of a prompt "
+          f"(GRPO/RLOO); " + ("a game stage plays independent games" if game_groups is None else
+                              f"the game plays groups of {game_groups}"))
+  for frozen in getattr(s.game, "frozen_players", lambda: ())():
+    if frozen not in followers and frozen not in s.frozen_from:
+      raise ExperimentError(f"Stage {s.name!r}: the game reads the frozen player {frozen!r}, which "
+                            f"the stage does not have (its followers: {sorted(followers)}; "
+                            f"frozen_from: {sorted(s.frozen_from)})")
   for name, p in learners.items():
     for frozen in getattr(p.payoff, "frozen_players", ()):
       if frozen not in followers:
@@ -477,6 +523,25 @@ def _validate_rollout(s: Stage, earlier: Sequence[Stage]) -> None:
   if r.max_new_tokens is None and s.data.name != "arithmetic_arena":
     raise ExperimentError(f"Stage {s.name!r}: Rollout.max_new_tokens must be set for "
                           f"dataset {s.data.name!r} (only the arena implies it)")
+  if r.versus is not None:
+    parts = getattr(r.versus, "parts", (r.versus,))
+    have = {"agent"} | ({"reference"} if s.reference else set()) | set(s.followers)
+    if any(not isinstance(p, str) or p not in have for p in parts):
+      raise ExperimentError(f"Stage {s.name!r}: Rollout.versus={r.versus!r} is played by "
+                            f"{list(parts)}; the stage's players are {sorted(have)} (Nash-MD's "
+                            "mixture('agent', 'reference', beta) needs Stage.reference=True)")
+    if not getattr(r.judge, "versus", False) or r.turns != 1:
+      raise ExperimentError(f"Stage {s.name!r}: Rollout.versus compares the agent's answer with "
+                            "its opponent's: it needs a judge of pairs (versus_judge(prefer)) and "
+                            "turns=1")
+  elif getattr(r.judge, "versus", False):
+    raise ExperimentError(f"Stage {s.name!r}: Rollout.judge is a versus_judge; it compares the "
+                          "agent with an opponent: set Rollout.versus")
+  if hasattr(r.judge, "prefer"):
+    try:
+      judges.check_preference(r.judge.prefer, r.judge.group_size)
+    except ValueError as e:
+      raise ExperimentError(f"Stage {s.name!r}: {e}") from e
   wanted = getattr(s.payoff, "group_size", None)
   if wanted is not None and wanted != r.group_size:
     raise ExperimentError(f"Stage {s.name!r}: the payoff groups {wanted} completions per "
