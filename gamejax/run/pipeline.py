@@ -100,9 +100,11 @@ def describe_stages(exp: Experiment) -> str:
       seats = ", ".join(f"{seat}: {s.seats[seat] if seat in s.scripted else who_}"
                         for seat, who_ in s.seated.items())
       followers = ", ".join(f"{n} = {f.kind} of {f.learner}" for n, f in s.all_followers.items())
+      earlier = ", ".join(f"{n} = {src}'s" for n, src in s.frozen_from.items())
       lines.append(f"  {i + 1}. {s.name}: game {getattr(s.game, 'name', type(s.game).__name__)}, "
                    f"{s.steps} steps x {s.batch_size} games; learners {who}; seats {seats}"
-                   + (f"; followers {followers}" if followers else ""))
+                   + (f"; followers {followers}" if followers else "")
+                   + (f"; frozen {earlier}" if earlier else ""))
       continue
     game = "records" if s.rollout is None and s.spin is None else (
         f"self-play against the previous iterate: {s.spin.iterations} iterations of "
