@@ -74,7 +74,6 @@ def parse_problems(tokens_BN: jax.Array, lengths_B: jax.Array, width: int,
   ([True, False], [42, 7], [785, 42], [False, True])
   """
   n = problem_len(width)
-  b_rows = tokens_BN.shape[0]
   if tokens_BN.shape[1] < n:
     tokens_BN = jnp.pad(tokens_BN, ((0, 0), (0, n - tokens_BN.shape[1])))
   t_BN = tokens_BN[:, :n]
@@ -91,7 +90,6 @@ def parse_problems(tokens_BN: jax.Array, lengths_B: jax.Array, width: int,
   shaped_B = (jnp.asarray(lengths_B) == n) & is_digit_BN[:, left].all(axis=1) & (
       is_digit_BN[:, right].all(axis=1)) & (plus_B | minus_B) & (t_BN[:, n - 1] == token("="))
   in_range_B = ~minus_B | (a_B >= b_B)
-  del b_rows
   return shaped_B & in_range_B, a_B.astype(jnp.int32), b_B.astype(jnp.int32), minus_B
 
 
@@ -298,7 +296,8 @@ class RedTeamGame:
         chance_BT = facts["redteam/random"][:, None] & (moves.players == records.OPPONENT)
         moves = moves.replace(players=jnp.where(chance_BT, records.CHANCE, moves.players))
       facts["metrics"] = {**facts["metrics"],
-                          "play/attacker_tokens": mask_BN.sum().astype(jnp.float32)}
+                          "play/attacker_tokens": jnp.where(random_B[:, None], 0.0,
+                                                            mask_BN).sum()}
       return moves, facts
 
     return play

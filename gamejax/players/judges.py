@@ -293,15 +293,24 @@ def pairwise_judge(prefer: Preference, group_size: int, seat: str = "agent") -> 
     chex.assert_shape(prefs_PGG, (moves.tokens.shape[0] // group_size, group_size, group_size))
     win_B = jax.vmap(group_win_rates)(prefs_PGG).reshape(-1)
     skew = jnp.abs(prefs_PGG + jnp.swapaxes(prefs_PGG, 1, 2) - 1.0).max()
-    outside = ~((prefs_PGG >= 0.0) & (prefs_PGG <= 1.0))        # NaN counts too
     metrics = {"judge/win_rate": win_B.mean(), "judge/antisymmetry": skew,
-               "judge/preference_out_of_range": outside.sum().astype(jnp.float32)}
-    if hasattr(prefer, "metrics"):
-      metrics.update(prefer.metrics(moves, facts))
+               **preference_metrics(prefer, prefs_PGG, moves, facts)}
     return {key("win_rates"): win_B, key("rewards"): win_B, "metrics": metrics}
 
   respond.prefer, respond.group_size = prefer, group_size     # the run probes the preference
   return respond
+
+
+def preference_metrics(prefer: Preference, prefs: jax.Array, moves: GameRecord,
+                       facts: Mapping[str, Any]) -> dict:
+  """What every judge of preferences logs: how many of its ``prefs`` fall outside [0, 1] (NaN
+  too; summed into the run's summary), and the preference's own metrics of the answers
+  (``prefer.metrics(moves, facts)``, when it has them)."""
+  outside = ~((prefs >= 0.0) & (prefs <= 1.0))
+  out = {"judge/preference_out_of_range": outside.sum().astype(jnp.float32)}
+  if hasattr(prefer, "metrics"):
+    out.update(prefer.metrics(moves, facts))
+  return out
 
 
 def check_preference(prefer: Preference, group_size: int, width: int = 12, seed: int = 0) -> None:

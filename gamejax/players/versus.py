@@ -71,11 +71,8 @@ def versus_judge(prefer: judges.Preference, seat: str = "agent") -> judges.Respo
     del state, rng
     pairs = jnp.asarray(prefer(moves, facts, 2), jnp.float32)        # [B/2, 2, 2]
     p_pairs = pairs[:, 0, 1]
-    outside = ~((p_pairs >= 0.0) & (p_pairs <= 1.0))
     metrics = {"judge/preference": p_pairs.mean(),
-               "judge/preference_out_of_range": outside.sum().astype(jnp.float32)}
-    if hasattr(prefer, "metrics"):
-      metrics.update(prefer.metrics(*agent_rows(moves, facts)))
+               **judges.preference_metrics(prefer, p_pairs, *agent_rows(moves, facts))}
     return {key: jnp.repeat(p_pairs, 2), "metrics": metrics}
 
   respond.prefer, respond.group_size, respond.versus = prefer, 2, True
