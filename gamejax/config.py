@@ -7,9 +7,10 @@ Configurables (use these names in ``.gin`` files):
   games and their players: ``matrix_game``, ``kuhn_poker``; followers ``snapshot``, ``lagged``, ``ema``,
     ``league``; seat ``mixture``, ``scripted``; ``role_baselines``;
   payoffs: ``imitation``, ``weighted``, ``grpo``, ``rloo``, ``reinforce``, ``kl_to_reference``,
-    ``dpo``, ``ipo``, ``bradley_terry``, ``ppo``, ``ppo_prepare``, ``mmd``, ``sppo``;
+    ``dpo``, ``ipo``, ``bradley_terry``, ``ppo``, ``ppo_prepare``, ``mmd``, ``sppo``,
+    ``first_move_probe`` (a probe: weight it 0);
   judges and opponents: ``arena_judge``, ``pairwise_judge``, ``arena_preference``,
-    ``cyclic_preference``,
+    ``cyclic_preference``, ``cyclic_equilibrium``,
     ``arena_feedback``, ``fixed_reply``;
   data sources: ``arena``, ``arena_preferences``, ``local_text``.
 """
@@ -52,10 +53,11 @@ def register() -> None:
     gin.external_configurable(obj, name=obj.__name__, module="gamejax")
   for fn in (payoffs.imitation, payoffs.weighted, payoffs.grpo, payoffs.rloo, payoffs.reinforce,
              payoffs.kl_to_reference, payoffs.dpo, payoffs.ipo, payoffs.bradley_terry,
-             payoffs.ppo, payoffs.ppo_prepare, payoffs.mmd, payoffs.sppo):
+             payoffs.ppo, payoffs.ppo_prepare, payoffs.mmd, payoffs.sppo,
+             payoffs.first_move_probe):
     gin.external_configurable(fn, name=fn.__name__, module="gamejax")
   for fn in (judges.arena_judge, judges.pairwise_judge, judges.arena_preference,
-             judges.cyclic_preference, versus.versus_judge,
+             judges.cyclic_preference, judges.cyclic_equilibrium, versus.versus_judge,
              opponents.arena_feedback, opponents.fixed_reply,
              selfplay.snapshot, selfplay.lagged, selfplay.ema, selfplay.league, selfplay.mixture,
              selfplay.role_baselines, games_base.scripted,

@@ -3,8 +3,8 @@ extra: ``pip install 'gamejax[plot]'``).
 
 One figure per group of metrics found in ``metrics.jsonl`` -- exploitability, each seat's
 best-response gain, each seat's reward, the judge's accuracies, Elo, a cyclic game's style
-frequencies, losses -- with one curve per
-metric and stage, against the step. The
+frequencies, the exact distance of a policy's mix to the game's equilibrium
+(``first_move_probe``), losses -- with one curve per metric and stage, against the step. The
 PNGs go to ``DIR/plots/`` (``--output`` elsewhere); the paths written are returned.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ GROUPS: Sequence[tuple[str, str]] = (
     ("elo", r"(^|/)elo"),
     ("policy", r"^policy/"),
     ("style", r"^style/"),
+    ("equilibrium_distance", r"probe/distance$"),
     ("loss", r"(^|/)loss$"),
 )
 

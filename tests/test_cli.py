@@ -150,6 +150,17 @@ def test_bad_game_settings_are_config_errors(tmp_path, capsys, binding, message)
      "needs Stage.reference=True"),
     ("cyclic_nash_md", "nash_md/Rollout.versus=None",
      "it compares the agent with an opponent: set Rollout.versus"),
+    ("cyclic_nash_md", "nash_md/versus_judge.group_size=3",
+     "versus_judge.group_size=3 compares each answer with that many"),
+    ("cyclic_sppo", "first_move_probe.moves=('A', 'BB')", "each move must be one token"),
+    ("cyclic_sppo", "ema.learner='bob'", "copies of the agent its payoffs read"),
+    ("cyclic_grpo", "grpo/Stage.followers={}", "reads the frozen player 'ema'"),
+    ("redteam", "after/Stage.name='after'\nafter/Stage.payoff=@sft/imitation()\n"
+     "after/Stage.data=@sft/arena()\nafter/Stage.init_from='redteam'\nafter/Stage.steps=10\n"
+     "Experiment.stages="
+     "[@pretrain/Stage(), @sft/Stage(), @grpo/Stage(), @redteam/Stage(), @after/Stage()]",
+     "starts from stage 'redteam', which has learners ['attacker', 'defender'] and none named "
+     "'agent'; name one (init_from='redteam:PLAYER')"),
 ])
 def test_bad_regime_settings_are_config_errors(tmp_path, capsys, experiment, binding, message):
   work = tmp_path / "run"

@@ -190,25 +190,34 @@ def test_bad_cyclic_preferences_are_refused(kwargs, message):
 def test_cyclic_sppo_experiment_refreshes_its_reference_each_iteration(tmp_path):
   import json
   import os
-  from gamejax import config, run, sharding
+  from gamejax import config, run
   exp_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
   config.parse([f"{exp_dir}/arithmetic/cyclic_sppo.gin", f"{exp_dir}/models/tiny.gin"],
-               ["sppo/Stage.steps=6", "sppo/Stage.steps_per_call=2", "ITERATION_STEPS=4",
+               ["sft/Stage.steps=2", "sft/Stage.batch_size=4", "sft/Stage.steps_per_call=2",
+                "sppo/Stage.steps=6", "sppo/Stage.steps_per_call=2", "ITERATION_STEPS=4",
                 "GROUP_SIZE=4", "sppo/Stage.batch_size=2", "sppo/arena.num_train=20",
-                "sppo/arena.num_test=5", f"Experiment.data_dir='{tmp_path / 'data'}'"])
+                "sppo/arena.num_test=5", "EMA_DECAY=0.0",
+                f"Experiment.data_dir='{tmp_path / 'data'}'"])
   exp = config.build_experiment()
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
   work = str(tmp_path / "run")
-  result = run.run_stage(exp, 0, None, work, mesh, progress=False, log=lambda _: None)
-  rows = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
-  assert {"style/distance", "style/p_A", "agent/win_rate_mean", "judge/antisymmetry"} <= set(rows[0])
-  # Refreshed at step 4, not since: the reference is neither the final params nor the initial.
-  _, frozen = run.restore_players(exp, 0, work)
-  final = jax.tree.leaves(result.params["agent"])
-  initial = jax.tree.leaves(run.initial_players(exp, 0)["agent"])
+  run.run_experiment(exp, work, progress=False, log=lambda _: None)
+  rows = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))
+          if '"sppo"' in line]
+  assert {"style/distance", "style/p_A", "agent/sppo/win_rate_mean", "judge/antisymmetry",
+          "agent/probe/distance", "agent/probe/p_A"} <= set(rows[0]), sorted(rows[0])
+  # The probe is the policy's exact mix: a distribution, its distance the equilibrium's.
+  p = [rows[0][f"agent/probe/p_{c}"] for c in "ABC"] + [rows[0]["agent/probe/p_other"]]
+  assert min(p) >= 0 and abs(sum(p) - 1) < 1e-5
+  # Refreshed at step 4, not since: the reference is neither the final params nor the initial
+  # (the styles stage's).
+  final, frozen = run.restore_players(exp, 1, work)
+  initial = jax.tree.leaves(run.restore_params(exp, 0, work)["agent"])
   reference = jax.tree.leaves(frozen["reference"])
-  assert any(not np.allclose(r, f) for r, f in zip(reference, final))
+  assert any(not np.allclose(r, f) for r, f in zip(reference, jax.tree.leaves(final["agent"])))
   assert any(not np.allclose(r, i) for r, i in zip(reference, initial))
+  # The other follower, an EMA of decay 0, is kept after every step too: the final params.
+  for e, f in zip(jax.tree.leaves(frozen["ema"]), jax.tree.leaves(final["agent"])):
+    np.testing.assert_array_equal(e, f)
 
 
 def test_a_preference_outside_zero_one_is_a_config_error_and_counted_in_the_step(tmp_path, capsys):

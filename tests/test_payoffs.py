@@ -52,6 +52,22 @@ def test_imitation_matches_numpy_reference(packed, who):
   assert int(metrics["tokens"]) == n
 
 
+def test_imitation_of_the_chosen_rows_reads_only_the_first_half(packed):
+  """rows='chosen': the NLL of a preference batch's chosen transcripts (rows [0, B/2))."""
+  record, table = packed
+  record = jax.tree.map(lambda x: np.concatenate([x, x[:1]]), record)     # 4 rows: 2 chosen
+  value, metrics = _jitted(imitation(("agent",), rows="chosen"))({"table": jnp.asarray(table)},
+                                                                  record)
+  ids = records.player_ids(("agent",))
+  expected, n = _reference_loglik(table, np.asarray(record.tokens)[:2],
+                                  np.asarray(record.players)[:2],
+                                  np.asarray(record.segment_ids)[:2], ids)
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  assert int(metrics["tokens"]) == n
+  with pytest.raises(ValueError, match="rows='bad'"):
+    imitation(rows="bad")
+
+
 def test_imitation_gradient_matches_finite_differences(packed):
   record, table = packed
   payoff = imitation(("agent",))

@@ -56,18 +56,34 @@ def test_versus_play_interleaves_the_seats_and_the_judge_scores_each_pair():
   m = {k: float(v) for k, v in out["metrics"].items()}
   assert abs(m["judge/preference"] - want[::2].mean()) < 1e-6
   assert [round(m[f"style/p_{c}"] * 6) for c in "ABC"] == [2, 1, 1]    # the agent's rows: A B x A C x
+  # Against every answer of the opponent's to the same prompt (3 per prompt, rows 6p..6p+5).
+  out = versus.versus_judge(prefer, group_size=3)(
+      state, moves, {**facts, "completion": jnp.asarray(completion)}, None)
+  want = [np.mean([full[style[6 * p + 2 * g], style[6 * p + 2 * j + 1]] for j in range(3)])
+          for p in range(2) for g in range(3)]
+  np.testing.assert_allclose(np.asarray(out["agent/rewards"]), np.repeat(want, 2), rtol=1e-6)
 
 
 def test_cyclic_nash_md_experiment_plays_from_gin(tmp_path):
+  """The styles stage, then Nash-MD from it with it as the frozen reference."""
   config.parse([f"{EXP}/arithmetic/cyclic_nash_md.gin", f"{EXP}/models/tiny.gin"],
-               ["nash_md/Stage.steps=4", "nash_md/Stage.steps_per_call=2", "GROUP_SIZE=2",
+               ["sft/Stage.steps=2", "sft/Stage.batch_size=4", "sft/Stage.steps_per_call=2",
+                "nash_md/Stage.steps=4", "nash_md/Stage.steps_per_call=2", "GROUP_SIZE=2",
                 "nash_md/Stage.batch_size=2", "nash_md/arena.num_train=20",
-                "nash_md/arena.num_test=5", f"Experiment.data_dir='{tmp_path / 'data'}'"])
+                "nash_md/arena.num_test=5", "EMA_DECAY=0.0",
+                f"Experiment.data_dir='{tmp_path / 'data'}'"])
   exp = config.build_experiment()
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
   work = str(tmp_path / "run")
-  result = run.run_stage(exp, 0, None, work, mesh, progress=False, log=lambda _: None)
-  assert result.metrics["skipped_nonfinite"] == 0
-  rows = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
+  summary = run.run_experiment(exp, work, progress=False, log=lambda _: None)
+  assert summary["nash_md"]["skipped_nonfinite"] == 0
+  assert {"agent/probe/distance", "agent/ema_probe/p_A"} <= set(summary["nash_md"]["probes"])
+  rows = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))
+          if '"nash_md"' in line]
   assert {"style/distance", "judge/preference", "agent/pg/reward_mean", "agent/kl/kl",
-          "versus/completion_length"} <= set(rows[0]), sorted(rows[0])
+          "versus/completion_length", "agent/probe/distance"} <= set(rows[0]), sorted(rows[0])
+  final, frozen = run.restore_players(exp, 1, work)
+  for e, f in zip(jax.tree.leaves(frozen["ema"]), jax.tree.leaves(final["agent"])):
+    np.testing.assert_array_equal(e, f)          # the EMA (decay 0 here) kept after every step
+  styles = run.restore_params(exp, 0, work)["agent"]
+  for r, s in zip(jax.tree.leaves(frozen["reference"]), jax.tree.leaves(styles)):
+    np.testing.assert_array_equal(r, s)

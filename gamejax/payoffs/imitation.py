@@ -26,14 +26,30 @@ def token_log_likelihood(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Ar
   return picked_BT - logz_BT
 
 
-def imitation(players: Sequence[str] = ("agent",)) -> Payoff:
-  """Mean log-likelihood of the tokens moved by ``players`` (the payoff of imitating them)."""
+ROWS = ("all", "chosen")
+
+
+def imitation(players: Sequence[str] = ("agent",), rows: str = "all") -> Payoff:
+  """Mean log-likelihood of the tokens moved by ``players`` (the payoff of imitating them).
+
+  ``rows="chosen"`` imitates only the first half of the rows: the chosen transcripts of a
+  preference batch (``gamejax.payoffs.preference``'s layout), e.g. the NLL term that keeps DPO's
+  chosen log-probs from falling with the rejected ones (iterative RPO, Pang et al. 2024):
+  ``weighted({"dpo": (1.0, dpo()), "nll": (alpha, imitation(rows="chosen"))})``."""
   ids = records.player_ids(players)
+  if rows not in ROWS:
+    raise ValueError(f"imitation: rows={rows!r}; expected one of {ROWS}")
 
   def payoff(params, play: Play):
     moves = play.moves
     logits_BTV = play.apply(params, moves.tokens, moves.positions, moves.segment_ids)
     weights_BT = records.next_token_weights(moves, ids)
+    if rows == "chosen":
+      b = weights_BT.shape[0]
+      if b % 2:
+        raise ValueError(f"imitation(rows='chosen'): a preference batch needs an even number of "
+                         f"rows (chosen rows then rejected rows); got moves of shape {moves.shape}")
+      weights_BT = weights_BT * (jnp.arange(b) < b // 2)[:, None]
     targets_BT = records.next_tokens(moves)
     loglik_BT = token_log_likelihood(logits_BTV, targets_BT)
     n = jnp.maximum(weights_BT.sum(), 1.0)

@@ -6,7 +6,8 @@ mixture of the policy and its reference, ``selfplay.mixture``) -- and interleave
 row ``2i`` is the agent's ``i``-th answer, row ``2i + 1`` the opponent's answer to the same prompt
 (its tokens moved by the opponent's seat, so the agent's payoffs never score them). Every fact is
 interleaved the same way. ``versus_judge(prefer)`` scores each agent answer by ``P(y > y')``,
-its preference over the opponent's answer: Nash-MD-PG's reward (Munos et al. 2023), where the
+its preference over the opponent's answer (``versus_judge(prefer, group_size=G)``: averaged over
+the opponent's ``G`` answers to the same prompt): Nash-MD-PG's reward (Munos et al. 2023), where the
 payoff is ``E[P(y > y')] - tau KL(pi || reference)``.
 """
 from __future__ import annotations
@@ -59,21 +60,30 @@ def agent_rows(moves: records.GameRecord, facts: Mapping[str, Any]):
   return jax.tree.map(take, moves), {k: take(v) for k, v in facts.items() if k != "metrics"}
 
 
-def versus_judge(prefer: judges.Preference, seat: str = "agent") -> judges.Responder:
-  """Judges each agent answer against the opponent's answer to the same prompt:
-  ``"<seat>/rewards"`` = ``P(y > y')`` (on both rows of the pair; the opponent's row holds no
-  tokens of the agent's). Metrics: the mean preference (``judge/preference``: 1/2 when the agent
-  plays as well as its opponent), values outside [0, 1] counted, and the preference's own metrics
-  (``prefer.metrics``) of the agent's answers."""
+def versus_judge(prefer: judges.Preference, seat: str = "agent",
+                 group_size: int = 1) -> judges.Responder:
+  """Judges each agent answer against the opponent's answers to the same prompt:
+  ``"<seat>/rewards"`` = ``P(y > y')``, averaged over the opponent's ``group_size`` answers to the
+  prompt (1: its one answer in the same pair of rows; ``Rollout.group_size``: all of them, the
+  same unbiased estimate of ``P(y > opponent)`` with less variance), on both rows of the pair (the
+  opponent's row holds no tokens of the agent's). Metrics: the mean preference
+  (``judge/preference``: 1/2 when the agent plays as well as its opponent), values outside [0, 1]
+  counted, and the preference's own metrics (``prefer.metrics``) of the agent's answers."""
   key = records.seat_key(seat, "rewards")
+  if not isinstance(group_size, int) or group_size < 1:
+    raise ValueError(f"versus_judge.group_size={group_size!r}: expected the number of answers "
+                     "per prompt of each player (>= 1)")
+  block = 2 * group_size                 # one prompt's rows: agent, opponent, agent, ...
 
   def respond(state, moves, facts, rng):
     del state, rng
-    pairs = jnp.asarray(prefer(moves, facts, 2), jnp.float32)        # [B/2, 2, 2]
-    p_pairs = pairs[:, 0, 1]
-    metrics = {"judge/preference": p_pairs.mean(),
-               **judges.preference_metrics(prefer, p_pairs, *agent_rows(moves, facts))}
-    return {key: jnp.repeat(p_pairs, 2), "metrics": metrics}
+    prefs = jnp.asarray(prefer(moves, facts, block), jnp.float32)      # [B / block, block, block]
+    vs_PGG = prefs[:, 0::2, 1::2]        # agent answer g against the opponent's answer j
+    p_B = vs_PGG.mean(-1).reshape(-1)
+    metrics = {"judge/preference": p_B.mean(),
+               **judges.preference_metrics(prefer, vs_PGG, *agent_rows(moves, facts))}
+    return {key: jnp.repeat(p_B, 2), "metrics": metrics}
 
-  respond.prefer, respond.group_size, respond.versus = prefer, 2, True
+  respond.prefer, respond.group_size, respond.versus = prefer, block, True
+  respond.opponent_answers = group_size
   return respond

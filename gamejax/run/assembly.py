@@ -126,7 +126,7 @@ def stage_game(exp: Experiment, index: int) -> game_step.Game:
   judge = registry.JUDGES[r.judge or "arena"](cfg) if isinstance(r.judge, (str, type(None))) \
       else r.judge
   return game_step.Game(learners=learners, play=play, respond=judges.responders(judge, *parts),
-                        after=selfplay.follow(stage.followers).after if refreshed else None)
+                        after=selfplay.follow(stage.followers).after if stage.followers else None)
 
 
 def spin_followers(stage: Stage) -> dict[str, selfplay.Follower]:

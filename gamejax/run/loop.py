@@ -106,6 +106,7 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
   clock = Throughput()
   last_loss, pending, tokens = math.nan, None, 0
   last_losses = {}             # each learner's
+  last_probes = {}             # the probes' metrics (payoff parts of value 0) of the last call
   counts = resumed_counts      # events summed over the stage (see COUNTED)
 
   def flush(step_no, metrics):
@@ -121,6 +122,8 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
     if math.isfinite(rate):              # the first read has no interval before it
       row["tokens_per_s"] = rate
     last_loss = row["loss"]
+    last_probes.update({key: v for key, v in row.items() if "probe/" in key
+                        and not key.endswith("/payoff")})
     last_losses.update({name: row[f"{name}/loss"] for name in game.learners
                         if f"{name}/loss" in row})
     writer.write(row)
@@ -162,6 +165,8 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
 
   players = dict(state.params)
   result = {"steps": end, "loss": last_loss, **counts}
+  if last_probes:
+    result["probes"] = last_probes      # exact figures of the params, over the last call's steps
   if len(players) > 1:
     result["players"] = {name: {"loss": last_losses.get(name, math.nan)} for name in players}
   if counts.get("skipped_nonfinite"):

@@ -332,13 +332,7 @@ def _validate_stage(s: Stage, earlier: Sequence[Stage]) -> None:
   if len(s.players) > 1 or s.seats:
     raise ExperimentError(f"Stage {s.name!r}: learners and seats need a game "
                           "(game=matrix_game(...)); a stage played on data has one learner")
-  if s.followers and (s.rollout is None or set(s.followers) != {"reference"}
-                      or s.reference):
-    raise ExperimentError(f"Stage {s.name!r}: a stage played on data takes one follower, "
-                          "followers={'reference': lagged('agent', every=N)} (a reference refreshed "
-                          "every N steps: SPPO's iterations), with a rollout and instead of "
-                          f"reference=True; got followers={dict(s.followers)}, "
-                          f"reference={s.reference}")
+  _validate_data_followers(s)
   if s.data.too_long not in ("truncate", "skip", "error"):
     raise ExperimentError(f"Stage {s.name!r}: data too_long={s.data.too_long!r}; expected "
                           "'truncate', 'skip' or 'error'")
@@ -354,6 +348,33 @@ def _validate_stage(s: Stage, earlier: Sequence[Stage]) -> None:
     _validate_rollout(s, earlier)
   if s.spin is not None:
     _validate_spin(s)
+
+
+DATA_FOLLOWERS = ("lagged", "ema", "snapshot")
+
+
+def _validate_data_followers(s: Stage) -> None:
+  """A stage played on data may keep copies of its agent that follow it (``lagged``, ``ema``,
+  ``snapshot``), read by its payoffs (probes, magnets); ``"reference"`` among them is its
+  reference, refreshed every N steps (SPPO's iterations), instead of ``reference=True``."""
+  have = set(s.followers) | ({"reference"} if s.reference else set())
+  for name, p in s.players.items():
+    for frozen in getattr(p.payoff, "frozen_players", ()):
+      if frozen not in have:
+        raise ExperimentError(f"Stage {s.name!r}: learner {name!r}'s payoff reads the frozen "
+                              f"player {frozen!r}, which the stage does not have (its followers: "
+                              f"{sorted(s.followers)}, reference={s.reference})")
+  if not s.followers:
+    return
+  usage = ("followers={'reference': lagged('agent', every=N)} (a reference refreshed every N "
+           "steps: SPPO's iterations, instead of reference=True) and copies of the agent its "
+           f"payoffs read, of the kinds {list(DATA_FOLLOWERS)}")
+  bad = {n: f for n, f in s.followers.items()
+         if getattr(f, "learner", None) != AGENT or getattr(f, "kind", None) not in DATA_FOLLOWERS}
+  ref = s.followers.get("reference")
+  if s.rollout is None or bad or (ref is not None and (s.reference or ref.kind != "lagged")):
+    raise ExperimentError(f"Stage {s.name!r}: a stage played on data takes a rollout and "
+                          f"{usage}; got followers={dict(s.followers)}, reference={s.reference}")
 
 
 def _validate_spin(s: Stage) -> None:
@@ -420,6 +441,12 @@ def _validate_player(s: Stage, name: str, p: Player, earlier: Sequence[Stage]) -
   if not ok:
     raise ExperimentError(f"{where}: init_from={p.init_from!r}; expected 'previous', None or an "
                           f"earlier stage's name ({names}), or 'stage:player'")
+  source = earlier[-1] if p.init_from == "previous" and earlier else (
+      earlier[names.index(stage)] if stage in names else None)
+  if source is not None and not player and name not in source.players and len(source.players) > 1:
+    raise ExperimentError(f"{where}: init_from={p.init_from!r} starts from stage "
+                          f"{source.name!r}, which has learners {sorted(source.players)} and none "
+                          f"named {name!r}; name one (init_from='{source.name}:PLAYER')")
 
 
 def _validate_game_stage(s: Stage) -> None:
@@ -534,6 +561,12 @@ def _validate_rollout(s: Stage, earlier: Sequence[Stage]) -> None:
       raise ExperimentError(f"Stage {s.name!r}: Rollout.versus compares the agent's answer with "
                             "its opponent's: it needs a judge of pairs (versus_judge(prefer)) and "
                             "turns=1")
+    answers = getattr(r.judge, "opponent_answers", 1)
+    if answers not in (1, r.group_size):
+      raise ExperimentError(f"Stage {s.name!r}: versus_judge.group_size={answers} compares each "
+                            f"answer with that many of the opponent's; each player gives "
+                            f"Rollout.group_size={r.group_size} per prompt (use 1 or "
+                            f"{r.group_size})")
   elif getattr(r.judge, "versus", False):
     raise ExperimentError(f"Stage {s.name!r}: Rollout.judge is a versus_judge; it compares the "
                           "agent with an opponent: set Rollout.versus")
