@@ -357,13 +357,7 @@ def _validate_data_followers(s: Stage) -> None:
   """A stage played on data may keep copies of its agent that follow it (``lagged``, ``ema``,
   ``snapshot``), read by its payoffs (probes, magnets); ``"reference"`` among them is its
   reference, refreshed every N steps (SPPO's iterations), instead of ``reference=True``."""
-  have = set(s.followers) | ({"reference"} if s.reference else set())
-  for name, p in s.players.items():
-    for frozen in getattr(p.payoff, "frozen_players", ()):
-      if frozen not in have:
-        raise ExperimentError(f"Stage {s.name!r}: learner {name!r}'s payoff reads the frozen "
-                              f"player {frozen!r}, which the stage does not have (its followers: "
-                              f"{sorted(s.followers)}, reference={s.reference})")
+  _check_payoff_reads(s, set(s.followers) | ({"reference"} if s.reference else set()))
   if not s.followers:
     return
   usage = ("followers={'reference': lagged('agent', every=N)} (a reference refreshed every N "
@@ -375,6 +369,17 @@ def _validate_data_followers(s: Stage) -> None:
   if s.rollout is None or bad or (ref is not None and (s.reference or ref.kind != "lagged")):
     raise ExperimentError(f"Stage {s.name!r}: a stage played on data takes a rollout and "
                           f"{usage}; got followers={dict(s.followers)}, reference={s.reference}")
+
+
+def _check_payoff_reads(s: Stage, have: set[str]) -> None:
+  """Every learner's payoff reads only frozen players the stage keeps (``have``): those it names
+  in ``payoff.frozen_players`` (MMD's magnet, a probe's EMA, role baselines)."""
+  for name, p in s.players.items():
+    for frozen in getattr(p.payoff, "frozen_players", ()):
+      if frozen not in have:
+        raise ExperimentError(f"Stage {s.name!r}: learner {name!r}'s payoff reads the frozen "
+                              f"player {frozen!r}, which the stage does not have (its frozen "
+                              f"players: {sorted(have)})")
 
 
 def _validate_spin(s: Stage) -> None:
@@ -516,12 +521,7 @@ def _validate_game_stage(s: Stage) -> None:
       raise ExperimentError(f"Stage {s.name!r}: the game reads the frozen player {frozen!r}, which "
                             f"the stage does not have (its followers: {sorted(followers)}; "
                             f"frozen_from: {sorted(s.frozen_from)})")
-  for name, p in learners.items():
-    for frozen in getattr(p.payoff, "frozen_players", ()):
-      if frozen not in followers:
-        raise ExperimentError(f"Stage {s.name!r}: learner {name!r}'s payoff reads the frozen "
-                              f"player {frozen!r}, which the stage does not have (its followers: "
-                              f"{sorted(followers)})")
+  _check_payoff_reads(s, set(followers))
   sitting = {part for who in seated.values() for part in getattr(who, "parts", (who,))}
   unused = sorted(set(learners) - sitting)
   if unused:
