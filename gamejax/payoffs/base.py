@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from gamejax.records import GameRecord
 
@@ -32,3 +33,19 @@ class Play(NamedTuple):
 
 
 Payoff = Callable[[Any, Play], tuple[jax.Array, Metrics]]
+
+
+def moves_logits(apply: Callable[..., Any], params: Any, moves: GameRecord) -> jax.Array:
+  """``float32[B, T, V]``: ``apply``'s next-token logits of ``moves`` (an actor-critic's values
+  dropped)."""
+  out = apply(params, moves.tokens, moves.positions, moves.segment_ids)
+  return (out[0] if isinstance(out, tuple) else out).astype(jnp.float32)
+
+
+def frozen_player(play: Play, name: str, what: str) -> Any:
+  """The params of frozen player ``name`` in ``play`` (constants: no gradient), or a KeyError
+  naming ``what`` reads it and the frozen players there are."""
+  if name not in play.frozen:
+    raise KeyError(f"{what}: no frozen player {name!r}; the frozen players are "
+                   f"{sorted(play.frozen)}")
+  return jax.lax.stop_gradient(play.frozen[name])

@@ -44,18 +44,12 @@ import jax
 import jax.numpy as jnp
 
 from gamejax import records
-from gamejax.payoffs.base import Payoff, Play
+from gamejax.payoffs.base import Payoff, Play, frozen_player, moves_logits
 from gamejax.payoffs.kl import read_judgment
 from gamejax.payoffs.policy_gradient import ROLE_BASELINES, check_baseline, seat_baseline
 
 ESTIMATORS = ("sampled", "all_actions")
 LEGAL = -1e8          # logits at or below this are illegal moves (the games mask them to -1e9)
-
-
-def _logits(apply, params, moves):
-  out = apply(params, moves.tokens, moves.positions, moves.segment_ids)
-  logits_BTV = out[0] if isinstance(out, tuple) else out
-  return logits_BTV.astype(jnp.float32)
 
 
 def kl_to_magnet(logp_BTV: jax.Array, magnet_logp_BTV: jax.Array | None,
@@ -121,16 +115,14 @@ def mmd(seat: str | Sequence[str] = "agent", alpha: float = 0.05, magnet: str | 
 
   def payoff(params: Any, play: Play):
     chex.assert_rank(play.moves.tokens, 2)
-    logits_BTV = _logits(play.apply, params, play.moves)
+    logits_BTV = moves_logits(play.apply, params, play.moves)
     logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
     legal_BTV = logits_BTV > LEGAL
     magnet_logp = None
     if magnet is not None:
-      if magnet not in play.frozen:
-        raise KeyError(f"mmd: no frozen player {magnet!r} to use as the magnet; the frozen "
-                       f"players are {sorted(play.frozen)}")
       magnet_logp = jax.nn.log_softmax(
-          _logits(play.apply, jax.lax.stop_gradient(play.frozen[magnet]), play.moves), axis=-1)
+          moves_logits(play.apply, frozen_player(play, magnet, "mmd's magnet"), play.moves),
+          axis=-1)
     total, metrics = 0.0, {}
     for s in seats:
       value, m = seat_value(s, play, logp_BTV, legal_BTV, magnet_logp)

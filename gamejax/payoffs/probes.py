@@ -34,7 +34,7 @@ import numpy as np
 
 from gamejax import records
 from gamejax.data.tokenizer import ByteTokenizer
-from gamejax.payoffs.base import Payoff, Play
+from gamejax.payoffs.base import Payoff, Play, frozen_player, moves_logits
 
 
 def _first_move_ids(moves: Sequence[str] | None, token_ids: Sequence[int] | None) -> tuple:
@@ -78,14 +78,9 @@ def first_move_probe(moves: Sequence[str] | None = None, target: Sequence[float]
   def payoff(params: Any, play: Play):
     moves_ = play.moves
     chex.assert_rank(moves_.tokens, 2)
-    if player is not None:
-      if player not in play.frozen:
-        raise KeyError(f"first_move_probe: no frozen player {player!r}; the frozen players are "
-                       f"{sorted(play.frozen)}")
-      params = play.frozen[player]
-    out = play.apply(jax.lax.stop_gradient(params), moves_.tokens, moves_.positions,
-                     moves_.segment_ids)
-    logits_BTV = (out[0] if isinstance(out, tuple) else out).astype(jnp.float32)
+    params = (jax.lax.stop_gradient(params) if player is None
+              else frozen_player(play, player, "first_move_probe"))
+    logits_BTV = moves_logits(play.apply, params, moves_)
     mask_BT = records.next_token_weights(moves_, (seat,))
     first_BT = (jnp.cumsum(mask_BT, axis=1) == 1) & (mask_BT > 0)     # the seat's first move
     p_BTS = jax.nn.softmax(logits_BTV, axis=-1)[..., ids_S]
