@@ -80,7 +80,8 @@ def sampled_play(cfg: llama.LlamaConfig, group_size: int, max_new_tokens: int,
   move, each token attributed to the player who made it (left-padded, contiguous); ``facts``
   describe the last agent move (``completion``, ``completion_mask``, ``stopped``), which is what
   judges read. A batch may carry ``PROMPT_LOGPROBS`` (the prompt writer's log-probs of its
-  tokens): they go into ``behaviour_logprobs`` at the prompt's tokens. ``params_of`` picks the policy out of the player's params (e.g. an actor-critic's).
+  tokens): they go into ``behaviour_logprobs`` at the prompt's tokens. ``params_of`` picks the
+  policy out of the player's params (e.g. an actor-critic's).
   ``scaled_logprobs``: behaviour log-probs of ``logits / temperature`` (score the learner with
   ``at_temperature(apply, temperature)`` then), else of the temperature-1 logits.
   """
