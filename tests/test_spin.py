@@ -90,22 +90,29 @@ def test_spin_step_matches_numpy_loss_and_refreshes_its_opponent(tmp_path):
 
 
 def test_spin_experiment_reports_accuracy_after_each_iteration(tmp_path):
+  """spin.gin as written, shrunk: three SPIN stages (here of two rounds each, evaluated after
+  each round), then the control."""
   config.parse([f"{EXP}/arithmetic/spin.gin", f"{EXP}/models/tiny.gin"],
-               ["pretrain/Stage.steps=2", "sft/Stage.steps=2", "spin/Stage.steps=6",
-                "sft_continued/Stage.steps=4", "sft_continued/Stage.eval_every=2",
-                "spin/Stage.eval_every=2", "Stage.steps_per_call=2", "BATCH_SIZE=4",
-                "spin/Stage.batch_size=2", "SEQ_LEN=64", "pretrain/arena.num_train=40",
-                "sft/arena.num_train=40", "pretrain/arena.num_test=5", "sft/arena.num_test=5",
-                "eval/arena.num_test=6", "Evaluation.num_examples=6", "Evaluation.batch_size=6",
+               ["pretrain/Stage.steps=2", "sft/Stage.steps=2", "SPIN_STEPS=4", "SPIN_BATCH=2",
+                "spin/Spin.iterations=2", "sft_continued/Stage.steps=4",
+                "sft_continued/Stage.eval_every=2", "spin/Stage.eval_every=2",
+                "Stage.steps_per_call=2", "BATCH_SIZE=4", "SEQ_LEN=64",
+                "pretrain/arena.num_train=40", "sft/arena.num_train=40",
+                "pretrain/arena.num_test=5", "sft/arena.num_test=5", "eval/arena.num_test=6",
+                "Evaluation.num_examples=6", "Evaluation.batch_size=6",
                 f"Experiment.data_dir='{tmp_path / 'data'}'"])
   exp = config.build_experiment()
+  assert [s.name for s in exp.stages] == ["pretrain", "sft", "spin", "spin2", "spin3",
+                                          "sft_continued"]
+  assert [s.init_from for s in exp.stages[2:]] == ["sft", "previous", "previous", "sft"]
   summary = run.run_experiment(exp, str(tmp_path / "run"), progress=False, log=lambda _: None)
   got = summary["spin"]
-  assert sorted(got["accuracy_at"], key=int) == ["2", "4", "6"]
-  assert got["accuracy_at"]["6"] == got["accuracy"]
+  assert sorted(got["accuracy_at"], key=int) == ["2", "4"]
+  assert got["accuracy_at"]["4"] == got["accuracy"]
   assert "heldout_loss" in got
+  assert all("accuracy" in summary[name] for name in ("spin2", "spin3"))
   rows = [r for r in map(__import__("json").loads, open(tmp_path / "run" / "metrics.jsonl"))
           if r["stage"] == "spin"]
-  assert [r["step"] for r in rows if "eval/accuracy" in r] == [2, 4]
+  assert [r["step"] for r in rows if "eval/accuracy" in r] == [2]
   assert {"spin/identical", "spin/opponent_exact", "agent/reward_margin"} <= set(rows[0])
   assert sorted(summary["sft_continued"]["accuracy_at"], key=int) == ["2", "4"]   # the control
