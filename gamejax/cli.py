@@ -8,6 +8,7 @@
   gamejax generate --workdir=DIR [--stage=NAME] (--prompt=TEXT ... | --prompts=FILE.jsonl)
                    [--num_samples=N] [--temperature=T] [--top_k=K] [--top_p=P]
                    [--max_new_tokens=N] [--seed=S] [--output=FILE.jsonl]
+  gamejax export --workdir=DIR [--stage=NAME] --format=hf OUT_DIR
 
 Exit codes: 0 success; 2 bad input (config, workdir, data, checkpoint); 1 anything else.
 """
@@ -90,6 +91,15 @@ def _parser() -> argparse.ArgumentParser:
                  help="completion budget (default: the arena's answer length, else 128)")
   g.add_argument("--seed", type=int, default=0)
   g.add_argument("--output", default=None, help="also write the completions as JSONL here")
+  x = sub.add_parser("export", help="write a policy stage's checkpoint in another library's format")
+  x.add_argument("--workdir", required=True)
+  x.add_argument("--stage", default=None,
+                 help="policy stage to export (default: the last policy stage with a checkpoint)")
+  x.add_argument("--format", required=True, choices=["hf"],
+                 help="hf: a Hugging Face directory (config.json + safetensors)")
+  x.add_argument("--max_shard_bytes", type=int, default=5 * 2**30,
+                 help="safetensors files are sharded above this size (with an index)")
+  x.add_argument("out", help="the directory to create (must not exist)")
   return p
 
 
@@ -270,6 +280,25 @@ def generate(args) -> int:
   return 0
 
 
+def export(args) -> int:
+  from gamejax import run
+  from gamejax.interop import hf
+  out = os.path.abspath(args.out)
+  if os.path.exists(out):
+    raise UsageError(f"{args.out} exists; export writes a new directory")
+  if not os.path.isdir(os.path.dirname(out)):
+    raise UsageError(f"{args.out}: no such parent directory")
+  workdir = os.path.abspath(args.workdir)
+  exp, names = _load_run(workdir)
+  policies = [s.name for s in exp.stages if s.player != "reward_model"]
+  name = _pick_stage(workdir, names, args.stage, policies, what="policy")
+  index = names.index(name)
+  params = run.policies_of(exp, index, run.restore_params(exp, index, workdir))["agent"]
+  hf.save(exp.model, params, out, max_shard_bytes=args.max_shard_bytes)
+  print(f"# stage {name!r} written to {out} ({args.format})", file=sys.stderr)
+  return 0
+
+
 def league(args) -> int:
   from gamejax import league as leagues
   workdir = os.path.abspath(args.workdir)
@@ -308,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return {"train": lambda: train(args, bindings), "eval": lambda: evaluate(args),
             "generate": lambda: generate(args), "plot": lambda: plot(args),
-            "league": lambda: league(args)}[args.command]()
+            "league": lambda: league(args), "export": lambda: export(args)}[args.command]()
   except (ConfigError, UsageError, CheckpointError, DataError, PlotError) as e:
     print(f"gamejax: error: {e}", file=sys.stderr)
     return 2

@@ -66,7 +66,20 @@ def register() -> None:
   gin.external_configurable(arena, name="arena", module="gamejax")
   gin.external_configurable(local_text, name="local_text", module="gamejax")
   gin.external_configurable(arena_preferences, name="arena_preferences", module="gamejax")
+  gin.external_configurable(pretrained_model, name="pretrained_model", module="gamejax")
   _REGISTERED = True
+
+
+def pretrained_model(checkpoint: str = gin.REQUIRED, dtype: str = "float32",
+                     param_dtype: str = "float32"):
+  """The model config of a checkpoint, ``"hf:DIR"`` or ``"gguf:FILE"`` (its config.json or GGUF
+  metadata): ``Experiment.model = @pretrained_model()`` with ``pretrained_model.checkpoint``, then
+  a learner's ``init_from`` names the same checkpoint for its params."""
+  from gamejax import interop
+  if not interop.is_checkpoint(checkpoint):
+    raise ValueError(f"pretrained_model.checkpoint={checkpoint!r}: expected 'hf:DIR' or "
+                     "'gguf:FILE'")
+  return interop.checkpoint_config(checkpoint, dtype=dtype, param_dtype=param_dtype)
 
 
 def arena(min_digits: int = 1, max_digits: int = 3, ops: Sequence[str] = ("+", "-"),

@@ -75,7 +75,9 @@ HEAVY = {
     "test_kuhn.py::test_play_deals_samples_each_seat_from_its_model_and_scores_what_it_played": 14,
     "test_temperature.py::test_first_update_ratio_is_one_on_every_sampled_token": 13,
     "test_temperature.py::test_compiled_step_sees_ratio_one_and_no_clipping": 13,
-    "test_model.py::test_matches_huggingface_llama[True]": 12,
+    "test_hf.py::test_cli_export_of_a_trained_stage_loads_in_transformers": 30,
+    "test_hf.py::test_import_matches_transformers_logits_and_greedy_tokens": 8,
+    "test_gguf.py::test_gguf_matches_transformers_gguf_reader": 10,
     "test_doctests.py::test_docstring_examples[gamejax.models.llama]": 11,
     "test_matrix.py::test_play_attributes_moves_and_judges_each_seat": 10,
     "test_temperature.py::test_kl_estimates_match_numpy_at_the_scoring_temperature": 9,
@@ -117,3 +119,22 @@ def pytest_collection_modifyitems(config, items):
   ordered += list(rest)
   assert len(ordered) == len(items)
   items[:] = ordered
+
+
+# ---- shared fixtures ------------------------------------------------------------------------------
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def sums_texts(tmp_path, monkeypatch):
+  """A local_text folder of 40 ``{"prompt": "i+1=", "response": "i+1"}`` records, with the data
+  cache under tmp_path."""
+  monkeypatch.setenv("GAMEJAX_DATA_DIR", str(tmp_path / "data"))
+  texts = tmp_path / "texts"
+  texts.mkdir()
+  with open(texts / "chat.jsonl", "w") as f:
+    for i in range(40):
+      f.write(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n")
+  return texts

@@ -108,8 +108,10 @@ def test_eval_without_run(tmp_path, capsys):
     ("grpo_rm/Rollout.judge_from='sft'", "needs judge_from naming an earlier reward_model stage"),
     ("grpo/Rollout.turns=2", "Rollout.turns=2 needs an opponent"),
     ("grpo/Stage.player='critic'", "player='critic'; expected one of"),
-    ("grpo/Stage.init_from='grpo_rm'", "init_from='grpo_rm'; expected 'previous', None or an "
+    ("grpo/Stage.init_from='grpo_rm'", "init_from='grpo_rm'; expected 'previous', None, an "
                                        "earlier stage's name"),
+    ("grpo/Stage.init_from='hf:/no/such/dir'", "init_from='hf:/no/such/dir': /no/such/dir: no "
+                                               "config.json"),
     ("reward_model/Stage.batch_size=31", "batch_size=31 must be even for preference pairs"),
     ("grpo/Stage.minibatches=2", "minibatches=2 would split the groups of 8 completions"),
 ])

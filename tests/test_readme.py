@@ -28,7 +28,7 @@ def _readme_commands():
   text = open(os.path.join(ROOT, "README.md")).read()
   commands = []
   for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, re.S):
-    for line in block.splitlines():
+    for line in block.replace("\\\n", " ").splitlines():      # continued lines joined
       for part in line.split("&&"):
         argv = shlex.split(part, comments=True)
         if argv and argv[0] == "gamejax":
@@ -38,7 +38,7 @@ def _readme_commands():
 
 def _localise(argv, tmp_path):
   """Paths made to work from anywhere: gin files from the repository, workdirs under tmp_path,
-  the README's placeholder data folder a real one."""
+  the README's placeholder data folder and model directory real ones."""
   out = []
   for arg in argv:
     key, sep, value = arg.partition("=")
@@ -46,7 +46,8 @@ def _localise(argv, tmp_path):
       arg = f"{key}={os.path.join(ROOT, value)}"
     elif key == "--workdir":
       arg = f"{key}={tmp_path / 'work' / value}"
-    out.append(arg.replace("/path/to/folder", str(tmp_path / "texts")))
+    out.append(arg.replace("/path/to/folder", str(tmp_path / "texts")).replace(
+        "/path/to/model", str(tmp_path / "model")))
   return out
 
 
@@ -57,6 +58,11 @@ def test_every_readme_command_parses(tmp_path, monkeypatch, capsys):
   (tmp_path / "texts").mkdir()
   (tmp_path / "texts" / "chat.jsonl").write_text('{"prompt": "hi", "response": "hello"}\n')
   monkeypatch.setenv("GAMEJAX_DATA_DIR", str(tmp_path / "data"))
+  import jax
+  from gamejax.interop import hf
+  from gamejax.models import llama
+  cfg = llama.LlamaConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64)
+  hf.save(cfg, llama.init_params(cfg, jax.random.key(0)), str(tmp_path / "model"))
   commands = _readme_commands()
   kinds = {argv[0] for argv in commands}
   assert {"train", "eval", "generate"} <= kinds and len(commands) >= 8, commands

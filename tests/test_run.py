@@ -165,15 +165,10 @@ def test_resume_restores_the_counted_events(tmp_path):
   assert {k: resumed[k] for k in counted} == {k: straight[k] for k in counted}
 
 
-def test_own_text_reports_held_out_loss_and_talks_back(tmp_path, capsys, monkeypatch):
+def test_own_text_reports_held_out_loss_and_talks_back(tmp_path, capsys, sums_texts):
   """A local_text run holds out test_count records and reports their loss and perplexity (table,
   summary.json, gamejax eval); gamejax generate samples its checkpoint."""
-  monkeypatch.setenv("GAMEJAX_DATA_DIR", str(tmp_path / "data"))
-  texts = tmp_path / "texts"
-  texts.mkdir()
-  with open(texts / "chat.jsonl", "w") as f:
-    for i in range(40):
-      f.write(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n")
+  texts = sums_texts
   work = tmp_path / "run"
   args = [f"--gin_file={EXP}/text/sft.gin", f"--gin_file={EXP}/models/tiny.gin",
           f"--gin.local_text.path='{texts}'", "--gin.local_text.test_count=6",

@@ -86,10 +86,41 @@ def _swiglu_bwd(gate_up_BTF, d_hidden_BTF):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-def rope_tables(positions_BT, head_dim: int, theta: float):
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple = (), on_host: bool = True):
+  """``float32[head_dim/2]``: RoPE's inverse frequencies ``theta**(-2i/head_dim)``, with Llama 3's
+  frequency-dependent scaling when ``scaling = (factor, low_freq_factor, high_freq_factor,
+  original_max_position_embeddings)``: wavelengths longer than ``original / low_freq_factor`` are
+  stretched by ``factor``, those shorter than ``original / high_freq_factor`` kept, and those in
+  between interpolated linearly in ``original / wavelength``.
+
+  ``on_host``: computed in NumPy float32, bit-identical to transformers' frequencies; else in the
+  compiled graph, where XLA's ``pow`` can be an ulp off (a 1e-5 error in ``cos`` by position 600).
+
+  >>> [round(float(f), 6) for f in rope_frequencies(4, 10000.0)]
+  [1.0, 0.01]
+  >>> [round(float(f), 6) for f in rope_frequencies(4, 10000.0, (8.0, 1.0, 4.0, 64))]
+  [1.0, 0.00125]
+  """
+  if on_host:
+    inv_freq = np.float32(1.0) / (np.float32(theta) ** (
+        np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+  else:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if not scaling:
+    return inv_freq
+  xp = np if on_host else jnp
+  factor, low, high, original = (np.float32(v) for v in scaling)
+  wavelength = np.float32(2 * np.pi) / inv_freq
+  smooth = xp.clip((original / wavelength - low) / (high - low), 0.0, 1.0)
+  return ((1 - smooth) * inv_freq / factor + smooth * inv_freq).astype(np.float32)
+
+
+def rope_tables(positions_BT, head_dim: int, theta: float, scaling: tuple = (),
+                on_host: bool = True):
   """``(cos, sin)``, each ``float32[B, T, 1, head_dim/2]``: the RoPE rotation of each position,
-  computed once per forward and shared by every layer."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  computed once per forward and shared by every layer (``scaling``, ``on_host``: see
+  ``rope_frequencies``)."""
+  inv_freq = jnp.asarray(rope_frequencies(head_dim, theta, scaling, on_host))
   angles_BTF = positions_BT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
   return jnp.cos(angles_BTF)[:, :, None, :], jnp.sin(angles_BTF)[:, :, None, :]
 

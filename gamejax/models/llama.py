@@ -70,6 +70,13 @@ class LlamaConfig:
   n_kv_heads: int = 2
   d_ff: int = 344
   rope_theta: float = 10000.0
+  # Llama 3's RoPE scaling, (factor, low_freq_factor, high_freq_factor,
+  # original_max_position_embeddings); () for none (``kernels.rope_frequencies``).
+  rope_scaling: tuple = ()
+  # RoPE's frequencies computed on the host as transformers computes them (bit-identical); False:
+  # in the compiled graph (XLA's pow, up to an ulp off), as the shipped experiments' models were
+  # trained, so that their figures reproduce (experiments/models/*.gin set it).
+  rope_on_host: bool = True
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   dtype: str = "float32"
@@ -85,6 +92,14 @@ class LlamaConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise LlamaConfigError(f"LlamaConfig.{name}={value!r} must be a positive number")
+    scaling = tuple(self.rope_scaling)
+    if scaling and not (len(scaling) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in scaling)
+                        and scaling[2] > scaling[1]):
+      raise LlamaConfigError(f"LlamaConfig.rope_scaling={self.rope_scaling!r} must be () or "
+                             "(factor, low_freq_factor, high_freq_factor, "
+                             "original_max_position_embeddings), all positive, high > low")
+    object.__setattr__(self, "rope_scaling", scaling)
     if self.d_model % self.n_heads:
       raise LlamaConfigError(f"LlamaConfig.d_model={self.d_model} must be divisible by "
                              f"LlamaConfig.n_heads={self.n_heads}")
@@ -228,7 +243,8 @@ class Llama(nn.Module):
     bias_BTS = jnp.where(mask_BTS, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
     eye = jnp.eye(cfg.head_dim // 2, dtype=jnp.float32)
     rope_BT = tuple(jnp.einsum("btnf,fg->btng", x, eye, precision="highest")
-                    for x in rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta))
+                    for x in rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta,
+                                        cfg.rope_scaling, cfg.rope_on_host))
 
     new_layers = []
     for i in range(cfg.n_layers):
@@ -405,3 +421,162 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
     raise ValueError(f"flops_per_token needs seq_len >= 1; got {seq_len}")
   attention = 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len / 2
   return 6.0 * matmul_params(cfg) + attention
+
+
+# ---------------------------------------------------------------------------------------------
+# The family's Hugging Face names (``transformers.LlamaForCausalLM``), read and written by
+# ``gamejax.interop.hf``.
+
+Config = LlamaConfig
+HF_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+  """One checkpoint tensor: its HF name and shape, where it lives in gamejax's params, and how it
+  is laid out. ``linear``: HF stores ``[out, in]``; gamejax stores the transpose reshaped to
+  ``shape`` (heads split out); otherwise the two are the same array."""
+  name: str
+  path: tuple[str, ...]
+  hf_shape: tuple[int, ...]
+  shape: tuple[int, ...]
+  linear: bool
+
+  def to_gamejax(self, x):
+    return x.T.reshape(self.shape) if self.linear else x
+
+  def to_hf(self, x):
+    return x.reshape(self.hf_shape[::-1]).T if self.linear else x
+
+
+def hf_tensors(cfg: LlamaConfig) -> list[HFTensor]:
+  """Every tensor of the HF checkpoint of ``cfg``, in HF's order (no ``lm_head.weight`` when the
+  embeddings are tied: HF does not save it)."""
+  d, h, kv, k, f, v = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
+  out = [HFTensor("model.embed_tokens.weight", ("embedding",), (v, d), (v, d), False)]
+  for i in range(cfg.n_layers):
+    hf, ours = f"model.layers.{i}.", (f"block_{i}",)
+    out += [
+        HFTensor(hf + "self_attn.q_proj.weight", ours + ("attn", "wq"), (h * k, d), (d, h, k), True),
+        HFTensor(hf + "self_attn.k_proj.weight", ours + ("attn", "wk"), (kv * k, d), (d, kv, k), True),
+        HFTensor(hf + "self_attn.v_proj.weight", ours + ("attn", "wv"), (kv * k, d), (d, kv, k), True),
+        HFTensor(hf + "self_attn.o_proj.weight", ours + ("attn", "wo"), (d, h * k), (h, k, d), True),
+        HFTensor(hf + "mlp.gate_proj.weight", ours + ("mlp", "w_gate"), (f, d), (d, f), True),
+        HFTensor(hf + "mlp.up_proj.weight", ours + ("mlp", "w_up"), (f, d), (d, f), True),
+        HFTensor(hf + "mlp.down_proj.weight", ours + ("mlp", "w_down"), (d, f), (f, d), True),
+        HFTensor(hf + "input_layernorm.weight", ours + ("attn_norm", "scale"), (d,), (d,), False),
+        HFTensor(hf + "post_attention_layernorm.weight", ours + ("mlp_norm", "scale"), (d,), (d,),
+                 False),
+    ]
+  out.append(HFTensor("model.norm.weight", ("final_norm", "scale"), (d,), (d,), False))
+  if not cfg.tie_embeddings:
+    out.append(HFTensor("lm_head.weight", ("lm_head",), (v, d), (d, v), True))
+  return out
+
+
+def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
+  """The ``LlamaConfig`` of an HF ``config.json`` (a dict); ``overrides`` (e.g. ``dtype``) win.
+  Features the family does not implement (attention or MLP biases, a ``head_dim`` other than
+  ``hidden_size / num_attention_heads``, a RoPE type other than default and llama3) raise
+  ``LlamaConfigError`` naming the key."""
+  def need(key):
+    if key not in hf:
+      raise LlamaConfigError(f"config.json has no {key!r}")
+    return hf[key]
+
+  for key in ("attention_bias", "mlp_bias"):
+    if hf.get(key):
+      raise LlamaConfigError(f"config.json: {key}=true is not supported by the llama family")
+  d, h = need("hidden_size"), need("num_attention_heads")
+  if hf.get("head_dim") not in (None, d // h):
+    raise LlamaConfigError(f"config.json: head_dim={hf['head_dim']} != hidden_size / "
+                           f"num_attention_heads = {d // h}; not supported by the llama family")
+  rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+  theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind == "llama3":
+    scaling = (float(rope["factor"]), float(rope["low_freq_factor"]),
+               float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+  elif kind == "default":
+    scaling = ()
+  else:
+    raise LlamaConfigError(f"config.json: rope type {kind!r} is not supported (default, llama3)")
+  fields = dict(vocab_size=need("vocab_size"), d_model=d, n_layers=need("num_hidden_layers"),
+                n_heads=h, n_kv_heads=hf.get("num_key_value_heads") or h,
+                d_ff=need("intermediate_size"), rope_theta=float(theta), rope_scaling=scaling,
+                norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+  return LlamaConfig(**{**fields, **overrides})
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict:
+  """The HF ``config.json`` (a dict) of ``cfg``; ``config_from_hf`` inverts it."""
+  rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+  if cfg.rope_scaling:
+    factor, low, high, original = cfg.rope_scaling
+    rope.update(rope_type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
+                original_max_position_embeddings=original)
+  return {"architectures": list(HF_ARCHITECTURES), "model_type": "llama",
+          "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+          "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+          "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+          "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+          "rope_theta": cfg.rope_theta, "rope_parameters": rope,
+          "rope_scaling": rope if cfg.rope_scaling else None,
+          "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
+          "mlp_bias": False, "torch_dtype": cfg.param_dtype}
+
+
+# The family's GGUF names (llama.cpp's ``convert_hf_to_gguf``), read by ``gamejax.interop.gguf``.
+GGUF_ARCHITECTURE = "llama"
+_GGUF_LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+                     "post_attention_layernorm": "ffn_norm"}
+
+
+def gguf_name(hf_name: str) -> str:
+  """The GGUF tensor name of an HF one (``model.layers.3.mlp.up_proj.weight`` ->
+  ``blk.3.ffn_up.weight``)."""
+  top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
+         "output_norm.weight", "lm_head.weight": "output.weight"}
+  if hf_name in top:
+    return top[hf_name]
+  _, _, layer, rest = hf_name.split(".", 3)
+  module, _, kind = rest.rpartition(".")
+  return f"blk.{layer}.{_GGUF_LAYER_NAMES[module]}.{kind}"
+
+
+def from_gguf_layout(cfg: LlamaConfig, hf_name: str, x):
+  """An HF-layout array from its GGUF one: llama.cpp stores q and k with each head's rows
+  interleaved (pairs ``(i, i + K/2)`` adjacent, for its RoPE); this undoes that permutation."""
+  if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+    heads = cfg.n_heads if ".q_proj." in hf_name else cfg.n_kv_heads
+    rows = x.shape[0]
+    return x.reshape(heads, rows // heads // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+  return x
+
+
+def config_from_gguf(meta: dict, tied: bool, **overrides) -> LlamaConfig:
+  """The ``LlamaConfig`` of a GGUF file's metadata (``llama.*`` keys); ``tied``: the file has no
+  ``output.weight``."""
+  def need(key):
+    if f"llama.{key}" not in meta:
+      raise LlamaConfigError(f"GGUF metadata has no 'llama.{key}'")
+    return meta[f"llama.{key}"]
+
+  d, h = int(need("embedding_length")), int(need("attention.head_count"))
+  if int(meta.get("llama.rope.dimension_count", d // h)) != d // h:
+    raise LlamaConfigError("GGUF llama.rope.dimension_count != embedding_length / head_count: "
+                           "partial RoPE is not supported by the llama family")
+  if meta.get("llama.rope.scaling.type", "none") not in ("none",):
+    raise LlamaConfigError(f"GGUF llama.rope.scaling.type={meta['llama.rope.scaling.type']!r} "
+                           "is not supported")
+  vocab = meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+  fields = dict(vocab_size=int(vocab), d_model=d, n_layers=int(need("block_count")), n_heads=h,
+                n_kv_heads=int(meta.get("llama.attention.head_count_kv", h)),
+                d_ff=int(need("feed_forward_length")),
+                rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+                norm_eps=float(need("attention.layer_norm_rms_epsilon")), tie_embeddings=tied)
+  return LlamaConfig(**{**fields, **overrides})

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gamejax import step as game_step
+from gamejax import interop, step as game_step
 from gamejax.data.loader import PackedLoader
 from gamejax.data.pairs import PairLoader
 from gamejax.data.prompts import DemonstrationLoader, PromptLoader
@@ -229,6 +229,9 @@ def source_params(exp: Experiment, index: int, name: str, init_from: str | None,
   """The params ``init_from`` names for learner ``name`` of stage ``index`` (None: fresh)."""
   if init_from is None:
     return None
+  if interop.is_checkpoint(init_from):
+    m = exp.model
+    return interop.load_checkpoint(init_from, dtype=m.dtype, param_dtype=m.param_dtype)[1]
   stage_name, _, player = init_from.partition(":")
   if stage_name == "previous":
     if index == 0:

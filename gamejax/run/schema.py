@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import optax
 
-from gamejax import records
+from gamejax import interop, records
 from gamejax.data import sources
 from gamejax.data.tokenizer import VOCAB_SIZE
 from gamejax.games.base import GameConfigError, Scripted
@@ -295,7 +295,7 @@ class Experiment:
         raise ExperimentError(f"local_text.path={folder!r}: "
                               f"{'not a folder' if os.path.exists(folder) else 'no such folder'}")
     for i, s in enumerate(self.stages):
-      _validate_stage(s, self.stages[:i])
+      _validate_stage(s, self.stages[:i], self.model)
       if hasattr(s.game, "check"):
         try:
           s.game.check(dict(self.evaluation.data.params) if self.evaluation else None)
@@ -308,7 +308,7 @@ class Experiment:
                               "(Experiment.evaluation) and a stage that is no game or reward model")
 
 
-def _validate_stage(s: Stage, earlier: Sequence[Stage]) -> None:
+def _validate_stage(s: Stage, earlier: Sequence[Stage], model) -> None:
   for field in ("steps", "batch_size", "seq_len", "steps_per_call", "checkpoint_every"):
     if getattr(s, field) <= 0:
       raise ExperimentError(f"Stage {s.name!r}: {field} must be positive, got {getattr(s, field)}")
@@ -322,7 +322,7 @@ def _validate_stage(s: Stage, earlier: Sequence[Stage]) -> None:
     raise ExperimentError(f"Stage {s.name!r}: give the learner inline (payoff=...) or several in "
                           "learners={...}, not both")
   for name, p in s.players.items():
-    _validate_player(s, name, p, earlier)
+    _validate_player(s, name, p, earlier, model)
   _validate_frozen_from(s, earlier)
   if s.game is not None:
     _validate_game_stage(s)
@@ -426,7 +426,7 @@ def _validate_frozen_from(s: Stage, earlier: Sequence[Stage]) -> None:
                             "learner, a follower or a seat's player")
 
 
-def _validate_player(s: Stage, name: str, p: Player, earlier: Sequence[Stage]) -> None:
+def _validate_player(s: Stage, name: str, p: Player, earlier: Sequence[Stage], model) -> None:
   where = f"Stage {s.name!r}" + (f", learner {name!r}" if s.learners else "")
   if not isinstance(p, Player):
     raise ExperimentError(f"{where}: expected a Player(payoff=...), got {p!r}")
@@ -438,20 +438,40 @@ def _validate_player(s: Stage, name: str, p: Player, earlier: Sequence[Stage]) -
   if p.model not in registry.MODELS:
     field = "model" if s.learners else "player"
     raise ExperimentError(f"{where}: {field}={p.model!r}; expected one of {sorted(registry.MODELS)}")
+  if interop.is_checkpoint(p.init_from):
+    _check_checkpoint(where, p.init_from, model)
+    return
   names = [e.name for e in earlier]
   stage, _, player = (p.init_from or "").partition(":")
   ok = p.init_from in (None, "previous") or stage in names
   if ok and player:
     ok = player in earlier[names.index(stage)].players
   if not ok:
-    raise ExperimentError(f"{where}: init_from={p.init_from!r}; expected 'previous', None or an "
-                          f"earlier stage's name ({names}), or 'stage:player'")
+    raise ExperimentError(f"{where}: init_from={p.init_from!r}; expected 'previous', None, an "
+                          f"earlier stage's name ({names}), 'stage:player', or a checkpoint "
+                          "('hf:DIR', 'gguf:FILE')")
   source = earlier[-1] if p.init_from == "previous" and earlier else (
       earlier[names.index(stage)] if stage in names else None)
   if source is not None and not player and name not in source.players and len(source.players) > 1:
     raise ExperimentError(f"{where}: init_from={p.init_from!r} starts from stage "
                           f"{source.name!r}, which has learners {sorted(source.players)} and none "
                           f"named {name!r}; name one (init_from='{source.name}:PLAYER')")
+
+
+def _check_checkpoint(where: str, spec: str, model) -> None:
+  """A learner that starts from checkpoint ``spec`` needs ``Experiment.model`` to be its config
+  (``@pretrained_model()``); the checkpoint must be readable."""
+  try:
+    theirs = interop.checkpoint_config(spec, dtype=model.dtype, param_dtype=model.param_dtype)
+  except (ValueError, OSError) as e:
+    raise ExperimentError(f"{where}: init_from={spec!r}: {e}") from None
+  if theirs != model:
+    diff = {f.name: (getattr(model, f.name), getattr(theirs, f.name))
+            for f in dataclasses.fields(theirs) if getattr(model, f.name) != getattr(theirs, f.name)}
+    raise ExperimentError(f"{where}: init_from={spec!r} holds another model than "
+                          f"Experiment.model (field: (Experiment.model's, the checkpoint's)): "
+                          f"{diff}; set Experiment.model = @pretrained_model() with "
+                          f"pretrained_model.checkpoint = {spec!r}")
 
 
 def _validate_game_stage(s: Stage) -> None:

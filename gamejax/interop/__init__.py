@@ -1,0 +1,34 @@
+"""Checkpoints of other libraries in and out: Hugging Face directories (``hf``) and GGUF files
+(``gguf``). A checkpoint is named ``"hf:DIR"`` or ``"gguf:FILE"`` where a learner's ``init_from``
+or ``pretrained_model(checkpoint)`` takes one."""
+from __future__ import annotations
+
+from typing import Any
+
+PREFIXES = ("hf:", "gguf:")
+
+
+def is_checkpoint(spec) -> bool:
+  return isinstance(spec, str) and spec.startswith(PREFIXES)
+
+
+def checkpoint_config(spec: str, **overrides):
+  """The model config of checkpoint ``spec`` (reads only its config or metadata)."""
+  kind, _, path = spec.partition(":")
+  if kind == "hf":
+    from gamejax.interop import hf
+    return hf.model_config(path, **overrides)[1]
+  from gamejax.interop import gguf
+  return gguf.model_config(path, **overrides)[1]
+
+
+def load_checkpoint(spec: str, **overrides) -> tuple[Any, dict]:
+  """``(config, params)`` of checkpoint ``spec``."""
+  kind, _, path = spec.partition(":")
+  if kind not in ("hf", "gguf"):
+    raise ValueError(f"{spec!r}: a checkpoint is 'hf:DIR' or 'gguf:FILE'")
+  if kind == "hf":
+    from gamejax.interop import hf
+    return hf.load(path, **overrides)
+  from gamejax.interop import gguf
+  return gguf.load(path, **overrides)

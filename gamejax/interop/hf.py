@@ -1,0 +1,185 @@
+"""Hugging Face checkpoint directories in and out: ``config.json`` plus safetensors (one file, or
+shards listed by ``model.safetensors.index.json``), mapped through the model family's names
+(``gamejax.models.families``).
+
+Reading is memory-mapped (``safetensors.safe_open``) and strict: a tensor the family does not
+expect, one it expects and the files lack, or a shape that disagrees is an error naming the
+tensor and its file. A tied LM head that a checkpoint ships anyway is accepted only if it equals
+the embedding. Writing goes to a temporary directory renamed into place, so an interrupted
+export leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Callable, Mapping
+
+import jax.numpy as jnp
+
+from gamejax.models import families
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# Buffers some exporters ship that are not parameters (recomputed from the config).
+NOT_PARAMETERS = (".rotary_emb.inv_freq",)
+
+
+class CheckpointFormatError(ValueError):
+  """An HF directory the family cannot read: what is wrong and where (file, tensor)."""
+
+
+def read_config(directory: str) -> dict:
+  path = os.path.join(directory, CONFIG)
+  if not os.path.isfile(path):
+    raise CheckpointFormatError(f"{directory}: no {CONFIG} (not a Hugging Face model directory)")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointFormatError(f"{path}: not valid JSON ({e})") from None
+
+
+def model_config(directory: str, **overrides):
+  """``(family, config)`` of the HF directory (``overrides``, e.g. ``dtype``, go to the config)."""
+  hf = read_config(directory)
+  where = os.path.join(directory, CONFIG)
+  try:
+    family = families.for_hf_architecture((hf.get("architectures") or [None])[0], where)
+    return family, family.config_from_hf(hf, **overrides)
+  except ValueError as e:
+    raise CheckpointFormatError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+
+
+def _tensor_files(directory: str) -> dict[str, str]:
+  """Tensor name -> the safetensors file that holds it."""
+  index = os.path.join(directory, INDEX)
+  if os.path.isfile(index):
+    try:
+      with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise CheckpointFormatError(f"{index}: no readable weight_map ({e!r})") from None
+    return {name: os.path.join(directory, file) for name, file in weight_map.items()}
+  single = os.path.join(directory, SINGLE)
+  if not os.path.isfile(single):
+    raise CheckpointFormatError(f"{directory}: neither {SINGLE} nor {INDEX}")
+  return {name: single for name in _open(single).keys()}
+
+
+def _open(path: str):
+  from safetensors import safe_open
+  if not os.path.isfile(path):
+    raise CheckpointFormatError(f"{path}: missing (listed in {INDEX})")
+  try:
+    return safe_open(path, framework="flax")
+  except Exception as e:          # safetensors raises its own errors for a bad header
+    raise CheckpointFormatError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get(tree, path: tuple[str, ...]):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def load(directory: str, **overrides) -> tuple[Any, dict]:
+  """``(config, params)`` of an HF directory, params stored in ``config.param_dtype``."""
+  family, cfg = model_config(directory, **overrides)
+  files = _tensor_files(directory)
+  handles: dict[str, Any] = {}
+
+  def read(name):
+    path = files[name]
+    if path not in handles:
+      handles[path] = _open(path)
+    try:
+      return handles[path].get_tensor(name)
+    except Exception as e:
+      raise CheckpointFormatError(f"{path}: tensor {name!r} cannot be read ({e})") from None
+
+  return cfg, assemble(family, cfg, files, read, directory)
+
+
+def assemble(family, cfg, files: Mapping[str, str], read: Callable[[str], Any],
+             where: str) -> dict:
+  """gamejax params of ``cfg`` from tensors under their HF names and in HF's layout: ``files``
+  maps each available name to the file that holds it, ``read(name)`` gives the array. Every
+  expected tensor must be there with its shape, and nothing else."""
+  expected = family.hf_tensors(cfg)
+  known = {t.name for t in expected}
+  tied_head = "lm_head.weight" if cfg.tie_embeddings else None
+  extra = sorted(n for n in files if n not in known and n != tied_head
+                 and not n.endswith(NOT_PARAMETERS))
+  if extra:
+    raise CheckpointFormatError(f"{files[extra[0]]}: tensor {extra[0]!r} is not a parameter of "
+                                f"{type(cfg).__name__} (and {len(extra) - 1} more unexpected)")
+  missing = [t.name for t in expected if t.name not in files]
+  if missing:
+    raise CheckpointFormatError(f"{where}: tensor {missing[0]!r} is missing (and "
+                                f"{len(missing) - 1} more)")
+  params: dict = {}
+  dtype = jnp.dtype(cfg.param_dtype)
+  for t in expected:
+    x = read(t.name)
+    if tuple(x.shape) != t.hf_shape:
+      raise CheckpointFormatError(f"{files[t.name]}: tensor {t.name!r} has shape "
+                                  f"{tuple(x.shape)}; the config implies {t.hf_shape}")
+    _set(params, t.path, t.to_gamejax(jnp.asarray(x)).astype(dtype))
+  if tied_head in files:
+    head = read(tied_head)
+    if tuple(head.shape) != tuple(params["embedding"].shape) or not bool(
+        jnp.array_equal(jnp.asarray(head, dtype), params["embedding"])):
+      raise CheckpointFormatError(f"{files[tied_head]}: {tied_head!r} differs from the embedding "
+                                  "but config.json says tie_word_embeddings=true")
+  return params
+
+
+def save(cfg, params, directory: str, max_shard_bytes: int = 5 * 2**30,
+         extra_files: dict[str, str] | None = None) -> None:
+  """Writes ``cfg`` and ``params`` as an HF directory (``config.json``, safetensors sharded above
+  ``max_shard_bytes`` with an index, and ``extra_files``: name -> text). The directory must not
+  exist; it appears whole or not at all."""
+  from safetensors.flax import save_file
+  if os.path.exists(directory):
+    raise FileExistsError(f"{directory} exists; choose a new directory to export to")
+  family = families.of_config(cfg)
+  tensors = {t.name: jnp.asarray(t.to_hf(_get(params, t.path))) for t in family.hf_tensors(cfg)}
+  shards, size = [[]], 0
+  for name, x in tensors.items():
+    if shards[-1] and size + x.nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(name)
+    size += x.nbytes
+  tmp = f"{directory.rstrip(os.sep)}.partial"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    names = [SINGLE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for file, shard in zip(names, shards):
+      save_file({n: tensors[n] for n in shard}, os.path.join(tmp, file), metadata={"format": "pt"})
+    if len(shards) > 1:
+      index = {"metadata": {"total_size": int(sum(x.nbytes for x in tensors.values()))},
+               "weight_map": {n: f for f, shard in zip(names, shards) for n in shard}}
+      _write_text(os.path.join(tmp, INDEX), json.dumps(index, indent=2))
+    _write_text(os.path.join(tmp, CONFIG), json.dumps(family.config_to_hf(cfg), indent=2))
+    for name, text in (extra_files or {}).items():
+      _write_text(os.path.join(tmp, name), text)
+    os.replace(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _write_text(path: str, text: str) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
