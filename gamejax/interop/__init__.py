@@ -12,23 +12,25 @@ def is_checkpoint(spec) -> bool:
   return isinstance(spec, str) and spec.startswith(PREFIXES)
 
 
-def checkpoint_config(spec: str, **overrides):
-  """The model config of checkpoint ``spec`` (reads only its config or metadata)."""
+def _reader(spec: str):
+  """``(module, path)`` of checkpoint ``spec``: ``gamejax.interop.hf`` or ``.gguf``."""
   kind, _, path = spec.partition(":")
   if kind == "hf":
     from gamejax.interop import hf
-    return hf.model_config(path, **overrides)[1]
-  from gamejax.interop import gguf
-  return gguf.model_config(path, **overrides)[1]
+    return hf, path
+  if kind == "gguf":
+    from gamejax.interop import gguf
+    return gguf, path
+  raise ValueError(f"{spec!r}: a checkpoint is 'hf:DIR' or 'gguf:FILE'")
+
+
+def checkpoint_config(spec: str, **overrides):
+  """The model config of checkpoint ``spec`` (reads only its config or metadata)."""
+  module, path = _reader(spec)
+  return module.model_config(path, **overrides)[1]
 
 
 def load_checkpoint(spec: str, **overrides) -> tuple[Any, dict]:
   """``(config, params)`` of checkpoint ``spec``."""
-  kind, _, path = spec.partition(":")
-  if kind not in ("hf", "gguf"):
-    raise ValueError(f"{spec!r}: a checkpoint is 'hf:DIR' or 'gguf:FILE'")
-  if kind == "hf":
-    from gamejax.interop import hf
-    return hf.load(path, **overrides)
-  from gamejax.interop import gguf
-  return gguf.load(path, **overrides)
+  module, path = _reader(spec)
+  return module.load(path, **overrides)

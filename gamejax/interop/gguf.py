@@ -63,16 +63,17 @@ def load(path: str, **overrides) -> tuple[Any, dict]:
   reader = _reader(path)
   family, cfg = model_config(path, reader, **overrides)
   by_name = {t.name: t for t in reader.tensors}
-  expected = {family.gguf_name(t.name): t.name for t in family.hf_tensors(cfg)}
+  gguf_names = {t.name: family.gguf_name(t.name) for t in family.hf_tensors(cfg)}  # HF -> GGUF
+  expected = set(gguf_names.values())
   extra = sorted(n for n in by_name if n not in expected)
   if extra:
     raise CheckpointFormatError(f"{path}: tensor {extra[0]!r} is not a parameter of "
                                 f"{type(cfg).__name__} (and {len(extra) - 1} more unexpected)")
-  files = {hf_name: f"{path} ({gguf_name})" for gguf_name, hf_name in expected.items()
+  files = {hf_name: f"{path} ({gguf_name})" for hf_name, gguf_name in gguf_names.items()
            if gguf_name in by_name}
 
   def read(hf_name):
-    gguf_name = next(g for g, h in expected.items() if h == hf_name)
+    gguf_name = gguf_names[hf_name]
     t = by_name[gguf_name]
     try:
       x = np.asarray(dequantize(t.data, t.tensor_type), np.float32)

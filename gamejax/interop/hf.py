@@ -142,11 +142,10 @@ def assemble(family, cfg, files: Mapping[str, str], read: Callable[[str], Any],
   return params
 
 
-def save(cfg, params, directory: str, max_shard_bytes: int = 5 * 2**30,
-         extra_files: dict[str, str] | None = None) -> None:
-  """Writes ``cfg`` and ``params`` as an HF directory (``config.json``, safetensors sharded above
-  ``max_shard_bytes`` with an index, and ``extra_files``: name -> text). The directory must not
-  exist; it appears whole or not at all."""
+def save(cfg, params, directory: str, max_shard_bytes: int = 5 * 2**30) -> None:
+  """Writes ``cfg`` and ``params`` as an HF directory (``config.json`` and safetensors, sharded
+  above ``max_shard_bytes`` with an index). The directory must not exist; it appears whole or not
+  at all."""
   from safetensors.flax import save_file
   if os.path.exists(directory):
     raise FileExistsError(f"{directory} exists; choose a new directory to export to")
@@ -172,8 +171,6 @@ def save(cfg, params, directory: str, max_shard_bytes: int = 5 * 2**30,
                "weight_map": {n: f for f, shard in zip(names, shards) for n in shard}}
       _write_text(os.path.join(tmp, INDEX), json.dumps(index, indent=2))
     _write_text(os.path.join(tmp, CONFIG), json.dumps(family.config_to_hf(cfg), indent=2))
-    for name, text in (extra_files or {}).items():
-      _write_text(os.path.join(tmp, name), text)
     os.replace(tmp, directory)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
