@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from gamejax import config, hostenv
-from gamejax.models import llama
+from gamejax.models import llama, lm
 
 
 MODEL_FLAGS = ("vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads")
@@ -34,7 +34,7 @@ def add_model_flags(p: argparse.ArgumentParser, gin_file: str = "models/bench.gi
     p.add_argument(f"--{name}", type=int, default=value)
 
 
-def model_config(args) -> llama.LlamaConfig:
+def model_config(args) -> lm.Config:
   return llama.LlamaConfig(vocab_size=args.vocab_size, d_model=args.d_model, d_ff=args.d_ff,
                            n_layers=args.n_layers, n_heads=args.n_heads,
                            n_kv_heads=args.n_kv_heads)

@@ -16,7 +16,7 @@ reference's forward pass is needed). Prints one JSON line:
 * ``efficiency``: the step's FLOP floor over the f32 matmul throughput measured in this process
   (``common.matmul_peak_flops``), divided by ``seconds_per_step``. The floor counts the sampling
   (``benchmarks.sample.decode_flops``: prefill and cached decode), the policy's forward and
-  backward over the ``[B, prompt_len + new_tokens]`` record (``llama.flops_per_token``, 6x) and
+  backward over the ``[B, prompt_len + new_tokens]`` record (``lm.flops_per_token``, 6x) and
   the reference's forward (a third of that);
 * ``sample_seconds`` and ``sample_efficiency``: the sampler alone on the same shapes, so the
   rest of the step's time (``seconds_per_step - sample_seconds``) can be read off.
@@ -36,7 +36,7 @@ import optax
 from benchmarks import common
 from benchmarks.sample import decode_flops
 from gamejax import hostenv, sampling, sharding, step as game_step
-from gamejax.models import llama
+from gamejax.models import lm
 from gamejax.payoffs import grpo
 from gamejax.players import judges, policy, reference
 
@@ -54,7 +54,7 @@ def main(argv=None):
   g, n, length = args.group_size, args.new_tokens, args.prompt_len
   rows = args.prompts * g
 
-  apply = functools.partial(llama.apply, cfg)
+  apply = functools.partial(lm.apply, cfg)
   half = cfg.vocab_size // 2
   judge = judges.function_judge(
       lambda moves, facts: (facts["completion"] < half).astype(jnp.float32).mean(axis=-1))
@@ -62,7 +62,7 @@ def main(argv=None):
       learners={"agent": game_step.Learner(apply, grpo(g, beta=0.04), optax.adamw(1e-5))},
       play=policy.sampled_play(cfg, g, n, temperature=1.0, eos_id=NEVER),
       respond=judges.responders(judge, reference.reference(apply)))
-  params = llama.init_params(cfg, jax.random.PRNGKey(0))
+  params = lm.init_params(cfg, jax.random.PRNGKey(0))
   state = game_step.init_state(game, {"agent": params}, jax.random.PRNGKey(1),
                                frozen={"reference": jax.tree.map(jnp.copy, params)})
   mesh = sharding.make_mesh()
@@ -85,11 +85,11 @@ def main(argv=None):
 
   t = length + n
   sample_flops = decode_flops(cfg, rows, length, n)
-  train_flops = llama.flops_per_token(cfg, t) * rows * t
+  train_flops = lm.flops_per_token(cfg, t) * rows * t
   step_flops = sample_flops + train_flops + train_flops / 3
   print(json.dumps({
       "benchmark": "grpo_step", "device": jax.devices()[0].device_kind,
-      "params": llama.param_count(cfg), "prompts": args.prompts, "group_size": g,
+      "params": lm.param_count(cfg), "prompts": args.prompts, "group_size": g,
       "prompt_len": length, "new_tokens": n,
       "seconds_per_step": secs, "completion_tokens_per_s": rows * n / secs,
       "step_flops": step_flops, "matmul_peak_flops_per_s": peak,

@@ -16,12 +16,12 @@ are medians over ``--calls`` calls after compiling and two warm-up calls.
   then one cached step per token).
 * ``baseline_tokens_per_s``: a no-cache decode, also jitted, a ``lax.fori_loop`` writing into a
   fixed ``[batch, prompt_len + new_tokens]`` buffer: each new token re-runs the full forward
-  (``llama.apply``) on the whole buffer and samples from the logits at the last filled slot.
+  (``lm.apply``) on the whole buffer and samples from the logits at the last filled slot.
 * ``speedup``: their ratio.
 * ``efficiency``: ``decode_flops / peak / seconds``: the time the FLOP floor of the work would
   take at the f32 matmul throughput measured in this process (``common.matmul_peak_flops``),
   over the measured time. ``decode_flops`` (see ``decode_flops`` below) is a decode-specific
-  count, not ``llama.flops_per_token`` (which is training: 6x): each of the ``prompt_len +
+  count, not ``lm.flops_per_token`` (which is training: 6x): each of the ``prompt_len +
   new_tokens - 1`` tokens fed to the model costs ``2 x`` its matmul weights in the blocks plus
   ``4 * n_layers * n_heads * head_dim`` per key it attends (its actual context: itself and the
   tokens before it, not the cache buffer's length), and the LM head (``2 * d_model *
@@ -49,10 +49,10 @@ import numpy as np
 
 from benchmarks import common
 from gamejax import hostenv, sampling
-from gamejax.models import llama
+from gamejax.models import llama, lm
 
 
-def decode_flops(cfg: llama.LlamaConfig, batch: int, prompt_len: int, new_tokens: int) -> float:
+def decode_flops(cfg: lm.Config, batch: int, prompt_len: int, new_tokens: int) -> float:
   """The FLOP floor of prefilling ``prompt_len`` tokens and sampling ``new_tokens`` per row.
 
   >>> cfg = llama.LlamaConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
@@ -62,16 +62,16 @@ def decode_flops(cfg: llama.LlamaConfig, batch: int, prompt_len: int, new_tokens
   11456.0
   """
   head = cfg.d_model * cfg.vocab_size
-  block_params = llama.matmul_params(cfg) - head
+  block_params = lm.matmul_params(cfg) - head
   fed = prompt_len + new_tokens - 1
   contexts = fed * (fed + 1) / 2   # token at slot t attends t + 1 keys
   attention = 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * contexts
   return float(batch * (2.0 * block_params * fed + attention + 2.0 * head * new_tokens))
 
 
-def make_uncached_generate(cfg: llama.LlamaConfig, new_tokens: int, temperature: float):
+def make_uncached_generate(cfg: lm.Config, new_tokens: int, temperature: float):
   """The no-cache baseline: ``fn(params, prompt_BP, rng) -> tokens int32[B, N]`` for full-length
-  prompts; every step runs ``llama.apply`` over the whole fixed ``[B, P + N]`` buffer."""
+  prompts; every step runs ``lm.apply`` over the whole fixed ``[B, P + N]`` buffer."""
 
   @jax.jit
   def fn(params, prompt_BP, rng):
@@ -82,7 +82,7 @@ def make_uncached_generate(cfg: llama.LlamaConfig, new_tokens: int, temperature:
     segments_BW = jnp.ones((b, width), jnp.int32)
 
     def body(i, buf_BW):
-      logits_BWV = llama.apply(cfg, params, buf_BW, positions_BW, segments_BW)
+      logits_BWV = lm.apply(cfg, params, buf_BW, positions_BW, segments_BW)
       logits_BV = jax.lax.dynamic_index_in_dim(logits_BWV, p - 1 + i, axis=1, keepdims=False)
       token_B = jax.random.categorical(jax.random.fold_in(rng, i), logits_BV / temperature)
       return jax.lax.dynamic_update_slice(buf_BW, token_B.astype(jnp.int32)[:, None], (0, p + i))
@@ -105,7 +105,7 @@ def main(argv=None):
   cfg = common.model_config(args)
   temperature = 1.0
 
-  params = llama.init_params(cfg, jax.random.PRNGKey(0))
+  params = lm.init_params(cfg, jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   prompt_BP = rng.integers(3, cfg.vocab_size, (args.batch, args.prompt_len)).astype(np.int32)
   lengths_B = np.full((args.batch,), args.prompt_len, np.int32)
@@ -136,7 +136,7 @@ def main(argv=None):
       "config": {"vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "d_ff": cfg.d_ff,
                  "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                  "n_kv_heads": cfg.n_kv_heads},
-      "params": llama.param_count(cfg), "batch": args.batch, "prompt_len": args.prompt_len,
+      "params": lm.param_count(cfg), "batch": args.batch, "prompt_len": args.prompt_len,
       "new_tokens": args.new_tokens, "temperature": temperature,
       "seconds_per_call": secs, "best_seconds_per_call": min(cached_times),
       "tokens_per_s": tokens / secs,

@@ -5,7 +5,7 @@
                                   [--no_hugepages]
 
 Prints one JSON line: tokens/s, model FLOPs/s, the f32 matmul peak measured in this process, and
-MFU = model FLOPs/s / matmul peak. Model FLOPs per token: ``llama.flops_per_token`` (6 x matmul
+MFU = model FLOPs/s / matmul peak. Model FLOPs per token: ``lm.flops_per_token`` (6 x matmul
 params + causal attention), the standard accounting.
 
 Run as a script, it first re-executes itself with glibc malloc on transparent huge pages (see
@@ -25,7 +25,7 @@ import optax
 
 from benchmarks import common
 from gamejax import hostenv, sharding, step as game_step
-from gamejax.models import llama
+from gamejax.models import lm
 from gamejax.payoffs import imitation
 
 
@@ -38,10 +38,10 @@ def main(argv=None):
   args = common.parse_args(p, argv)
   cfg = common.model_config(args)
 
-  learner = game_step.Learner(functools.partial(llama.apply, cfg),
+  learner = game_step.Learner(functools.partial(lm.apply, cfg),
                               imitation(("agent", "opponent")), optax.adamw(1e-4))
   game = game_step.Game(learners={"agent": learner})
-  params = llama.init_params(cfg, jax.random.PRNGKey(0))
+  params = lm.init_params(cfg, jax.random.PRNGKey(0))
   state = game_step.init_state(game, {"agent": params}, jax.random.PRNGKey(1))
   mesh = sharding.make_mesh()
   fn, shardings = game_step.make_step(game, mesh, jax.eval_shape(lambda: state))
@@ -56,11 +56,11 @@ def main(argv=None):
 
   secs, _ = common.median_step_seconds(fn, state, batch, args.steps)
   tokens = args.batch * args.seq_len
-  flops = llama.flops_per_token(cfg, args.seq_len) * tokens / secs
+  flops = lm.flops_per_token(cfg, args.seq_len) * tokens / secs
   peak = common.matmul_peak_flops()
   print(json.dumps({
       "benchmark": "train_step", "device": jax.devices()[0].device_kind,
-      "params": llama.param_count(cfg), "batch": args.batch, "seq_len": args.seq_len,
+      "params": lm.param_count(cfg), "batch": args.batch, "seq_len": args.seq_len,
       "seconds_per_step": secs, "tokens_per_s": tokens / secs, "model_flops_per_s": flops,
       "matmul_peak_flops_per_s": peak, "mfu": flops / peak,
       "malloc_hugepages": hostenv.malloc_hugepages_enabled()}))

@@ -3,7 +3,9 @@ that name the file, the line and the unknown name (with close matches).
 
 Configurables (use these names in ``.gin`` files):
   run structure: ``Experiment``, ``Stage``, ``Player``, ``Optimizer``, ``Evaluation``,
-    ``Rollout``, ``Spin``, ``LlamaConfig``;
+    ``Rollout``, ``Spin``;
+  models: each family's config (``LlamaConfig``, ``Qwen2Config``, ``Qwen3Config``, ``GPT2Config``),
+    ``pretrained_model``, ``LoraConfig``;
   games and their players: ``matrix_game``, ``kuhn_poker``; followers ``snapshot``, ``lagged``, ``ema``,
     ``league``; seat ``mixture``, ``scripted``; ``role_baselines``;
   payoffs: ``imitation``, ``weighted``, ``grpo``, ``rloo``, ``reinforce``, ``kl_to_reference``,
@@ -29,7 +31,7 @@ import gin
 
 from gamejax import run
 from gamejax.data import arena as arena_data
-from gamejax.models.llama import LlamaConfig
+from gamejax.models import families, lora
 from gamejax import payoffs
 from gamejax.data import preferences as preference_data
 from gamejax.games import base as games_base, kuhn, matrix, redteam
@@ -49,7 +51,7 @@ def register() -> None:
   if _REGISTERED:
     return
   for obj in (run.Experiment, run.Stage, run.Player, run.Optimizer, run.Evaluation, run.DataSpec,
-              run.Rollout, run.Spin, LlamaConfig):
+              run.Rollout, run.Spin, lora.LoraConfig, *families.configs()):
     gin.external_configurable(obj, name=obj.__name__, module="gamejax")
   for fn in (payoffs.imitation, payoffs.weighted, payoffs.grpo, payoffs.rloo, payoffs.reinforce,
              payoffs.kl_to_reference, payoffs.dpo, payoffs.ipo, payoffs.bradley_terry,
@@ -113,11 +115,12 @@ def arena_preferences(min_digits: int = 1, max_digits: int = 3, ops: Sequence[st
 
 def local_text(path: str = gin.REQUIRED, split_paragraphs: bool = False,
                test_fraction: float = 0.05, test_count: int | None = None,
-               too_long: str = "truncate") -> run.DataSpec:
+               too_long: str = "truncate", tokenizer: str = "byte") -> run.DataSpec:
   """A user's own folder of ``.txt`` / ``.jsonl`` files; ``test_count`` records (None:
-  ``test_fraction`` of them) are held out for the held-out loss and perplexity."""
+  ``test_fraction`` of them) are held out for the held-out loss and perplexity. ``tokenizer``:
+  ``"byte"`` or ``"hf:DIR"`` (whose chat template renders ``{"messages": ...}`` lines)."""
   params = dict(path=os.path.abspath(os.path.expanduser(path)), split_paragraphs=split_paragraphs,
-                test_fraction=test_fraction, test_count=test_count)
+                test_fraction=test_fraction, test_count=test_count, tokenizer=tokenizer)
   return run.DataSpec("local_text", params, too_long)
 
 

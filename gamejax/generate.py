@@ -24,10 +24,10 @@ import numpy as np
 
 from gamejax import sampling
 from gamejax.data.tokenizer import BOS, EOS, ByteTokenizer
-from gamejax.models import llama
+from gamejax.models import lm
 
 
-def complete(cfg: llama.LlamaConfig, params: Any, prompts: Sequence[str], max_new_tokens: int,
+def complete(cfg: lm.Config, params: Any, prompts: Sequence[str], max_new_tokens: int,
              num_samples: int = 1, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int = 0, batch_size: int = 64) -> list[dict]:
   """One dict per (prompt, sample), prompts in order: ``prompt``, ``sample`` (0-based),

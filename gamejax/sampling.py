@@ -30,26 +30,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gamejax.models import llama
+from gamejax.models import lm
 from gamejax.players.selfplay import is_mixture, mix_logprobs
 
 PAD_ID = 0
 
 
-def _init_cache(cfg: llama.LlamaConfig, params, b: int, length: int):
+def _init_cache(cfg: lm.Config, params, b: int, length: int):
   """The KV cache of ``params``: one model's, or a geometric mixture's two (``is_mixture``)."""
   if is_mixture(params):
-    return tuple(llama.init_cache(cfg, b, length) for _ in range(2))
-  return llama.init_cache(cfg, b, length)
+    return tuple(lm.init_cache(cfg, b, length) for _ in range(2))
+  return lm.init_cache(cfg, b, length)
 
 
-def _apply_cached(cfg: llama.LlamaConfig, params, tokens, positions, segments, cache, slot):
+def _apply_cached(cfg: lm.Config, params, tokens, positions, segments, cache, slot):
   """``(logits, cache)`` of one model, or of the geometric mixture ``p_a^(1-beta) p_b^beta``
   (``selfplay.mixture``, Nash-MD's opponent) token by token: its normalised log-probs, from both
   models' forward passes over their own caches."""
   if not is_mixture(params):
-    return llama.apply_with_cache(cfg, params, tokens, positions, segments, cache, slot)
-  out = [llama.apply_with_cache(cfg, params[k], tokens, positions, segments, c, slot)
+    return lm.apply_with_cache(cfg, params, tokens, positions, segments, cache, slot)
+  out = [lm.apply_with_cache(cfg, params[k], tokens, positions, segments, c, slot)
          for k, c in zip(("mixture_a", "mixture_b"), cache)]
   logp = [jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1) for logits, _ in out]
   return mix_logprobs(logp[0], logp[1], params["beta"]), (out[0][1], out[1][1])
@@ -169,7 +169,7 @@ def _check_options(name: str, max_new_tokens, temperature, top_k, top_p, stop_id
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "eos_id",
                                              "top_k", "top_p", "stop_ids", "scaled_logprobs"))
-def generate(cfg: llama.LlamaConfig, params, prompt_BP, prompt_lengths_B, max_new_tokens: int,
+def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens: int,
              rng, temperature: float = 0.0, eos_id: int = 2, *, top_k: int = 0,
              top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
              scaled_logprobs: bool = False) -> dict:
@@ -177,7 +177,7 @@ def generate(cfg: llama.LlamaConfig, params, prompt_BP, prompt_lengths_B, max_ne
 
   Args:
     cfg: model config (static).
-    params: model params (``llama.init_params``), or a geometric mixture of two models'
+    params: model params (``lm.init_params``), or a geometric mixture of two models'
       (``selfplay.mixture``'s ``{"mixture_a", "mixture_b", "beta"}``), sampled token by token.
     prompt_BP: int32[B, P] prompts, left-padded with 0 (see ``left_pad``).
     prompt_lengths_B: int32[B] number of real tokens per row, each in ``1..P``.
@@ -279,7 +279,7 @@ def generate(cfg: llama.LlamaConfig, params, prompt_BP, prompt_lengths_B, max_ne
           "stopped_B": stopped_B}
 
 
-def make_generate(cfg: llama.LlamaConfig, max_new_tokens: int, temperature: float = 0.0,
+def make_generate(cfg: lm.Config, max_new_tokens: int, temperature: float = 0.0,
                   eos_id: int = 2, *, top_k: int = 0, top_p: float = 1.0,
                   stop_ids: Sequence[int] = (), scaled_logprobs: bool = False):
   """``fn(params, prompt_BP, prompt_lengths_B, rng) -> generate(...)`` output, jitted once per

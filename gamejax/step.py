@@ -38,11 +38,23 @@ def player_params(state: GameState, name: str):
   if hasattr(name, "resolve"):          # a seat sat by a mix of players (selfplay.Mixture)
     return name.resolve(lambda part: player_params(state, part))
   if name in state.params:
-    return state.params[name]
+    return with_frozen(state.params[name], state.frozen)
   if name in state.frozen:
     return state.frozen[name]
   raise KeyError(f"no player {name!r}: the learners are {sorted(state.params)}, the frozen "
                  f"players {sorted(state.frozen)}")
+
+
+def with_frozen(params, frozen):
+  """A learner's params as its model reads them: LoRA adapters (``gamejax.models.lora``) joined
+  with their base, a frozen player; any other params as they are."""
+  return params.with_frozen(frozen) if hasattr(params, "with_frozen") else params
+
+
+def bind_frozen(apply: Callable[..., jax.Array], frozen) -> Callable[..., jax.Array]:
+  """``apply`` of params that may need the frozen players (LoRA adapters on a frozen base): the
+  frozen params are the step's traced state, never constants of the compiled step."""
+  return lambda params, *inputs: apply(with_frozen(params, frozen), *inputs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,9 +146,10 @@ def game_step(game: Game, state: GameState, batch: Any) -> tuple[GameState, dict
   params, opt_state = dict(state.params), dict(state.opt_state)
   total_loss = 0.0
   learners = sorted(game.learners.items())
+  frozen = jax.lax.stop_gradient(state.frozen)
   for i, (name, learner) in enumerate(learners):
-    play = Play(learner.apply, moves, judgments, jax.random.fold_in(k_payoff, i),
-                jax.lax.stop_gradient(state.frozen))
+    play = Play(bind_frozen(learner.apply, frozen), moves, judgments,
+                jax.random.fold_in(k_payoff, i), frozen)
     new_params, new_opt, m = learner_updates(learner, params[name], opt_state[name], play)
     if game.updates == "alternating" and len(learners) > 1:
       mine = (state.step % len(learners)) == i

@@ -1,5 +1,6 @@
 """Hugging Face directories in and out (``gamejax.interop.hf``), checked against transformers
-itself: a random ``LlamaForCausalLM`` saved by ``save_pretrained`` is read by gamejax and gives
+itself: a random model of each family (Llama, Qwen2, Qwen3, ...) saved by ``save_pretrained``
+is read by gamejax and gives
 the same logits on a 512-token prompt (so RoPE is exercised far out) and the same greedy tokens;
 gamejax's export is read back by transformers with the same logits; HF -> gamejax -> HF is
 bitwise; every malformed directory fails naming the file and tensor."""
@@ -12,35 +13,49 @@ import pytest
 
 from gamejax import sampling
 from gamejax.interop import hf
-from gamejax.models import llama
+from gamejax.models import lm
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 PROMPT_LEN, NEW = 512, 32
+LLAMA_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+# variant -> (transformers config class name, its keyword arguments over the shared small ones).
 VARIANTS = {
-    "tied_gqa": dict(tie_word_embeddings=True, num_key_value_heads=2),
-    "untied_mha": dict(tie_word_embeddings=False, num_key_value_heads=4,
-                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
-    "llama3_rope": dict(tie_word_embeddings=False, num_key_value_heads=1, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "tied_gqa": ("LlamaConfig", dict(tie_word_embeddings=True, num_key_value_heads=2)),
+    "untied_mha": ("LlamaConfig", dict(tie_word_embeddings=False, num_key_value_heads=4,
+                                       rope_parameters={"rope_type": "default",
+                                                        "rope_theta": 500000.0})),
+    "llama3_rope": ("LlamaConfig", dict(
+        tie_word_embeddings=False, num_key_value_heads=1, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "qwen2_bias": ("Qwen2Config", dict(tie_word_embeddings=False, num_key_value_heads=2,
+                                       rope_parameters={"rope_type": "default",
+                                                        "rope_theta": 1e6})),
+    "qwen3_qk_norm": ("Qwen3Config", dict(tie_word_embeddings=True, num_key_value_heads=2,
+                                          head_dim=24)),
 }
+MODEL_CLASSES = {"LlamaConfig": "LlamaForCausalLM", "Qwen2Config": "Qwen2ForCausalLM",
+                 "Qwen3Config": "Qwen3ForCausalLM"}
 
 
 def _hf_dir(tmp_path, variant, seed=0):
-  """A random HF Llama saved by transformers, and the model."""
+  """A random HF model of ``variant`` saved by transformers, and the model."""
   torch.manual_seed(seed)
+  config_class, extra = VARIANTS[variant]
   kw = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
             num_attention_heads=4, rms_norm_eps=1e-5, max_position_embeddings=1024,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-  kw.update(VARIANTS[variant])
-  config = transformers.LlamaConfig(**kw)
-  model = transformers.LlamaForCausalLM(config).eval()
-  with torch.no_grad():               # norms away from 1, so a swapped norm is seen
+            rope_parameters=LLAMA_ROPE)
+  kw.update(extra)
+  config = getattr(transformers, config_class)(**kw)
+  model = getattr(transformers, MODEL_CLASSES[config_class])(config).eval()
+  with torch.no_grad():               # norms away from 1 and biases away from 0, so a swap is seen
     for name, p in model.named_parameters():
       if "norm" in name:
         p.copy_(1 + 0.3 * torch.randn_like(p))
+      elif name.endswith(".bias"):
+        p.copy_(0.3 * torch.randn_like(p))
   path = str(tmp_path / variant)
   model.save_pretrained(path)
   return path, model
@@ -53,7 +68,7 @@ def _hf_logits(model, tokens):
 
 def _ours_logits(cfg, params, tokens):
   positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-  return np.asarray(jax.jit(lambda p: llama.apply(cfg, p, tokens, positions,
+  return np.asarray(jax.jit(lambda p: lm.apply(cfg, p, tokens, positions,
                                                    np.ones_like(tokens)))(params))
 
 
@@ -86,7 +101,9 @@ def _tensors(directory):
 
 
 @pytest.mark.parametrize("variant, shard_bytes", [("untied_mha", 5 * 2**30),
-                                                  ("llama3_rope", 20_000)])
+                                                  ("llama3_rope", 20_000),
+                                                  ("qwen2_bias", 5 * 2**30),
+                                                  ("qwen3_qk_norm", 20_000)])
 def test_round_trip_is_bitwise_and_transformers_reads_the_export(tmp_path, variant, shard_bytes):
   path, model = _hf_dir(tmp_path, variant)
   cfg, params = hf.load(path)
@@ -123,7 +140,7 @@ def test_malformed_directories_name_the_file_and_tensor(tmp_path):
   json.dump({**config, "architectures": ["MambaForCausalLM"]},
             open(os.path.join(path, hf.CONFIG), "w"))
   with pytest.raises(hf.CheckpointFormatError, match=r"'MambaForCausalLM' is not supported; "
-                     r"supported: \['LlamaForCausalLM'\]"):
+                     r"supported: \[.*'LlamaForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'"):
     hf.load(path)
   json.dump(config, open(os.path.join(path, hf.CONFIG), "w"))
   # A tied head shipped anyway is fine when it is the embedding, an error when it is not.

@@ -19,7 +19,7 @@ from gamejax.data.errors import DataError
 from gamejax.data.prompts import opening_move
 from gamejax.data.tokenizer import ByteTokenizer, EOS
 from gamejax.games import arithmetic
-from gamejax.models import llama
+from gamejax.models import lm
 
 
 def problem_of(example: dict) -> arithmetic.Problem:
@@ -35,7 +35,7 @@ def answer_budget(params: dict) -> int:
   return arithmetic.turns(cfg, params.get("worked", True)).max_move("agent")
 
 
-def greedy_answers(cfg: llama.LlamaConfig, params: Any, prompts: Sequence[np.ndarray],
+def greedy_answers(cfg: lm.Config, params: Any, prompts: Sequence[np.ndarray],
                    max_new_tokens: int = 64, batch_size: int = 256) -> tuple[list[str], int]:
   """The model's greedy answer text to each prompt (up to its EOS) and how many never stopped."""
   tok = ByteTokenizer()
@@ -54,7 +54,7 @@ def greedy_answers(cfg: llama.LlamaConfig, params: Any, prompts: Sequence[np.nda
   return texts, unstopped
 
 
-def agent_accuracy(cfg: llama.LlamaConfig, params: Any, examples: Sequence[dict],
+def agent_accuracy(cfg: lm.Config, params: Any, examples: Sequence[dict],
                    max_new_tokens: int = 64, batch_size: int = 256,
                    prompts: Sequence[np.ndarray] | None = None) -> dict:
   """Greedy exact-match accuracy and partial credit of the model on arena examples, prompted

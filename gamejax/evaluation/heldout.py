@@ -24,20 +24,20 @@ import jax
 import numpy as np
 
 from gamejax import records
-from gamejax.models import llama
+from gamejax.models import lm
 from gamejax.payoffs.imitation import token_log_likelihood
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "players"))
-def _nll(cfg: llama.LlamaConfig, params, record: records.GameRecord, players: tuple[int, ...]):
+def _nll(cfg: lm.Config, params, record: records.GameRecord, players: tuple[int, ...]):
   """(summed negative log-likelihood, number of scored tokens) of one batch."""
-  logits_BTV = llama.apply(cfg, params, record.tokens, record.positions, record.segment_ids)
+  logits_BTV = lm.apply(cfg, params, record.tokens, record.positions, record.segment_ids)
   weights_BT = records.next_token_weights(record, players)
   loglik_BT = token_log_likelihood(logits_BTV, records.next_tokens(record))
   return -(loglik_BT * weights_BT).sum(), weights_BT.sum()
 
 
-def heldout_loss(cfg: llama.LlamaConfig, params: Any, source, players: Sequence[str | int],
+def heldout_loss(cfg: lm.Config, params: Any, source, players: Sequence[str | int],
                  seq_len: int, batch_size: int = 64) -> dict:
   """``{"heldout_loss", "heldout_perplexity", "heldout_tokens", "heldout_records"}`` of
   ``params`` on every record of ``source`` (anything with ``len`` and ``[i]`` giving ``tokens``

@@ -9,10 +9,10 @@ import numpy as np
 
 from gamejax import records
 from gamejax.data.pairs import PairLoader
-from gamejax.models import llama, reward
+from gamejax.models import lm, reward
 
 
-def pair_accuracy(cfg: llama.LlamaConfig, params: Any, source, seq_len: int,
+def pair_accuracy(cfg: lm.Config, params: Any, source, seq_len: int,
                   pairs_per_batch: int = 128, max_pairs: int = 1000) -> dict:
   """``{"pair_accuracy", "margin", "n"}`` over the first ``max_pairs`` pairs of ``source``
   (ties count as wrong)."""

@@ -42,13 +42,10 @@ def model_config(path: str, reader=None, **overrides):
   reader = reader or _reader(path)
   meta = metadata(reader)
   arch = meta.get("general.architecture")
-  family = next((f for f in families.FAMILIES.values()
-                 if getattr(f, "GGUF_ARCHITECTURE", None) == arch), None)
-  if family is None:
-    supported = sorted(f.GGUF_ARCHITECTURE for f in families.FAMILIES.values()
-                       if hasattr(f, "GGUF_ARCHITECTURE"))
-    raise CheckpointFormatError(f"{path}: GGUF architecture {arch!r} is not supported; "
-                                f"supported: {supported}")
+  try:
+    family = families.for_gguf_architecture(arch, path)
+  except ValueError as e:
+    raise CheckpointFormatError(str(e)) from None
   tied = "output.weight" not in {t.name for t in reader.tensors}
   try:
     return family, family.config_from_gguf(meta, tied=tied, **overrides)

@@ -22,7 +22,8 @@ from gamejax.models import families
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-# Buffers some exporters ship that are not parameters (recomputed from the config).
+# Buffers some exporters ship that are not parameters (recomputed from the config); a family adds
+# its own as ``HF_NOT_PARAMETERS`` (name suffixes).
 NOT_PARAMETERS = (".rotary_emb.inv_freq",)
 
 
@@ -115,9 +116,16 @@ def assemble(family, cfg, files: Mapping[str, str], read: Callable[[str], Any],
   expected tensor must be there with its shape, and nothing else."""
   expected = family.hf_tensors(cfg)
   known = {t.name for t in expected}
+  prefix = getattr(family, "HF_BASE_PREFIX", "")     # some exports drop the base model's prefix
+  if prefix and not any(n.startswith(prefix) for n in files) and any(
+      prefix + n in known for n in files):
+    files = {prefix + n if prefix + n in known else n: f for n, f in files.items()}
+    read = (lambda read_unprefixed: lambda name: read_unprefixed(
+        name[len(prefix):] if name.startswith(prefix) else name))(read)
+  buffers = NOT_PARAMETERS + tuple(getattr(family, "HF_NOT_PARAMETERS", ()))
   tied_head = "lm_head.weight" if cfg.tie_embeddings else None
   extra = sorted(n for n in files if n not in known and n != tied_head
-                 and not n.endswith(NOT_PARAMETERS))
+                 and not n.endswith(buffers))
   if extra:
     raise CheckpointFormatError(f"{files[extra[0]]}: tensor {extra[0]!r} is not a parameter of "
                                 f"{type(cfg).__name__} (and {len(extra) - 1} more unexpected)")

@@ -61,7 +61,7 @@ class LlamaConfig:
   >>> LlamaConfig(d_model=130, n_heads=4)
   Traceback (most recent call last):
   ...
-  gamejax.models.llama.LlamaConfigError: LlamaConfig.d_model=130 must be divisible by LlamaConfig.n_heads=4
+  gamejax.models.llama.LlamaConfigError: LlamaConfig.d_model=130 must be divisible by LlamaConfig.n_heads=4 (or set head_dim)
   """
   vocab_size: int = 320
   d_model: int = 128
@@ -77,6 +77,12 @@ class LlamaConfig:
   # in the compiled graph (XLA's pow, up to an ulp off), as the shipped experiments' models were
   # trained, so that their figures reproduce (experiments/models/*.gin set it).
   rope_on_host: bool = True
+  # Per-head width; 0: ``d_model // n_heads``. Qwen3 sets it apart from ``d_model``.
+  head_dim: int = 0
+  # Biases on the q, k and v projections (Qwen2); an RMSNorm over ``head_dim`` on each query and
+  # key head before RoPE (Qwen3).
+  qkv_bias: bool = False
+  qk_norm: bool = False
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   dtype: str = "float32"
@@ -84,39 +90,38 @@ class LlamaConfig:
   init_std: float = 0.02
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+    name_of = type(self).__name__
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "head_dim"):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise LlamaConfigError(f"LlamaConfig.{name}={value!r} must be a positive integer")
+      if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+          or value < (0 if name == "head_dim" else 1)):
+        raise LlamaConfigError(f"{name_of}.{name}={value!r} must be a positive integer")
     for name in ("rope_theta", "norm_eps", "init_std"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise LlamaConfigError(f"LlamaConfig.{name}={value!r} must be a positive number")
+        raise LlamaConfigError(f"{name_of}.{name}={value!r} must be a positive number")
     scaling = tuple(self.rope_scaling)
     if scaling and not (len(scaling) == 4 and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in scaling)
                         and scaling[2] > scaling[1]):
-      raise LlamaConfigError(f"LlamaConfig.rope_scaling={self.rope_scaling!r} must be () or "
+      raise LlamaConfigError(f"{name_of}.rope_scaling={self.rope_scaling!r} must be () or "
                              "(factor, low_freq_factor, high_freq_factor, "
                              "original_max_position_embeddings), all positive, high > low")
     object.__setattr__(self, "rope_scaling", scaling)
-    if self.d_model % self.n_heads:
-      raise LlamaConfigError(f"LlamaConfig.d_model={self.d_model} must be divisible by "
-                             f"LlamaConfig.n_heads={self.n_heads}")
+    if not self.head_dim:
+      if self.d_model % self.n_heads:
+        raise LlamaConfigError(f"{name_of}.d_model={self.d_model} must be divisible by "
+                               f"{name_of}.n_heads={self.n_heads} (or set head_dim)")
+      object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
     if self.n_heads % self.n_kv_heads:
-      raise LlamaConfigError(f"LlamaConfig.n_heads={self.n_heads} must be divisible by "
-                             f"LlamaConfig.n_kv_heads={self.n_kv_heads}")
+      raise LlamaConfigError(f"{name_of}.n_heads={self.n_heads} must be divisible by "
+                             f"{name_of}.n_kv_heads={self.n_kv_heads}")
     if self.head_dim % 2:
-      raise LlamaConfigError(f"head_dim = LlamaConfig.d_model/n_heads = {self.head_dim} must be "
-                             f"even for RoPE")
+      raise LlamaConfigError(f"{name_of}.head_dim={self.head_dim} must be even for RoPE")
     for name in ("dtype", "param_dtype"):
       value = getattr(self, name)
       if value not in _FLOAT_DTYPES:
-        raise LlamaConfigError(f"LlamaConfig.{name}={value!r} must be one of {_FLOAT_DTYPES}")
-
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.n_heads
+        raise LlamaConfigError(f"{name_of}.{name}={value!r} must be one of {_FLOAT_DTYPES}")
 
   @property
   def compute_dtype(self):
@@ -143,7 +148,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-  """Grouped-query attention; query head ``h`` uses kv head ``h // (n_heads // n_kv_heads)``.
+  """Grouped-query attention; query head ``h`` uses kv head ``h // (n_heads // n_kv_heads)``;
+  optional q/k/v biases (``qkv_bias``) and per-head q/k RMSNorm before RoPE (``qk_norm``).
 
   ``q``, ``k`` and ``v`` come from one GEMM (the three weights concatenated: one bigger matmul
   runs faster on CPU than three small ones).
@@ -164,6 +170,16 @@ class Attention(nn.Module):
 
     w_qkv = jnp.concatenate([wq, wk, wv], axis=1).reshape(d, (h + 2 * kv) * k)
     qkv_BTNK = dense(x_BTD.astype(dt), w_qkv).reshape(b, t, h + 2 * kv, k)
+    if cfg.qkv_bias:
+      zeros = nn.initializers.zeros
+      b_qkv = jnp.concatenate([self.param("q_bias", zeros, (h, k), cfg.weight_dtype),
+                               self.param("k_bias", zeros, (kv, k), cfg.weight_dtype),
+                               self.param("v_bias", zeros, (kv, k), cfg.weight_dtype)], axis=0)
+      qkv_BTNK = qkv_BTNK + b_qkv.astype(dt)[None, None]
+    if cfg.qk_norm:
+      qkv_BTNK = jnp.concatenate([RMSNorm(cfg, name="q_norm")(qkv_BTNK[:, :, :h]),
+                                  RMSNorm(cfg, name="k_norm")(qkv_BTNK[:, :, h:h + kv]),
+                                  qkv_BTNK[:, :, h + kv:]], axis=2)
     if kv_cache is None:
       out_BTHK = self_attention(qkv_BTNK, *rope_BT, bias_BTS, h, kv)
       new_cache = None
@@ -277,7 +293,7 @@ def _check_inputs(tokens_BT, positions_BT, segment_ids_BT):
 def init_params(cfg: LlamaConfig, rng) -> Params:
   """Initial parameters (the ``"params"`` collection: a nested dict of arrays).
 
-  Weights are ``N(0, init_std**2)`` and RMSNorm scales 1, as the modules' own initializers
+  Weights are ``N(0, init_std**2)``, RMSNorm scales 1 and biases 0, as the modules' own initializers
   (``Llama(cfg).init``) give; here every weight is sliced from ONE normal draw, so XLA compiles a
   single threefry instead of one per weight (about 5 s -> 0.5 s of compile time on 2 CPU cores).
 
@@ -298,13 +314,14 @@ def _param_shapes(cfg: LlamaConfig):
 def _init_params(cfg: LlamaConfig, rng) -> Params:
   shapes = _param_shapes(cfg)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-  is_scale = [path[-1].key == "scale" for path, _ in leaves]
-  total = sum(int(np.prod(x.shape)) for (_, x), scale in zip(leaves, is_scale) if not scale)
+  constant = [{"scale": 1, "q_bias": 0, "k_bias": 0, "v_bias": 0}.get(path[-1].key)
+              for path, _ in leaves]
+  total = sum(int(np.prod(x.shape)) for (_, x), c in zip(leaves, constant) if c is None)
   flat = jax.random.normal(rng, (total,), jnp.float32) * cfg.init_std
   out, offset = [], 0
-  for (_, x), scale in zip(leaves, is_scale):
-    if scale:
-      out.append(jnp.ones(x.shape, x.dtype))
+  for (_, x), c in zip(leaves, constant):
+    if c is not None:
+      out.append(jnp.full(x.shape, c, x.dtype))
     else:
       size = int(np.prod(x.shape))
       out.append(flat[offset:offset + size].reshape(x.shape).astype(x.dtype))
@@ -435,7 +452,7 @@ HF_ARCHITECTURES = ("LlamaForCausalLM",)
 class HFTensor:
   """One checkpoint tensor: its HF name and shape, where it lives in gamejax's params, and how it
   is laid out. ``linear``: HF stores ``[out, in]``; gamejax stores the transpose reshaped to
-  ``shape`` (heads split out); otherwise the two are the same array."""
+  ``shape`` (heads split out); otherwise the same values reshaped (a bias split into heads)."""
   name: str
   path: tuple[str, ...]
   hf_shape: tuple[int, ...]
@@ -443,10 +460,10 @@ class HFTensor:
   linear: bool
 
   def to_gamejax(self, x):
-    return x.T.reshape(self.shape) if self.linear else x
+    return (x.T if self.linear else x).reshape(self.shape)
 
   def to_hf(self, x):
-    return x.reshape(self.hf_shape[::-1]).T if self.linear else x
+    return x.reshape(self.hf_shape[::-1]).T if self.linear else x.reshape(self.hf_shape)
 
 
 def hf_tensors(cfg: LlamaConfig) -> list[HFTensor]:
@@ -461,6 +478,14 @@ def hf_tensors(cfg: LlamaConfig) -> list[HFTensor]:
         HFTensor(hf + "self_attn.k_proj.weight", ours + ("attn", "wk"), (kv * k, d), (d, kv, k), True),
         HFTensor(hf + "self_attn.v_proj.weight", ours + ("attn", "wv"), (kv * k, d), (d, kv, k), True),
         HFTensor(hf + "self_attn.o_proj.weight", ours + ("attn", "wo"), (d, h * k), (h, k, d), True),
+    ]
+    if cfg.qkv_bias:
+      out += [HFTensor(hf + f"self_attn.{x}_proj.bias", ours + ("attn", f"{x}_bias"), (n * k,),
+                       (n, k), False) for x, n in (("q", h), ("k", kv), ("v", kv))]
+    if cfg.qk_norm:
+      out += [HFTensor(hf + f"self_attn.{x}_norm.weight", ours + ("attn", f"{x}_norm", "scale"),
+                       (k,), (k,), False) for x in ("q", "k")]
+    out += [
         HFTensor(hf + "mlp.gate_proj.weight", ours + ("mlp", "w_gate"), (f, d), (d, f), True),
         HFTensor(hf + "mlp.up_proj.weight", ours + ("mlp", "w_up"), (f, d), (d, f), True),
         HFTensor(hf + "mlp.down_proj.weight", ours + ("mlp", "w_down"), (d, f), (f, d), True),
@@ -476,21 +501,28 @@ def hf_tensors(cfg: LlamaConfig) -> list[HFTensor]:
 
 def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
   """The ``LlamaConfig`` of an HF ``config.json`` (a dict); ``overrides`` (e.g. ``dtype``) win.
-  Features the family does not implement (attention or MLP biases, a ``head_dim`` other than
-  ``hidden_size / num_attention_heads``, a RoPE type other than default and llama3) raise
-  ``LlamaConfigError`` naming the key."""
+  Features the family does not implement (attention or MLP biases, an activation other than
+  SiLU, a RoPE type other than default and llama3) raise ``LlamaConfigError`` naming the key."""
+  for key in ("attention_bias", "mlp_bias"):
+    if hf.get(key):
+      raise LlamaConfigError(f"config.json: {key}=true is not supported by the llama family")
+  return decoder_config(LlamaConfig, hf, **overrides)
+
+
+def decoder_config(config_class, hf: dict, **overrides):
+  """A ``config_class`` (``LlamaConfig`` or a subclass) from the fields that Llama-style HF
+  configs share; ``overrides`` win."""
+  family = config_class.__name__
   def need(key):
     if key not in hf:
       raise LlamaConfigError(f"config.json has no {key!r}")
     return hf[key]
 
-  for key in ("attention_bias", "mlp_bias"):
-    if hf.get(key):
-      raise LlamaConfigError(f"config.json: {key}=true is not supported by the llama family")
-  d, h = need("hidden_size"), need("num_attention_heads")
-  if hf.get("head_dim") not in (None, d // h):
-    raise LlamaConfigError(f"config.json: head_dim={hf['head_dim']} != hidden_size / "
-                           f"num_attention_heads = {d // h}; not supported by the llama family")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise LlamaConfigError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported by "
+                           f"{family} (silu)")
+  if hf.get("use_sliding_window"):
+    raise LlamaConfigError(f"config.json: use_sliding_window=true is not supported by {family}")
   rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
   kind = rope.get("rope_type", rope.get("type", "default"))
@@ -501,30 +533,39 @@ def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
     scaling = ()
   else:
     raise LlamaConfigError(f"config.json: rope type {kind!r} is not supported (default, llama3)")
-  fields = dict(vocab_size=need("vocab_size"), d_model=d, n_layers=need("num_hidden_layers"),
-                n_heads=h, n_kv_heads=hf.get("num_key_value_heads") or h,
-                d_ff=need("intermediate_size"), rope_theta=float(theta), rope_scaling=scaling,
+  fields = dict(vocab_size=need("vocab_size"), d_model=need("hidden_size"),
+                n_layers=need("num_hidden_layers"), n_heads=need("num_attention_heads"),
+                n_kv_heads=hf.get("num_key_value_heads") or need("num_attention_heads"),
+                head_dim=hf.get("head_dim") or 0, d_ff=need("intermediate_size"),
+                rope_theta=float(theta), rope_scaling=scaling,
                 norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
-  return LlamaConfig(**{**fields, **overrides})
+  return config_class(**{**fields, **overrides})
 
 
 def config_to_hf(cfg: LlamaConfig) -> dict:
   """The HF ``config.json`` (a dict) of ``cfg``; ``config_from_hf`` inverts it."""
+  if cfg.qkv_bias or cfg.qk_norm:
+    raise LlamaConfigError("a Llama checkpoint has no q/k/v biases or q/k norms; export this "
+                           "model as Qwen2Config / Qwen3Config")
+  return {**decoder_hf(cfg), "architectures": list(HF_ARCHITECTURES), "model_type": "llama",
+          "attention_bias": False, "mlp_bias": False}
+
+
+def decoder_hf(cfg: LlamaConfig) -> dict:
+  """The HF config fields that Llama-style families share (``decoder_config`` inverts them)."""
   rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
   if cfg.rope_scaling:
     factor, low, high, original = cfg.rope_scaling
     rope.update(rope_type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
                 original_max_position_embeddings=original)
-  return {"architectures": list(HF_ARCHITECTURES), "model_type": "llama",
-          "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+  return {"vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
           "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
           "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
           "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
           "rope_theta": cfg.rope_theta, "rope_parameters": rope,
           "rope_scaling": rope if cfg.rope_scaling else None,
-          "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
-          "mlp_bias": False, "torch_dtype": cfg.param_dtype}
+          "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": cfg.param_dtype}
 
 
 # The family's GGUF names (llama.cpp's ``convert_hf_to_gguf``), read by ``gamejax.interop.gguf``.

@@ -19,24 +19,24 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from gamejax.models import llama
+from gamejax.models import lm
 
 Params = Any
 
 
-def init_params(cfg: llama.LlamaConfig, rng, policy: Params | None = None) -> Params:
-  """``{"policy": llama params, "value": {"w": float32[D], "b": float32[]}}`` (``policy`` given:
+def init_params(cfg: lm.Config, rng, policy: Params | None = None) -> Params:
+  """``{"policy": the policy's params, "value": {"w": float32[D], "b": float32[]}}`` (``policy`` given:
   those params, e.g. an SFT model's)."""
   if policy is None:
-    policy = llama.init_params(cfg, rng)
+    policy = lm.init_params(cfg, rng)
   value = {"w": jnp.zeros((cfg.d_model,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
   return {"policy": policy, "value": value}
 
 
-def apply(cfg: llama.LlamaConfig, params: Params, tokens_BT, positions_BT, segment_ids_BT):
+def apply(cfg: lm.Config, params: Params, tokens_BT, positions_BT, segment_ids_BT):
   """``(float32[B, T, V] logits, float32[B, T] values)``."""
-  hidden_BTD = llama.hidden(cfg, params["policy"], tokens_BT, positions_BT, segment_ids_BT)
-  logits_BTV = llama.lm_head(cfg, params["policy"], hidden_BTD)
+  hidden_BTD = lm.hidden(cfg, params["policy"], tokens_BT, positions_BT, segment_ids_BT)
+  logits_BTV = lm.lm_head(cfg, params["policy"], hidden_BTD)
   values_BT = jnp.einsum("btd,d->bt", hidden_BTD, params["value"]["w"].astype(jnp.float32),
                          precision="highest") + params["value"]["b"]
   return logits_BTV, values_BT

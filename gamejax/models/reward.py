@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from gamejax import records
-from gamejax.models import llama
+from gamejax.models import lm
 
 Params = Any
 
@@ -36,21 +36,21 @@ class RewardModelError(ValueError):
   """A reward model that cannot judge the given policy (or is configured wrongly)."""
 
 
-def init_params(cfg: llama.LlamaConfig, rng) -> Params:
-  """``{"trunk": llama params (no LM head), "head": {"w": float32[D], "b": float32[]}}``.
+def init_params(cfg: lm.Config, rng) -> Params:
+  """``{"trunk": the LM's params (no LM head), "head": {"w": float32[D], "b": float32[]}}``.
 
   The head starts at zero, so every transcript first scores 0 (a Bradley-Terry loss of log 2).
   To start from a trained policy, put its params in ``"trunk"`` (an ``"lm_head"`` there is unused).
   """
-  trunk = llama.init_params(cfg, rng)
+  trunk = lm.init_params(cfg, rng)
   trunk.pop("lm_head", None)  # untied embeddings: the reward model has no LM head
   head = {"w": jnp.zeros((cfg.d_model,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
   return {"trunk": trunk, "head": head}
 
 
-def apply(cfg: llama.LlamaConfig, params: Params, tokens_BT, positions_BT, segment_ids_BT):
+def apply(cfg: lm.Config, params: Params, tokens_BT, positions_BT, segment_ids_BT):
   """``float32[B, T]``: the score of every position (padding positions hold meaningless scores)."""
-  hidden_BTD = llama.hidden(cfg, params["trunk"], tokens_BT, positions_BT, segment_ids_BT)
+  hidden_BTD = lm.hidden(cfg, params["trunk"], tokens_BT, positions_BT, segment_ids_BT)
   w_D = jnp.asarray(params["head"]["w"], jnp.float32)
   b = jnp.asarray(params["head"]["b"], jnp.float32)
   chex.assert_shape(w_D, (cfg.d_model,))
@@ -93,9 +93,10 @@ def vocab_size(params: Params) -> int:
   return int(params["trunk"]["embedding"].shape[0])
 
 
-def check_compatible(policy_cfg: llama.LlamaConfig, reward_cfg: llama.LlamaConfig) -> None:
+def check_compatible(policy_cfg: lm.Config, reward_cfg: lm.Config) -> None:
   """Raises ``RewardModelError`` unless the reward model reads the policy's token ids.
 
+  >>> from gamejax.models import llama
   >>> check_compatible(llama.LlamaConfig(vocab_size=320), llama.LlamaConfig(vocab_size=256))
   Traceback (most recent call last):
   ...

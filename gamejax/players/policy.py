@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from gamejax import records, sampling, step as game_step
 from gamejax.data.tokenizer import EOS
-from gamejax.models import llama
+from gamejax.models import lm
 
 PROMPT_KEYS = ("prompt", "prompt_lengths")
 # Optional in a prompt batch: float32[B, L], the log-prob of each prompt token under the player
@@ -65,7 +65,7 @@ def at_temperature(apply: Callable[..., Any], temperature: float) -> Callable[..
   return scaled
 
 
-def sampled_play(cfg: llama.LlamaConfig, group_size: int, max_new_tokens: int,
+def sampled_play(cfg: lm.Config, group_size: int, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  eos_id: int = EOS, stop_ids: Sequence[int] = (), player: str = "agent",
                  turns: int = 1, opponent: Opponent | None = None,

@@ -19,6 +19,7 @@ from gamejax.data.loader import PackedLoader
 from gamejax.data.pairs import PairLoader
 from gamejax.data.prompts import DemonstrationLoader, PromptLoader
 from gamejax.evaluation import arena as arena_eval
+from gamejax.models import lora
 from gamejax.players import (judges, policy, reference as reference_player, selfplay, spin,
                              versus)
 from gamejax.run import registry
@@ -150,6 +151,12 @@ def spin_game(exp: Experiment, stage: Stage, learners) -> game_step.Game:
       after=selfplay.follow(followers).after)
 
 
+def lora_base(stage: Stage, name: str) -> str:
+  """The frozen player that holds LoRA learner ``name``'s base: the stage's reference when the
+  stage has one (the base is the reference, held once), else ``"<name>/base"``."""
+  return "reference" if stage.reference and name == "agent" else f"{name}/base"
+
+
 def stage_state(exp: Experiment, index: int, game: game_step.Game, players: Mapping[str, Any],
                 judge_params=None, earlier: Mapping[str, Any] | None = None
                 ) -> game_step.GameState:
@@ -164,8 +171,11 @@ def stage_state(exp: Experiment, index: int, game: game_step.Game, players: Mapp
   stage = exp.stages[index]
   copy = lambda tree: jax.tree.map(jnp.copy, tree)
   frozen = {}
-  if stage.reference:
+  bases = {p.adapters.base: p.base for p in players.values() if isinstance(p, lora.Adapted)}
+  players = {name: p.adapters if isinstance(p, lora.Adapted) else p for name, p in players.items()}
+  if stage.reference and "reference" not in bases:
     frozen["reference"] = copy(registry.MODELS[stage.player].policy(players["agent"]))
+  frozen.update({name: copy(base) for name, base in bases.items()})
   if stage.rollout is not None and stage.rollout.judge == "reward_model":
     frozen[judges.JUDGE] = copy(judge_params)
   frozen.update(selfplay.init_followers({**stage.all_followers, **spin_followers(stage)},
@@ -181,6 +191,8 @@ def constant_players(exp: Experiment, index: int) -> tuple[str, ...]:
   reward-model judge, snapshots, scripted players): checkpoints write them once."""
   stage = exp.stages[index]
   names = ["reference"] if stage.reference else []
+  names += [b for b in (lora_base(stage, n) for n, p in stage.players.items() if p.lora)
+            if b not in names]
   if stage.rollout is not None and stage.rollout.judge == "reward_model":
     names.append(judges.JUDGE)
   names += [n for n, f in stage.all_followers.items() if getattr(f, "kind", None) == "snapshot"]
@@ -221,6 +233,9 @@ def initial_players(exp: Experiment, index: int,
     rng = base if len(players) == 1 else jax.random.fold_in(base, j)
     init = source_params(exp, index, name, p.init_from, finals or {})
     out[name] = registry.MODELS[p.model].init(exp.model, rng, init)
+    if p.lora is not None:
+      adapters = lora.init(exp.model, p.lora, jax.random.fold_in(rng, 1), lora_base(stage, name))
+      out[name] = lora.Adapted(adapters=adapters, base=out[name])
   return out
 
 
@@ -256,5 +271,10 @@ def policies_of(exp: Experiment, index: int, players: Mapping[str, Any]) -> dict
   stage = exp.stages[index]
   return {name: registry.MODELS[p.model].policy(players[name])
           for name, p in stage.players.items()}
+
+
+def resolved_players(players: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict[str, Any]:
+  """Each learner's params as its model reads them (LoRA adapters merged into their base)."""
+  return {name: game_step.with_frozen(p, frozen) for name, p in players.items()}
 
 

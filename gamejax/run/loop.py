@@ -58,7 +58,7 @@ def _stack(batches: Sequence[Mapping[str, np.ndarray]]) -> dict:
 
 @dataclasses.dataclass
 class StageResult:
-  params: dict          # each learner's final params, by name
+  params: dict          # each learner's final params, by name (LoRA learners' merged)
   metrics: dict
 
 
@@ -132,7 +132,8 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
 
   def evaluate_now(state, step_no) -> float:
     """Held-out accuracy of the agent's current policy, logged as ``eval/accuracy``."""
-    policy_params = assembly.policies_of(exp, index, state.params)["agent"]
+    players = assembly.resolved_players(state.params, state.frozen)
+    policy_params = assembly.policies_of(exp, index, players)["agent"]
     figures = evaluation.evaluate(exp, policy_params, eval_examples)
     writer.write({"stage": stage.name, "step": step_no, "eval/accuracy": figures["accuracy"]})
     log(f"[{stage.name}] step {step_no}: held-out accuracy {figures['accuracy']:.4f}")
@@ -162,8 +163,7 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
     writer.close()
     ckpt.close()
   frozen = dict(state.frozen)
-
-  players = dict(state.params)
+  players = assembly.resolved_players(state.params, frozen)   # LoRA adapters merged
   result = {"steps": end, "loss": last_loss, **counts}
   if last_probes:
     result["probes"] = last_probes      # exact figures of the params, over the last call's steps

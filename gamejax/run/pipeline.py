@@ -80,8 +80,9 @@ def restore_players(exp: Experiment, index: int, workdir: str) -> tuple[dict, di
 
 
 def restore_params(exp: Experiment, index: int, workdir: str) -> dict:
-  """The learners' params (by name) of stage ``index``'s latest checkpoint in ``workdir``."""
-  return restore_players(exp, index, workdir)[0]
+  """The learners' params (by name) of stage ``index``'s latest checkpoint in ``workdir``, as
+  their models read them (LoRA adapters merged into their base)."""
+  return assembly.resolved_players(*restore_players(exp, index, workdir))
 
 
 def _payoff_name(payoff) -> str:

@@ -12,23 +12,23 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
-from gamejax.models import llama, policy_value, reward
+from gamejax.models import lm, policy_value, reward
 from gamejax.players import judges
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelKind:
   # init(cfg, rng, params_from_elsewhere or None) -> params
-  init: Callable[[llama.LlamaConfig, Any, Any], Any]
+  init: Callable[[lm.Config, Any, Any], Any]
   # apply(cfg) -> apply(params, tokens, positions, segment_ids)
-  apply: Callable[[llama.LlamaConfig], Callable[..., Any]]
+  apply: Callable[[lm.Config], Callable[..., Any]]
   # The policy params inside the params (what samples, and what another stage starts from).
   policy: Callable[[Any], Any] = lambda params: params
   samples: bool = True           # its logits are a policy's (scaled by the scoring temperature)
 
 
 def _policy_init(cfg, rng, init):
-  return policy_value.policy_params(init) if init is not None else llama.init_params(cfg, rng)
+  return policy_value.policy_params(init) if init is not None else lm.init_params(cfg, rng)
 
 
 def _policy_value_init(cfg, rng, init):
@@ -47,7 +47,7 @@ def _reward_model_init(cfg, rng, init):
 
 
 MODELS: dict[str, ModelKind] = {
-    "policy": ModelKind(_policy_init, lambda cfg: functools.partial(llama.apply, cfg)),
+    "policy": ModelKind(_policy_init, lambda cfg: functools.partial(lm.apply, cfg)),
     "policy_value": ModelKind(_policy_value_init,
                               lambda cfg: functools.partial(policy_value.apply, cfg),
                               policy=policy_value.policy_params),
@@ -56,7 +56,7 @@ MODELS: dict[str, ModelKind] = {
 }
 
 # Rollout.judge names -> a builder of the responder from the model config.
-JUDGES: dict[str, Callable[[llama.LlamaConfig], judges.Responder]] = {
+JUDGES: dict[str, Callable[[lm.Config], judges.Responder]] = {
     "arena": lambda cfg: judges.arena_judge(),
     "reward_model": lambda cfg: judges.reward_model_judge(cfg, functools.partial(reward.apply,
                                                                                  cfg)),

@@ -26,7 +26,7 @@ from gamejax import interop, records
 from gamejax.data import sources
 from gamejax.data.tokenizer import VOCAB_SIZE
 from gamejax.games.base import GameConfigError, Scripted
-from gamejax.models import llama
+from gamejax.models import families, lm, lora as lora_lib
 from gamejax.payoffs.base import Payoff
 from gamejax.players import judges, selfplay
 from gamejax.run import registry
@@ -148,6 +148,8 @@ class Player:
   prepare: Any = None
   epochs: int = 1
   minibatches: int = 1
+  # LoRA adapters (``LoraConfig``): only they learn; the starting params are their frozen base.
+  lora: lora_lib.LoraConfig | None = None
 
 
 AGENT = "agent"          # the name of a stage's inline learner
@@ -191,6 +193,9 @@ class Stage:
   prepare: Any = None
   epochs: int = 1
   minibatches: int = 1
+  # LoRA adapters (``LoraConfig(rank, alpha, targets)``) on the agent: only they learn, its
+  # starting params are their frozen base (and, with ``reference``, the reference too).
+  lora: lora_lib.LoraConfig | None = None
   # Two-player stages.
   game: Any = None
   learners: Mapping[str, Player] = dataclasses.field(default_factory=dict)
@@ -226,7 +231,7 @@ class Stage:
       return dict(self.learners)
     return {AGENT: Player(payoff=self.payoff, optimizer=self.optimizer, model=self.player,
                           init_from=self.init_from, prepare=self.prepare, epochs=self.epochs,
-                          minibatches=self.minibatches)}
+                          minibatches=self.minibatches, lora=self.lora)}
 
   @property
   def seated(self) -> dict[str, Any]:
@@ -266,7 +271,7 @@ class Evaluation:
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   stages: Sequence[Stage]
-  model: llama.LlamaConfig
+  model: lm.Config
   evaluation: Evaluation | None = None
   seed: int = 0
   data_dir: str | None = None          # None: $GAMEJAX_DATA_DIR or ~/.cache/gamejax/datasets
@@ -280,8 +285,13 @@ class Experiment:
       raise ExperimentError("Experiment.stages is empty: give at least one Stage")
     if len(set(names)) != len(names):
       raise ExperimentError(f"Experiment.stages: stage names must be unique, got {names}")
+    try:
+      families.of_config(self.model)
+    except ValueError as e:
+      raise ExperimentError(f"Experiment.model: {e}") from None
     if self.model.vocab_size < VOCAB_SIZE:
-      raise ExperimentError(f"LlamaConfig.vocab_size={self.model.vocab_size} is smaller than the "
+      raise ExperimentError(f"{type(self.model).__name__}.vocab_size={self.model.vocab_size} is "
+                            f"smaller than the "
                             f"byte tokenizer's {VOCAB_SIZE} ids")
     specs = [s.data for s in self.stages if s.data is not None] + (
         [self.evaluation.data] if self.evaluation else [])
@@ -438,6 +448,8 @@ def _validate_player(s: Stage, name: str, p: Player, earlier: Sequence[Stage], m
   if p.model not in registry.MODELS:
     field = "model" if s.learners else "player"
     raise ExperimentError(f"{where}: {field}={p.model!r}; expected one of {sorted(registry.MODELS)}")
+  if p.lora is not None:
+    _validate_lora(s, where, p, model)
   if interop.is_checkpoint(p.init_from):
     _check_checkpoint(where, p.init_from, model)
     return
@@ -458,6 +470,20 @@ def _validate_player(s: Stage, name: str, p: Player, earlier: Sequence[Stage], m
                           f"named {name!r}; name one (init_from='{source.name}:PLAYER')")
 
 
+def _validate_lora(s: Stage, where: str, p: Player, model) -> None:
+  if not isinstance(p.lora, lora_lib.LoraConfig):
+    raise ExperimentError(f"{where}: lora={p.lora!r}; expected a LoraConfig(rank, alpha, targets)")
+  if p.model != "policy":
+    raise ExperimentError(f"{where}: LoRA adapts a policy; this learner is a {p.model!r}")
+  if s.spin is not None or s.all_followers:
+    raise ExperimentError(f"{where}: a LoRA learner cannot have followers (lagged, ema, league, "
+                          "SPIN's previous iterate) yet; train it with full parameters")
+  try:
+    lora_lib.targets(model, p.lora)
+  except lora_lib.LoraConfigError as e:
+    raise ExperimentError(f"{where}: {e}") from None
+
+
 def _check_checkpoint(where: str, spec: str, model) -> None:
   """A learner that starts from checkpoint ``spec`` needs ``Experiment.model`` to be its config
   (``@pretrained_model()``); the checkpoint must be readable."""
@@ -466,8 +492,10 @@ def _check_checkpoint(where: str, spec: str, model) -> None:
   except (ValueError, OSError) as e:
     raise ExperimentError(f"{where}: init_from={spec!r}: {e}") from None
   if theirs != model:
-    diff = {f.name: (getattr(model, f.name), getattr(theirs, f.name))
-            for f in dataclasses.fields(theirs) if getattr(model, f.name) != getattr(theirs, f.name)}
+    diff = ({"family": (type(model).__name__, type(theirs).__name__)}
+            if type(theirs) is not type(model) else
+            {f.name: (getattr(model, f.name), getattr(theirs, f.name))
+             for f in dataclasses.fields(theirs) if getattr(model, f.name) != getattr(theirs, f.name)})
     raise ExperimentError(f"{where}: init_from={spec!r} holds another model than "
                           f"Experiment.model (field: (Experiment.model's, the checkpoint's)): "
                           f"{diff}; set Experiment.model = @pretrained_model() with "

@@ -1,0 +1,69 @@
+"""The language-model interface: every use of a model goes through these functions, which call
+the family of the config given (``gamejax.models.families``: Llama, Qwen2, Qwen3, GPT-2, ...).
+
+A config is a family's frozen dataclass (``LlamaConfig``, ``Qwen2Config``, ``GPT2Config``, ...);
+params are a nested dict of arrays. Every forward takes ``tokens``, ``positions`` (restarting at 0
+per packed segment) and ``segment_ids`` (1, 2, ... per segment, 0 for padding), all ``int32[B, T]``.
+
+>>> import jax, numpy as np
+>>> from gamejax.models.qwen3 import Qwen3Config
+>>> cfg = Qwen3Config(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
+>>> params = init_params(cfg, jax.random.key(0))
+>>> ones = np.ones((1, 4), np.int32)
+>>> apply(cfg, params, ones, np.arange(4, dtype=np.int32)[None], ones).shape
+(1, 4, 32)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from gamejax.models import families
+
+Config = Any    # a family's config dataclass
+Params = Any
+
+
+def init_params(cfg: Config, rng) -> Params:
+  """Initial parameters of the model of ``cfg``."""
+  return families.of_config(cfg).init_params(cfg, rng)
+
+
+def apply(cfg: Config, params: Params, tokens_BT, positions_BT, segment_ids_BT):
+  """``float32[B, T, V]``: next-token logits at every position (full forward)."""
+  return families.of_config(cfg).apply(cfg, params, tokens_BT, positions_BT, segment_ids_BT)
+
+
+def hidden(cfg: Config, params: Params, tokens_BT, positions_BT, segment_ids_BT):
+  """``float32[B, T, D]``: the trunk's states, what the LM head (or a reward head) reads."""
+  return families.of_config(cfg).hidden(cfg, params, tokens_BT, positions_BT, segment_ids_BT)
+
+
+def lm_head(cfg: Config, params: Params, hidden_BTD):
+  """``float32[B, T, V]``: the LM head on ``hidden``'s states."""
+  return families.of_config(cfg).lm_head(cfg, params, hidden_BTD)
+
+
+def init_cache(cfg: Config, batch: int, max_len: int):
+  """An empty decoding cache for ``batch`` rows of ``max_len`` slots."""
+  return families.of_config(cfg).init_cache(cfg, batch, max_len)
+
+
+def apply_with_cache(cfg: Config, params: Params, tokens_BT, positions_BT, segment_ids_BT, cache,
+                     cache_index):
+  """Cached forward: writes the new tokens at ``cache_index ..`` and returns ``(logits, cache)``;
+  prefill then one-token steps give the full forward's logits."""
+  return families.of_config(cfg).apply_with_cache(cfg, params, tokens_BT, positions_BT,
+                                                  segment_ids_BT, cache, cache_index)
+
+
+def param_count(cfg: Config) -> int:
+  return families.of_config(cfg).param_count(cfg)
+
+
+def matmul_params(cfg: Config) -> int:
+  return families.of_config(cfg).matmul_params(cfg)
+
+
+def flops_per_token(cfg: Config, seq_len: int) -> float:
+  """Training FLOPs per token (forward and backward), for MFU."""
+  return families.of_config(cfg).flops_per_token(cfg, seq_len)

@@ -1,0 +1,164 @@
+"""LoRA (``gamejax.models.lora``) in the compiled step: only adapters learn, the base is frozen and
+never in the optimizer, the gradient at ``B = 0`` is the full gradient projected through the
+adapter, optimizer memory scales with the rank, and a PEFT export loaded by ``peft`` onto the
+transformers model gives gamejax's logits."""
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gamejax import sharding, step as game_step
+from gamejax.interop import hf
+from gamejax.models import llama, lm, lora
+from gamejax.payoffs import imitation
+from gamejax.payoffs.base import Play
+from gamejax.records import GameRecord
+
+from test_step import _batches
+
+CFG = llama.LlamaConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+LCFG = lora.LoraConfig(rank=4, alpha=8.0, targets=r"q_proj|v_proj|down_proj")
+
+
+def _state(lcfg=LCFG, lr=3e-3):
+  base = llama.init_params(CFG, jax.random.key(0))
+  adapters = lora.init(CFG, lcfg, jax.random.key(1), base="agent/base")
+  learner = game_step.Learner(functools.partial(lm.apply, CFG), imitation(("agent",)),
+                              optax.adam(lr))
+  game = game_step.Game(learners={"agent": learner})
+  state = game_step.init_state(game, {"agent": adapters}, jax.random.PRNGKey(2),
+                               frozen={"agent/base": base})
+  return game, state, base
+
+
+def test_targets_follow_the_regex_and_a_regex_matching_nothing_lists_the_weights():
+  names = [t.name for t in lora.targets(CFG, LCFG)]
+  assert len(names) == 6 and all(("q_proj" in n or "v_proj" in n or "down_proj" in n) for n in names)
+  with pytest.raises(lora.LoraConfigError, match=r"matches none of LlamaConfig's dense weights: "
+                     r"\[.*'model.layers.N.self_attn.q_proj.weight'"):
+    lora.targets(CFG, lora.LoraConfig(targets="query_key_value"))
+  with pytest.raises(lora.LoraConfigError, match="rank=0"):
+    lora.LoraConfig(rank=0)
+
+
+def test_a_compiled_step_changes_only_the_adapters():
+  game, state, base = _state()
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  fn, shardings = game_step.make_step(game, mesh, jax.eval_shape(lambda: state))
+  before = jax.tree.map(np.asarray, state)
+  new, metrics = fn(jax.device_put(state, shardings), _batches(3, 4, 36, 0))
+  assert np.isfinite(np.asarray(metrics["loss"])).all()
+  jax.tree.map(np.testing.assert_array_equal, new.frozen, before.frozen)   # the base, bitwise
+  for path, pair in lora._pairs(new.params["agent"].adapters):
+    assert not np.array_equal(pair["b"], np.zeros_like(pair["b"])), path
+  # The optimizer holds state for the adapters only: no leaf has a base weight's shape.
+  base_shapes = {x.shape for x in jax.tree.leaves(base) if x.ndim > 1}
+  assert not {x.shape for x in jax.tree.leaves(new.opt_state) if np.ndim(x) > 1} & base_shapes
+
+
+def test_gradient_at_init_is_the_full_gradient_projected_through_the_adapter():
+  _, state, base = _state()
+  moves = GameRecord(**jax.tree.map(lambda x: x[0], _batches(1, 4, 36, 1)))
+  payoff = imitation(("agent",))
+  apply = functools.partial(lm.apply, CFG)
+
+  full = jax.grad(lambda p: payoff(p, Play(apply, moves, {}, jax.random.key(0)))[0])(base)
+  frozen = {"agent/base": base}
+  bound = game_step.bind_frozen(apply, frozen)
+  adapters = state.params["agent"]
+  grads = jax.grad(lambda p: payoff(p, Play(bound, moves, {}, jax.random.key(0), frozen))[0])(
+      adapters)
+  for path, pair in lora._pairs(grads.adapters):
+    g_w = full
+    for part in path:
+      g_w = g_w[part]
+    a = dict(lora._pairs(adapters.adapters))[path]["a"]
+    g_flat = np.asarray(g_w).reshape(a.shape[0], -1)              # [in, out]
+    np.testing.assert_allclose(pair["b"], LCFG.scale * np.asarray(a).T @ g_flat,
+                               rtol=2e-4, atol=1e-7)
+    np.testing.assert_array_equal(pair["a"], np.zeros_like(pair["a"]))   # B = 0: no gradient
+
+
+def _opt_bytes(rank):
+  lcfg = lora.LoraConfig(rank=rank, alpha=8.0, targets=LCFG.targets)
+  _, state, _ = _state(lcfg)
+  return sum(x.nbytes for x in jax.tree.leaves(state.opt_state)), lora.count(state.params["agent"])
+
+
+def test_optimizer_memory_scales_with_the_rank_not_the_model():
+  (small, n_small), (large, n_large) = _opt_bytes(2), _opt_bytes(8)
+  # Adam's two float32 moments per adapter weight and a step counter, nothing of the base.
+  assert small == 2 * 4 * n_small + 4 and large == 2 * 4 * n_large + 4
+  assert n_large == 4 * n_small
+
+
+def test_merged_model_matches_peft_on_transformers_and_the_export_is_atomic(tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  cfg = llama.LlamaConfig(vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                          d_ff=64, tie_embeddings=False)
+  base = llama.init_params(cfg, jax.random.key(3))
+  lcfg = lora.LoraConfig(rank=4, alpha=12.0, targets=r"q_proj|layers\.1\..*o_proj|up_proj|lm_head")
+  adapters = lora.init(cfg, lcfg, jax.random.key(4), base="b")
+  # B = 0 merges to the base; random B is what training would leave.
+  adapters = adapters.replace(adapters=jax.tree.map(
+      lambda x: x + 0.05 * jax.random.normal(jax.random.key(5), x.shape), adapters.adapters))
+  merged = lora.merge(base, adapters)
+  base_dir, peft_dir = str(tmp_path / "base"), str(tmp_path / "adapter")
+  hf.save(cfg, base, base_dir)
+  lora.save_peft(cfg, lcfg, adapters, peft_dir, base_model=base_dir)
+  with pytest.raises(FileExistsError):
+    lora.save_peft(cfg, lcfg, adapters, peft_dir)
+  assert sorted(os.listdir(peft_dir)) == [lora.PEFT_CONFIG, lora.PEFT_WEIGHTS]
+  assert json.load(open(os.path.join(peft_dir, lora.PEFT_CONFIG)))["r"] == 4
+
+  model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+  model = peft.PeftModel.from_pretrained(model, peft_dir).eval()
+  tokens = np.random.default_rng(0).integers(0, 48, (2, 40)).astype(np.int32)
+  with torch.no_grad():
+    want = model(input_ids=torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+  positions = np.broadcast_to(np.arange(40, dtype=np.int32), tokens.shape)
+  got = lm.apply(cfg, merged, tokens, positions, np.ones_like(tokens))
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_lora_grpo_stage_from_gin_keeps_its_base_as_the_reference_and_resumes(tmp_path):
+  """experiments/arithmetic/grpo.gin's GRPO stage with ``Stage.lora``: the state holds the base
+  once (as the KL reference), checkpoints the adapters, resumes exactly, and hands the next
+  stage the merged model."""
+  from gamejax import config, run
+  EXP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+  config.parse([f"{EXP}/arithmetic/grpo.gin", f"{EXP}/models/tiny.gin"],
+               ["grpo/Stage.steps=4", "Stage.steps_per_call=2", "grpo/Stage.checkpoint_every=2",
+                "GROUP_SIZE=2", "grpo/Stage.batch_size=2", "grpo/arena.num_train=50",
+                "grpo/arena.num_test=10", "eval/arena.num_test=10", "Evaluation.num_examples=10",
+                "Evaluation.batch_size=10", "grpo/Optimizer.learning_rate=1e-2",
+                "grpo/Stage.lora=@LoraConfig()", "LoraConfig.rank=2",
+                "LoraConfig.targets='q_proj|v_proj'",
+                f"Experiment.data_dir='{tmp_path / 'data'}'"])
+  exp = config.build_experiment()
+  index = [s.name for s in exp.stages].index("grpo")
+  assert exp.stages[index].reference and exp.stages[index].lora.rank == 2
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  quiet = dict(progress=False, log=lambda _: None)
+  straight = run.run_stage(exp, index, None, str(tmp_path / "a"), mesh, **quiet)
+  run.run_stage(exp, index, None, str(tmp_path / "b"), mesh, stop_after_steps=2, **quiet)
+  resumed = run.run_stage(exp, index, None, str(tmp_path / "b"), mesh, **quiet)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+               straight.params, resumed.params)
+  params, frozen = run.restore_players(exp, index, str(tmp_path / "a"))
+  adapters = params["agent"]
+  assert isinstance(adapters, lora.LoraParams) and adapters.base == "reference"
+  assert sorted(frozen) == ["reference"]                       # the base, held once
+  merged = straight.params["agent"]                            # what the next stage starts from
+  base = frozen["reference"]
+  assert not np.array_equal(merged["block_0"]["attn"]["wq"], base["block_0"]["attn"]["wq"])
+  np.testing.assert_array_equal(merged["block_0"]["mlp"]["w_up"], base["block_0"]["mlp"]["w_up"])
+  jax.tree.map(np.testing.assert_array_equal, run.restore_params(exp, index, str(tmp_path / "a"))["agent"],
+               merged)
