@@ -76,8 +76,13 @@ def _parser() -> argparse.ArgumentParser:
                   help="a run directory (repeatable: curves of several runs overlaid)")
   pl.add_argument("--output", default=None, help="folder for the PNGs (default: the first "
                   "WORKDIR/plots)")
-  g = sub.add_parser("generate", help="sample completions of prompts from a stage's checkpoint")
-  g.add_argument("--workdir", required=True)
+  g = sub.add_parser("generate", help="sample completions of prompts from a stage's checkpoint "
+                     "or an imported one")
+  model = g.add_mutually_exclusive_group(required=True)
+  model.add_argument("--workdir", help="a run directory (its tokenizer and its stage's params)")
+  model.add_argument("--checkpoint", help="an imported model: 'hf:DIR' or 'gguf:FILE'")
+  g.add_argument("--tokenizer", default=None, help="with --checkpoint: 'byte' or 'hf:DIR' "
+                 "(default: the checkpoint's folder when it holds tokenizer.json, else byte)")
   g.add_argument("--stage", default=None,
                  help="policy stage to sample (default: the last policy stage with a checkpoint)")
   src = g.add_mutually_exclusive_group(required=True)
@@ -95,11 +100,16 @@ def _parser() -> argparse.ArgumentParser:
   x.add_argument("--workdir", required=True)
   x.add_argument("--stage", default=None,
                  help="policy stage to export (default: the last policy stage with a checkpoint)")
-  x.add_argument("--format", required=True, choices=["hf"],
-                 help="hf: a Hugging Face directory (config.json + safetensors)")
+  x.add_argument("--format", required=True, choices=["hf", "peft"],
+                 help="hf: a Hugging Face directory (config.json + safetensors + tokenizer; a "
+                 "LoRA stage's adapters merged); peft: a LoRA stage's adapters as a PEFT adapter")
   x.add_argument("--max_shard_bytes", type=int, default=5 * 2**30,
                  help="safetensors files are sharded above this size (with an index)")
   x.add_argument("out", help="the directory to create (must not exist)")
+  c = sub.add_parser("convert", help="write an imported checkpoint (GGUF or HF) as a Hugging Face "
+                     "directory with its tokenizer")
+  c.add_argument("checkpoint", help="'gguf:FILE' or 'hf:DIR'")
+  c.add_argument("out", help="the directory to create (must not exist)")
   return p
 
 
@@ -255,6 +265,10 @@ def generate(args) -> int:
     if not ok:
       raise UsageError(f"{flag}={getattr(args, flag[2:])} is out of range")
   prompts = args.prompt if args.prompt else _read_prompts(args.prompts)
+  if args.checkpoint:
+    return _generate_from_checkpoint(args, prompts)
+  if args.tokenizer:
+    raise UsageError("--tokenizer goes with --checkpoint (a run uses its own tokenizer)")
   workdir = os.path.abspath(args.workdir)
   exp, names = _load_run(workdir)
   policies = [s.name for s in exp.stages if s.player != "reward_model"]
@@ -265,7 +279,34 @@ def generate(args) -> int:
                                    if stage.data.name == "arithmetic_arena" else 128)
   params = run.policies_of(exp, index, run.restore_params(exp, index, workdir))["agent"]
   rows = gen.complete(exp.model, params, prompts, budget, args.num_samples, args.temperature,
-                      args.top_k, args.top_p, args.seed)
+                      args.top_k, args.top_p, args.seed, tokenizer=exp.text_tokenizer)
+  _show_completions(args, prompts, rows, name)
+  return 0
+
+
+def _generate_from_checkpoint(args, prompts) -> int:
+  from gamejax import generate as gen, interop
+  from gamejax.data import tokenizer as tokenizers
+  kind, _, path = args.checkpoint.partition(":")
+  if not interop.is_checkpoint(args.checkpoint):
+    raise UsageError(f"--checkpoint={args.checkpoint!r}: expected 'hf:DIR' or 'gguf:FILE'")
+  spec = args.tokenizer or ("hf:" + path if kind == "hf" and os.path.isfile(
+      os.path.join(path, "tokenizer.json")) else "byte")
+  try:
+    tok = tokenizers.load_tokenizer(spec)
+    cfg, params = interop.load_checkpoint(args.checkpoint)
+  except (ValueError, OSError) as e:
+    raise UsageError(f"{e}") from None
+  if tok.vocab_size > cfg.vocab_size:
+    raise UsageError(f"tokenizer {spec!r} has {tok.vocab_size} ids; the checkpoint's embedding "
+                     f"has {cfg.vocab_size} rows")
+  rows = gen.complete(cfg, params, prompts, args.max_new_tokens or 128, args.num_samples,
+                      args.temperature, args.top_k, args.top_p, args.seed, tokenizer=tok)
+  _show_completions(args, prompts, rows, args.checkpoint)
+  return 0
+
+
+def _show_completions(args, prompts, rows, name) -> None:
   for i, prompt in enumerate(prompts):
     print(f">>> {prompt}")
     for r in rows[i * args.num_samples:(i + 1) * args.num_samples]:
@@ -276,12 +317,29 @@ def generate(args) -> int:
       for r in rows:
         f.write(json.dumps({"stage": name, **r}) + "\n")
     os.replace(tmp, args.output)
-    print(f"# {len(rows)} completions of stage {name!r} written to {args.output}", file=sys.stderr)
+    print(f"# {len(rows)} completions of {name!r} written to {args.output}", file=sys.stderr)
+
+
+def convert(args) -> int:
+  from gamejax import interop
+  from gamejax.interop import hf
+  out = os.path.abspath(args.out)
+  if os.path.exists(out):
+    raise UsageError(f"{args.out} exists; convert writes a new directory")
+  if not interop.is_checkpoint(args.checkpoint):
+    raise UsageError(f"{args.checkpoint!r}: expected 'hf:DIR' or 'gguf:FILE'")
+  try:
+    cfg, params = interop.load_checkpoint(args.checkpoint)
+    hf.save(cfg, params, out, tokenizer_from=args.checkpoint)
+  except (ValueError, OSError) as e:
+    raise UsageError(f"{e}") from None
+  print(f"# {args.checkpoint} written to {out} ({type(cfg).__name__}, with its tokenizer)",
+        file=sys.stderr)
   return 0
 
 
 def export(args) -> int:
-  from gamejax import run
+  from gamejax import interop, run
   from gamejax.interop import hf
   out = os.path.abspath(args.out)
   if os.path.exists(out):
@@ -293,8 +351,19 @@ def export(args) -> int:
   policies = [s.name for s in exp.stages if s.player != "reward_model"]
   name = _pick_stage(workdir, names, args.stage, policies, what="policy")
   index = names.index(name)
-  params = run.policies_of(exp, index, run.restore_params(exp, index, workdir))["agent"]
-  hf.save(exp.model, params, out, max_shard_bytes=args.max_shard_bytes)
+  if args.format == "peft":
+    from gamejax.models import lora
+    lcfg = exp.stages[index].players["agent"].lora
+    if lcfg is None:
+      raise UsageError(f"stage {name!r} trains no LoRA adapters; export it with --format=hf")
+    adapters = run.restore_players(exp, index, workdir)[0]["agent"]
+    base = exp.stages[index].players["agent"].init_from
+    lora.save_peft(exp.model, lcfg, adapters, out,
+                   base_model=base.partition(":")[2] if interop.is_checkpoint(base) else "")
+  else:
+    params = run.policies_of(exp, index, run.restore_params(exp, index, workdir))["agent"]
+    hf.save(exp.model, params, out, max_shard_bytes=args.max_shard_bytes,
+            tokenizer_from=exp.tokenizer)
   print(f"# stage {name!r} written to {out} ({args.format})", file=sys.stderr)
   return 0
 
@@ -337,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return {"train": lambda: train(args, bindings), "eval": lambda: evaluate(args),
             "generate": lambda: generate(args), "plot": lambda: plot(args),
-            "league": lambda: league(args), "export": lambda: export(args)}[args.command]()
+            "league": lambda: league(args), "export": lambda: export(args),
+            "convert": lambda: convert(args)}[args.command]()
   except (ConfigError, UsageError, CheckpointError, DataError, PlotError) as e:
     print(f"gamejax: error: {e}", file=sys.stderr)
     return 2

@@ -13,7 +13,7 @@ Configurables (use these names in ``.gin`` files):
     ``first_move_probe`` (a probe: weight it 0);
   judges and opponents: ``arena_judge``, ``pairwise_judge``, ``arena_preference``,
     ``cyclic_preference``, ``cyclic_equilibrium``,
-    ``arena_feedback``, ``fixed_reply``;
+    ``arena_feedback``, ``fixed_reply``, ``verifier`` (a Python function by import path);
   data sources: ``arena``, ``arena_preferences``, ``local_text``.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from gamejax.models import families, lora
 from gamejax import payoffs
 from gamejax.data import preferences as preference_data
 from gamejax.games import base as games_base, kuhn, matrix, redteam
-from gamejax.players import judges, opponents, selfplay, versus
+from gamejax.players import judges, opponents, selfplay, verifiers, versus
 
 
 class ConfigError(ValueError):
@@ -69,6 +69,7 @@ def register() -> None:
   gin.external_configurable(local_text, name="local_text", module="gamejax")
   gin.external_configurable(arena_preferences, name="arena_preferences", module="gamejax")
   gin.external_configurable(pretrained_model, name="pretrained_model", module="gamejax")
+  gin.external_configurable(verifiers.verifier, name="verifier", module="gamejax")
   _REGISTERED = True
 
 

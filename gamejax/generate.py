@@ -23,27 +23,42 @@ import jax
 import numpy as np
 
 from gamejax import sampling
-from gamejax.data.tokenizer import BOS, EOS, ByteTokenizer
+from gamejax.data.tokenizer import ByteTokenizer
 from gamejax.models import lm
+
+
+def encode_prompt(tok, prompt: str) -> np.ndarray:
+  """A prompt's ids: a chat model's (a tokenizer with a chat template) as the user's message with
+  the assistant's turn opened (``apply_chat_template(..., add_generation_prompt=True)``), else
+  ``BOS + prompt`` (BOS where the tokenizer adds one).
+
+  >>> encode_prompt(ByteTokenizer(), "hi").tolist()
+  [1, 107, 108]
+  """
+  if getattr(tok, "chat_template", None):
+    return tok.encode_chat_prompt([{"role": "user", "content": prompt}])
+  bos = [tok.bos_id] if getattr(tok, "add_bos", True) and tok.bos_id is not None else []
+  return np.concatenate([bos, tok.encode(prompt)]).astype(np.int32)
 
 
 def complete(cfg: lm.Config, params: Any, prompts: Sequence[str], max_new_tokens: int,
              num_samples: int = 1, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, batch_size: int = 64) -> list[dict]:
+             seed: int = 0, batch_size: int = 64, tokenizer=None) -> list[dict]:
   """One dict per (prompt, sample), prompts in order: ``prompt``, ``sample`` (0-based),
-  ``completion`` (text up to EOS), ``tokens`` (generated, EOS included) and ``stopped`` (False:
-  the completion ran into ``max_new_tokens``)."""
+  ``completion`` (text up to the end-of-move token), ``tokens`` (how many were generated, that
+  token included), ``token_ids`` (them) and ``stopped`` (False: the completion ran into ``max_new_tokens``). ``tokenizer``: the byte
+  tokenizer by default; a chat model's puts each prompt in its chat template (``encode_prompt``)."""
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1; got {num_samples}")
   if not prompts:
     raise ValueError("no prompts given")
-  tok = ByteTokenizer()
-  encoded = [np.concatenate([[BOS], tok.encode(p)]).astype(np.int32) for p in prompts]
+  tok = tokenizer or ByteTokenizer()
+  encoded = [encode_prompt(tok, p) for p in prompts]
   rows = [(i, s) for i in range(len(prompts)) for s in range(num_samples)]
   width = max(len(e) for e in encoded)
   batch = min(batch_size, len(rows))
-  generate = sampling.make_generate(cfg, max_new_tokens, temperature=temperature, eos_id=EOS,
-                                    top_k=top_k, top_p=top_p)
+  generate = sampling.make_generate(cfg, max_new_tokens, temperature=temperature,
+                                    eos_id=tok.eos_id, top_k=top_k, top_p=top_p)
   out = []
   for call, start in enumerate(range(0, len(rows), batch)):
     chunk = rows[start:start + batch]
@@ -56,5 +71,6 @@ def complete(cfg: lm.Config, params: Any, prompts: Sequence[str], max_new_tokens
       generated = result["tokens"][row, :n]
       out.append({"prompt": prompts[i], "sample": s,
                   "completion": tok.decode_until_eos(generated), "tokens": n,
+                  "token_ids": [int(t) for t in generated],
                   "stopped": bool(result["stopped_B"][row])})
   return out

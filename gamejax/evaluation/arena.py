@@ -36,11 +36,14 @@ def answer_budget(params: dict) -> int:
 
 
 def greedy_answers(cfg: lm.Config, params: Any, prompts: Sequence[np.ndarray],
-                   max_new_tokens: int = 64, batch_size: int = 256) -> tuple[list[str], int]:
-  """The model's greedy answer text to each prompt (up to its EOS) and how many never stopped."""
-  tok = ByteTokenizer()
+                   max_new_tokens: int = 64, batch_size: int = 256,
+                   tokenizer=None) -> tuple[list[str], int]:
+  """The model's greedy answer text to each prompt (up to its end-of-move token, decoded by
+  ``tokenizer``, the byte tokenizer by default) and how many never stopped."""
+  tok = tokenizer or ByteTokenizer()
+  eos = tok.eos_id
   width = max(len(p) for p in prompts)
-  generate = sampling.make_generate(cfg, max_new_tokens, temperature=0.0, eos_id=EOS)
+  generate = sampling.make_generate(cfg, max_new_tokens, temperature=0.0, eos_id=eos)
   texts, unstopped = [], 0
   for start in range(0, len(prompts), batch_size):
     chunk = list(prompts[start:start + batch_size])
@@ -49,7 +52,7 @@ def greedy_answers(cfg: lm.Config, params: Any, prompts: Sequence[np.ndarray],
     out = jax.device_get(generate(params, prompt_BP, lengths_B, jax.random.PRNGKey(0)))
     for i in range(len(chunk)):
       row = out["tokens"][i]
-      unstopped += int(EOS not in row)
+      unstopped += int(eos not in row)
       texts.append(tok.decode_until_eos(row))
   return texts, unstopped
 

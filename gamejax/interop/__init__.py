@@ -30,7 +30,8 @@ def checkpoint_config(spec: str, **overrides):
   return module.model_config(path, **overrides)[1]
 
 
-def load_checkpoint(spec: str, **overrides) -> tuple[Any, dict]:
-  """``(config, params)`` of checkpoint ``spec``."""
+def load_checkpoint(spec: str, mesh=None, **overrides) -> tuple[Any, dict]:
+  """``(config, params)`` of checkpoint ``spec`` (with a ``mesh``: each tensor put straight into
+  its FSDP sharding as it is read)."""
   module, path = _reader(spec)
-  return module.load(path, **overrides)
+  return module.load(path, mesh=mesh, **overrides)

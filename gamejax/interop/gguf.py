@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from gamejax.interop.hf import CheckpointFormatError, assemble
+from gamejax.interop.hf import CheckpointFormatError, assemble, sharded
 from gamejax.models import families
 
 
@@ -53,9 +53,10 @@ def model_config(path: str, reader=None, **overrides):
     raise CheckpointFormatError(f"{path}: {e}") from None
 
 
-def load(path: str, **overrides) -> tuple[Any, dict]:
+def load(path: str, mesh=None, **overrides) -> tuple[Any, dict]:
   """``(config, params)`` of a GGUF file, dequantised to float32 and stored in
-  ``config.param_dtype``."""
+  ``config.param_dtype``; with a ``mesh``, each tensor goes into its sharding as it is
+  dequantised (``hf.sharded``)."""
   from gguf.quants import dequantize
   reader = _reader(path)
   family, cfg = model_config(path, reader, **overrides)
@@ -79,4 +80,4 @@ def load(path: str, **overrides) -> tuple[Any, dict]:
                                   f"be dequantised ({e})") from None
     return family.from_gguf_layout(cfg, hf_name, x)
 
-  return cfg, assemble(family, cfg, files, read, path)
+  return cfg, assemble(family, cfg, files, read, path, sharded(mesh))

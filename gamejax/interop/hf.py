@@ -16,6 +16,7 @@ import shutil
 from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 
 from gamejax.models import families
 
@@ -69,12 +70,12 @@ def _tensor_files(directory: str) -> dict[str, str]:
   return {name: single for name in _open(single).keys()}
 
 
-def _open(path: str):
+def _open(path: str, framework: str = "flax"):
   from safetensors import safe_open
   if not os.path.isfile(path):
     raise CheckpointFormatError(f"{path}: missing (listed in {INDEX})")
   try:
-    return safe_open(path, framework="flax")
+    return safe_open(path, framework=framework)
   except Exception as e:          # safetensors raises its own errors for a bad header
     raise CheckpointFormatError(f"{path}: not a readable safetensors file ({e})") from None
 
@@ -91,8 +92,10 @@ def _get(tree, path: tuple[str, ...]):
   return tree
 
 
-def load(directory: str, **overrides) -> tuple[Any, dict]:
-  """``(config, params)`` of an HF directory, params stored in ``config.param_dtype``."""
+def load(directory: str, mesh=None, **overrides) -> tuple[Any, dict]:
+  """``(config, params)`` of an HF directory, params stored in ``config.param_dtype``; with a
+  ``mesh``, each tensor is read (memory-mapped), laid out on the host and put straight into its
+  FSDP sharding on the mesh, one tensor at a time (``sharded``)."""
   family, cfg = model_config(directory, **overrides)
   files = _tensor_files(directory)
   handles: dict[str, Any] = {}
@@ -100,20 +103,34 @@ def load(directory: str, **overrides) -> tuple[Any, dict]:
   def read(name):
     path = files[name]
     if path not in handles:
-      handles[path] = _open(path)
+      handles[path] = _open(path, "flax" if mesh is None else "numpy")
     try:
       return handles[path].get_tensor(name)
     except Exception as e:
       raise CheckpointFormatError(f"{path}: tensor {name!r} cannot be read ({e})") from None
 
-  return cfg, assemble(family, cfg, files, read, directory)
+  return cfg, assemble(family, cfg, files, read, directory, sharded(mesh))
+
+
+def sharded(mesh) -> Callable[[tuple, Any], Any] | None:
+  """``place(path, host_array)``: the array put into its FSDP sharding on ``mesh``
+  (``gamejax.sharding.param_spec``), as the training state shards it; None without a mesh."""
+  if mesh is None:
+    return None
+  import jax
+  from jax.sharding import NamedSharding
+  from gamejax.sharding import param_spec
+  return lambda path, x: jax.device_put(
+      x, NamedSharding(mesh, param_spec(tuple(x.shape), mesh.shape["fsdp"])))
 
 
 def assemble(family, cfg, files: Mapping[str, str], read: Callable[[str], Any],
-             where: str) -> dict:
+             where: str, place: Callable[[tuple, Any], Any] | None = None) -> dict:
   """gamejax params of ``cfg`` from tensors under their HF names and in HF's layout: ``files``
   maps each available name to the file that holds it, ``read(name)`` gives the array. Every
-  expected tensor must be there with its shape, and nothing else."""
+  expected tensor must be there with its shape, and nothing else. ``place(path, host_array)``
+  (``sharded``): each tensor is laid out on the host and placed before the next is read, so no
+  more than one tensor is ever on the host; else each is laid out on the default device."""
   expected = family.hf_tensors(cfg)
   known = {t.name for t in expected}
   prefix = getattr(family, "HF_BASE_PREFIX", "")     # some exports drop the base model's prefix
@@ -140,7 +157,11 @@ def assemble(family, cfg, files: Mapping[str, str], read: Callable[[str], Any],
     if tuple(x.shape) != t.hf_shape:
       raise CheckpointFormatError(f"{files[t.name]}: tensor {t.name!r} has shape "
                                   f"{tuple(x.shape)}; the config implies {t.hf_shape}")
-    _set(params, t.path, t.to_gamejax(jnp.asarray(x)).astype(dtype))
+    if place is None:
+      _set(params, t.path, t.to_gamejax(jnp.asarray(x)).astype(dtype))
+    else:
+      _set(params, t.path, place(t.path, t.to_gamejax(np.asarray(x)).astype(dtype)))
+      del x
   if tied_head in files:
     head = read(tied_head)
     if tuple(head.shape) != tuple(params["embedding"].shape) or not bool(
@@ -150,10 +171,45 @@ def assemble(family, cfg, files: Mapping[str, str], read: Callable[[str], Any],
   return params
 
 
-def save(cfg, params, directory: str, max_shard_bytes: int = 5 * 2**30) -> None:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json")
+
+
+def write_tokenizer(spec: str | None, directory: str) -> None:
+  """The tokenizer files of ``spec`` into ``directory``: an HF folder's (``"hf:DIR"``: copied),
+  a GGUF file's (``"gguf:FILE"``: converted by transformers' GGUF reader, which must be
+  installed); nothing for ``None`` or ``"byte"`` (the byte tokenizer needs no files)."""
+  if spec in (None, "byte"):
+    return
+  kind, _, path = spec.partition(":")
+  if kind == "hf":
+    copied = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+    if "tokenizer.json" not in copied:
+      raise CheckpointFormatError(f"{path}: no tokenizer.json to export with the model")
+    for f in copied:
+      shutil.copyfile(os.path.join(path, f), os.path.join(directory, f))
+    return
+  if kind == "gguf":
+    try:
+      from transformers import AutoTokenizer
+    except ImportError:
+      raise CheckpointFormatError(f"{path}: converting a GGUF file's tokenizer needs "
+                                  "transformers (pip install transformers)") from None
+    try:
+      tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                          gguf_file=os.path.basename(path))
+    except Exception as e:          # transformers' GGUF reader raises many kinds
+      raise CheckpointFormatError(f"{path}: its tokenizer cannot be read ({e})") from None
+    tok.save_pretrained(directory)
+    return
+  raise CheckpointFormatError(f"{spec!r}: a tokenizer is 'byte', 'hf:DIR' or 'gguf:FILE'")
+
+
+def save(cfg, params, directory: str, max_shard_bytes: int = 5 * 2**30,
+         tokenizer_from: str | None = None) -> None:
   """Writes ``cfg`` and ``params`` as an HF directory (``config.json`` and safetensors, sharded
-  above ``max_shard_bytes`` with an index). The directory must not exist; it appears whole or not
-  at all."""
+  above ``max_shard_bytes`` with an index), with the tokenizer files of ``tokenizer_from``
+  (``write_tokenizer``). The directory must not exist; it appears whole or not at all."""
   from safetensors.flax import save_file
   if os.path.exists(directory):
     raise FileExistsError(f"{directory} exists; choose a new directory to export to")
@@ -179,6 +235,7 @@ def save(cfg, params, directory: str, max_shard_bytes: int = 5 * 2**30) -> None:
                "weight_map": {n: f for f, shard in zip(names, shards) for n in shard}}
       _write_text(os.path.join(tmp, INDEX), json.dumps(index, indent=2))
     _write_text(os.path.join(tmp, CONFIG), json.dumps(family.config_to_hf(cfg), indent=2))
+    write_tokenizer(tokenizer_from, tmp)
     os.replace(tmp, directory)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -451,13 +451,25 @@ HF_ARCHITECTURES = ("LlamaForCausalLM",)
 @dataclasses.dataclass(frozen=True)
 class HFTensor:
   """One checkpoint tensor: its HF name and shape, where it lives in gamejax's params, and how it
-  is laid out. ``linear``: HF stores ``[out, in]``; gamejax stores the transpose reshaped to
-  ``shape`` (heads split out); otherwise the same values reshaped (a bias split into heads)."""
+  is laid out. ``linear``: HF stores ``[out, in]`` (``nn.Linear``); gamejax stores the transpose
+  reshaped to ``shape`` (heads split out); otherwise the same values reshaped (a bias split into
+  heads). ``conv1d``: a dense weight HF stores ``[in, out]`` (GPT-2's ``Conv1D``). Dense weights
+  (either kind) are what LoRA adapts."""
   name: str
   path: tuple[str, ...]
   hf_shape: tuple[int, ...]
   shape: tuple[int, ...]
   linear: bool
+  conv1d: bool = False
+
+  @property
+  def dense(self) -> bool:
+    return self.linear or self.conv1d
+
+  @property
+  def in_out(self) -> tuple[int, int]:
+    """A dense weight's ``(in_features, out_features)``."""
+    return tuple(self.hf_shape[::-1]) if self.linear else tuple(self.hf_shape)
 
   def to_gamejax(self, x):
     return (x.T if self.linear else x).reshape(self.shape)

@@ -2,9 +2,10 @@
 
 A target weight ``W`` gets ``W + (alpha / rank) * A @ B`` with ``A: [in, rank]`` and
 ``B: [rank, out]``, reshaped to ``W``'s shape. The targets are the family's dense weights (its
-Hugging Face ``Linear`` tensors, ``hf_tensors(cfg)`` with ``linear=True``) whose HF name matches
-a regex, as PEFT's ``target_modules`` does (``"q_proj|v_proj"``). In gamejax's layout a dense
-weight's input axes come first, so ``A @ B`` is ``W``'s delta flattened.
+Hugging Face ``Linear`` and ``Conv1D`` tensors: ``hf_tensors(cfg)``'s ``dense`` ones) whose HF
+name matches a regex, as PEFT's ``target_modules`` does (``"q_proj|v_proj"``, ``"c_attn"``). In
+gamejax's layout a dense weight's input axes come first, so ``A @ B`` is ``W``'s delta
+flattened.
 
 A learner with adapters holds a ``LoraParams``: only the adapters are leaves (what is
 differentiated, what the optimizer keeps state for, what checkpoints write each save); the base
@@ -78,8 +79,9 @@ class LoraConfig:
 
 
 def dense_tensors(cfg) -> list:
-  """The family's dense weights (HF ``Linear`` tensors), the possible LoRA targets."""
-  return [t for t in families.of_config(cfg).hf_tensors(cfg) if t.linear]
+  """The family's dense weights (HF ``Linear`` and ``Conv1D`` tensors), the possible LoRA
+  targets."""
+  return [t for t in families.of_config(cfg).hf_tensors(cfg) if getattr(t, "dense", t.linear)]
 
 
 def targets(cfg, lcfg: LoraConfig) -> list:
@@ -91,11 +93,6 @@ def targets(cfg, lcfg: LoraConfig) -> list:
     raise LoraConfigError(f"LoraConfig.targets={lcfg.targets!r} matches none of "
                           f"{type(cfg).__name__}'s dense weights: {kinds}")
   return found
-
-
-def _in_out(t) -> tuple[int, int]:
-  out_features, in_features = t.hf_shape
-  return in_features, out_features
 
 
 @flax.struct.dataclass
@@ -130,7 +127,7 @@ def init(cfg, lcfg: LoraConfig, rng, base: str) -> LoraParams:
   keys = jax.random.split(rng, len(found))
   dtype = jnp.dtype(cfg.param_dtype)
   for key, t in zip(keys, found):
-    fan_in, fan_out = _in_out(t)
+    fan_in, fan_out = t.in_out
     bound = 1.0 / math.sqrt(fan_in)
     node = adapters
     for part in t.path:
@@ -205,13 +202,18 @@ def save_peft(cfg, lcfg: LoraConfig, lora: LoraParams, directory: str,
   if os.path.exists(directory):
     raise FileExistsError(f"{directory} exists; choose a new directory to export to")
   tensors = peft_tensors(cfg, lora)
+  by_path = {t.path: t for t in dense_tensors(cfg)}
+  conv1d = {by_path[path].conv1d for path, _ in _pairs(lora.adapters)}
+  if len(conv1d) > 1:
+    raise LoraConfigError("PEFT's adapter config has one fan_in_fan_out: adapt Linear or Conv1D "
+                          "weights, not both")
   # Full module names: PEFT matches a listed name exactly (or as a dotted suffix), so a regex
   # that picks some layers only exports as exactly those.
   modules = sorted({name[len("base_model.model."):-len(".lora_A.weight")]
                     for name in tensors if name.endswith(".lora_A.weight")})
   config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lcfg.rank,
             "lora_alpha": lcfg.alpha, "lora_dropout": 0.0, "bias": "none",
-            "fan_in_fan_out": False, "target_modules": modules,
+            "fan_in_fan_out": conv1d == {True}, "target_modules": modules,
             "base_model_name_or_path": base_model, "inference_mode": True,
             "init_lora_weights": True, "use_rslora": False, "use_dora": False}
   tmp = f"{directory.rstrip(os.sep)}.partial"

@@ -21,7 +21,7 @@ from gamejax.data.prompts import DemonstrationLoader, PromptLoader
 from gamejax.evaluation import arena as arena_eval
 from gamejax.models import lora
 from gamejax.players import (judges, policy, reference as reference_player, selfplay, spin,
-                             versus)
+                             verifiers, versus)
 from gamejax.run import registry
 from gamejax.run.schema import ANSWER_WIDTH, PAIR_SOURCES, Experiment, Stage
 
@@ -119,15 +119,30 @@ def stage_game(exp: Experiment, index: int) -> game_step.Game:
     return game_step.Game(learners=learners, respond=respond)
   budget = r.max_new_tokens or arena_eval.answer_budget(dict(stage.data.params))
   sampler = functools.partial(policy.sampled_play, cfg, r.group_size, budget, r.temperature,
-                              r.top_k, r.top_p, params_of=registry.MODELS[stage.player].policy,
+                              r.top_k, r.top_p, eos_id=exp.text_tokenizer.eos_id,
+                              params_of=registry.MODELS[stage.player].policy,
                               scaled_logprobs=r.score_at_temperature)
   play = sampler(turns=r.turns, opponent=r.opponent)
   if r.versus is not None:
     play = versus.versus_play(play, sampler(player=r.versus))
-  judge = registry.JUDGES[r.judge or "arena"](cfg) if isinstance(r.judge, (str, type(None))) \
-      else r.judge
+  if isinstance(r.judge, verifiers.Verifier):
+    judge = verifier_responder(exp, stage, r.judge)
+  elif isinstance(r.judge, (str, type(None))):
+    judge = registry.JUDGES[r.judge or "arena"](cfg)
+  else:
+    judge = r.judge
   return game_step.Game(learners=learners, play=play, respond=judges.responders(judge, *parts),
                         after=selfplay.follow(stage.followers).after if stage.followers else None)
+
+
+def verifier_responder(exp: Experiment, stage: Stage, spec: verifiers.Verifier):
+  """The verifier judge of a stage on local_text data: prompts' text from their JSONL lines,
+  completions decoded by the experiment's tokenizer."""
+  from gamejax.data import sources
+  source = stage.data.load("train", sources.resolve_data_dir(exp.data_dir))
+  return verifiers.verifier_judge(verifiers.resolve(spec.path), exp.text_tokenizer,
+                                  verifiers.local_text_prompts(source, stage.data.params["path"]),
+                                  seat=spec.seat, name=spec.path)
 
 
 def spin_followers(stage: Stage) -> dict[str, selfplay.Follower]:
@@ -143,7 +158,7 @@ def spin_game(exp: Experiment, stage: Stage, learners) -> game_step.Game:
   p = stage.spin
   budget = p.max_new_tokens or arena_eval.answer_budget(dict(stage.data.params))
   sample = policy.sampled_play(exp.model, 1, budget, p.temperature, p.top_k, p.top_p,
-                               player=spin.OPPONENT)
+                               eos_id=exp.text_tokenizer.eos_id, player=spin.OPPONENT)
   followers = spin_followers(stage)
   return game_step.Game(
       learners=learners, play=spin.spin_play(sample),
@@ -222,7 +237,8 @@ def earlier_players(exp: Experiment, index: int,
 
 
 def initial_players(exp: Experiment, index: int,
-                    finals: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+                    finals: Mapping[str, Mapping[str, Any]] | None = None,
+                    mesh=None) -> dict[str, Any]:
   """Each learner's starting params, by name: from an earlier stage (``finals``: stage name ->
   its learners' final params; see ``Player.init_from``) or fresh ones."""
   stage = exp.stages[index]
@@ -231,7 +247,7 @@ def initial_players(exp: Experiment, index: int,
   out = {}
   for j, (name, p) in enumerate(sorted(players.items())):
     rng = base if len(players) == 1 else jax.random.fold_in(base, j)
-    init = source_params(exp, index, name, p.init_from, finals or {})
+    init = source_params(exp, index, name, p.init_from, finals or {}, mesh)
     out[name] = registry.MODELS[p.model].init(exp.model, rng, init)
     if p.lora is not None:
       adapters = lora.init(exp.model, p.lora, jax.random.fold_in(rng, 1), lora_base(stage, name))
@@ -240,13 +256,15 @@ def initial_players(exp: Experiment, index: int,
 
 
 def source_params(exp: Experiment, index: int, name: str, init_from: str | None,
-                  finals: Mapping[str, Mapping[str, Any]]):
-  """The params ``init_from`` names for learner ``name`` of stage ``index`` (None: fresh)."""
+                  finals: Mapping[str, Mapping[str, Any]], mesh=None):
+  """The params ``init_from`` names for learner ``name`` of stage ``index`` (None: fresh); a
+  checkpoint's are read tensor by tensor into their sharding on ``mesh`` when given."""
   if init_from is None:
     return None
   if interop.is_checkpoint(init_from):
     m = exp.model
-    return interop.load_checkpoint(init_from, dtype=m.dtype, param_dtype=m.param_dtype)[1]
+    return interop.load_checkpoint(init_from, mesh=mesh, dtype=m.dtype,
+                                   param_dtype=m.param_dtype)[1]
   stage_name, _, player = init_from.partition(":")
   if stage_name == "previous":
     if index == 0:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from gamejax import step as game_step
 from gamejax.data import sources
+from gamejax.data.prompts import opening_move
 from gamejax.evaluation import arena as arena_eval, heldout as heldout_eval, reward as reward_eval
 from gamejax.games import arithmetic
+from gamejax.players import verifiers
 from gamejax.run import assembly
 from gamejax.run.schema import PAIR_SOURCES, Experiment, ExperimentError
 
@@ -87,6 +91,8 @@ def evaluate(exp: Experiment, params: Any, examples: Sequence[dict]) -> dict:
   conditioned on the right tag, ``given_wrong`` holds the figures conditioned on the wrong one
   (with the reference players' errors it reproduces)."""
   ev = exp.evaluation
+  if ev.verifier is not None:
+    return verified(exp, params, examples)
   budget = ev.max_new_tokens or arena_eval.answer_budget(dict(ev.data.params))
   tags = arithmetic.outcome_tags(ev.data.params.get("outcome_tag", False))
   accuracy = lambda prompts=None: arena_eval.agent_accuracy(exp.model, params, examples, budget,
@@ -102,6 +108,29 @@ def evaluate(exp: Experiment, params: Any, examples: Sequence[dict]) -> dict:
   out.pop("answers")
   out.update(conditioned_on=tags[0], given_wrong=wrong)
   return out
+
+
+def verified(exp: Experiment, params: Any, examples: Sequence[dict]) -> dict:
+  """The verifier's mean score (``accuracy``) of the greedy answers to ``examples``' prompts (the
+  opponent's opening move of each local_text record), its errors counted apart."""
+  ev = exp.evaluation
+  tok = exp.text_tokenizer
+  prompts = [opening_move(e["tokens"], e["players"]) for e in examples]
+  texts, unstopped = arena_eval.greedy_answers(exp.model, params, prompts, ev.max_new_tokens,
+                                               ev.batch_size, tok)
+  fn = verifiers.resolve(ev.verifier.path)
+  prompt_of = verifiers.local_text_prompts(examples, ev.data.params["path"])
+  scores, errors = [], 0
+  for i, text in enumerate(texts):
+    try:
+      value = float(fn(prompt_of(i), text))
+      if not np.isfinite(value):
+        raise ValueError(value)
+      scores.append(value)
+    except Exception:              # the user's code: counted, left out of the mean
+      errors += 1
+  return {"accuracy": float(np.mean(scores)) if scores else float("nan"),
+          "verifier_errors": errors, "unstopped": unstopped, "examples": len(texts)}
 
 
 def reference_accuracies(exp: Experiment, examples: Sequence[dict]) -> dict:

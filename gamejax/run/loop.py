@@ -74,7 +74,7 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
     source = stage.data.load("train", sources.resolve_data_dir(exp.data_dir))
   loader = assembly.stage_loader(exp, index, source)
   game = assembly.stage_game(exp, index)
-  init_players = assembly.initial_players(exp, index, finals)
+  init_players = assembly.initial_players(exp, index, finals, mesh)
   make_state = functools.partial(assembly.stage_state, exp, index, game,
                                  judge_params=judge_params,
                                  earlier=assembly.earlier_players(exp, index, finals or {}))
@@ -140,6 +140,8 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
     return figures["accuracy"]
 
   try:
+    if stage.eval_at_start and start == 0 and "0" not in accuracy_at:
+      accuracy_at["0"] = evaluate_now(state, 0)
     for step_no in range(start + k, end + 1, k):
       batches = _stack([next(loader) for _ in range(k)])
       state, metrics = step_fn(state, jax.device_put(batches, batch_sharding))

@@ -24,11 +24,12 @@ import optax
 
 from gamejax import interop, records
 from gamejax.data import sources
+from gamejax.data import tokenizer as tokenizers
 from gamejax.data.tokenizer import VOCAB_SIZE
 from gamejax.games.base import GameConfigError, Scripted
 from gamejax.models import families, lm, lora as lora_lib
 from gamejax.payoffs.base import Payoff
-from gamejax.players import judges, selfplay
+from gamejax.players import judges, selfplay, verifiers
 from gamejax.run import registry
 
 class ExperimentError(ValueError):
@@ -59,15 +60,44 @@ class Optimizer:
   # Adam's epsilon. Near a game's equilibrium the gradients shrink towards 0 and Adam's
   # normalised step does not: a larger eps lets the steps shrink with them.
   eps: float = 1e-8
+  # The dtype of the optimizer's state and arithmetic (None: the params'). 'float32' with
+  # bfloat16 params (``param_dtype='bfloat16'``) keeps Adam's moments in float32.
+  state_dtype: str | None = None
 
   def build(self, total_steps: int) -> optax.GradientTransformation:
     warmup = min(self.warmup_steps, max(total_steps - 1, 0))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, self.learning_rate, warmup, max(total_steps, warmup + 1),
         end_value=self.learning_rate * self.end_factor)
-    return optax.chain(optax.clip_by_global_norm(self.grad_clip),
-                       optax.adamw(schedule, self.b1, self.b2, self.eps,
-                                   weight_decay=self.weight_decay))
+    inner = optax.chain(optax.clip_by_global_norm(self.grad_clip),
+                        optax.adamw(schedule, self.b1, self.b2, self.eps,
+                                    weight_decay=self.weight_decay))
+    return inner if self.state_dtype is None else in_dtype(inner, self.state_dtype)
+
+
+def in_dtype(inner: optax.GradientTransformation, dtype: str) -> optax.GradientTransformation:
+  """``inner`` with its state and arithmetic in ``dtype``: gradients and params are cast to it on
+  the way in, the updates back to each param's dtype on the way out.
+
+  >>> import jax.numpy as jnp
+  >>> opt = in_dtype(optax.adam(0.1), "float32")
+  >>> params = {"w": jnp.ones(3, jnp.bfloat16)}
+  >>> state = opt.init(params)
+  >>> state[0].mu["w"].dtype, opt.update(params, state, params)[0]["w"].dtype
+  (dtype('float32'), dtype(bfloat16))
+  """
+  import jax
+  cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)
+
+  def init(params):
+    return inner.init(cast(params))
+
+  def update(grads, state, params=None):
+    updates, state = inner.update(cast(grads), state, None if params is None else cast(params))
+    like = grads if params is None else params
+    return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, like), state
+
+  return optax.GradientTransformation(init, update)
 
 
 ANSWER_WIDTH = judges.ANSWER_WIDTH     # digits of the judge's answer key
@@ -219,6 +249,8 @@ class Stage:
   # Held-out figures (the Evaluation's) every ``eval_every`` steps too, logged as ``eval/...`` in
   # metrics.jsonl and kept in the summary (``accuracy_at``: step -> accuracy).
   eval_every: int | None = None
+  # Held-out figures of the stage's starting params too (``accuracy_at["0"]``), before step 1.
+  eval_at_start: bool = False
   # Frozen players taken from earlier stages' final params, by name: ``{"control": "grpo",
   # "start": "sft:agent"}`` ("stage" or "stage:learner"). A game reads them (the red-team game's
   # references and the defenders it compares); they never change and are written once.
@@ -260,12 +292,15 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-  """Held-out exact-match accuracy of greedy answers on the test split of an arena dataset."""
+  """Held-out exact-match accuracy of greedy answers on the test split of an arena dataset, or,
+  with ``verifier`` (``@verifier()``), the verifier's mean score of greedy answers to the test
+  prompts of local_text data."""
   data: DataSpec
   num_examples: int = 500
   max_new_tokens: int | None = None     # None: the agent's longest move in the arena's turns
   batch_size: int = 250
   reference_players: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  verifier: verifiers.Verifier | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +313,13 @@ class Experiment:
   mesh_data: int = -1
   mesh_fsdp: int = 1
   keep_checkpoints: int = 2
+  # The tokenizer every stage's text goes through: "byte" or "hf:DIR" (tokenizer.json and its chat
+  # template; ``gamejax.data.tokenizer.load_tokenizer``). local_text data must name the same.
+  tokenizer: str = "byte"
+
+  @property
+  def text_tokenizer(self) -> tokenizers.Tokenizer:
+    return tokenizers.cached_tokenizer(self.tokenizer)
 
   def validate(self) -> None:
     names = [s.name for s in self.stages]
@@ -289,10 +331,14 @@ class Experiment:
       families.of_config(self.model)
     except ValueError as e:
       raise ExperimentError(f"Experiment.model: {e}") from None
-    if self.model.vocab_size < VOCAB_SIZE:
+    try:
+      tok = self.text_tokenizer
+    except (ValueError, OSError) as e:
+      raise ExperimentError(f"Experiment.tokenizer={self.tokenizer!r}: {e}") from None
+    if self.model.vocab_size < tok.vocab_size:
       raise ExperimentError(f"{type(self.model).__name__}.vocab_size={self.model.vocab_size} is "
-                            f"smaller than the "
-                            f"byte tokenizer's {VOCAB_SIZE} ids")
+                            f"smaller than Experiment.tokenizer={self.tokenizer!r}'s "
+                            f"{tok.vocab_size} ids: the embedding has no row for some tokens")
     specs = [s.data for s in self.stages if s.data is not None] + (
         [self.evaluation.data] if self.evaluation else [])
     for spec in specs:
@@ -300,10 +346,25 @@ class Experiment:
         close = difflib.get_close_matches(spec.name, list(sources.SOURCES), n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ExperimentError(f"unknown dataset {spec.name!r}.{hint} Known: {sorted(sources.SOURCES)}")
+      if spec.name == "local_text" and spec.params.get("tokenizer", "byte") != self.tokenizer:
+        raise ExperimentError(f"local_text(path={spec.params.get('path')!r}) tokenizes with "
+                              f"{spec.params.get('tokenizer', 'byte')!r} but "
+                              f"Experiment.tokenizer={self.tokenizer!r}; set "
+                              f"local_text.tokenizer to the same")
       folder = spec.params.get("path") if spec.name == "local_text" else None
       if folder is not None and not os.path.isdir(folder):
         raise ExperimentError(f"local_text.path={folder!r}: "
                               f"{'not a folder' if os.path.exists(folder) else 'no such folder'}")
+    ev = self.evaluation
+    if ev is not None and ev.verifier is not None:
+      try:
+        verifiers.resolve(ev.verifier.path)
+      except verifiers.VerifierError as e:
+        raise ExperimentError(f"Evaluation.verifier: {e}") from None
+      if ev.data.name != "local_text" or not ev.max_new_tokens:
+        raise ExperimentError("Evaluation.verifier scores answers to local_text prompts: it "
+                              f"needs local_text data (got {ev.data.name!r}) and "
+                              "Evaluation.max_new_tokens")
     for i, s in enumerate(self.stages):
       _validate_stage(s, self.stages[:i], self.model)
       if hasattr(s.game, "check"):
@@ -311,7 +372,8 @@ class Experiment:
           s.game.check(dict(self.evaluation.data.params) if self.evaluation else None)
         except GameConfigError as e:
           raise ExperimentError(f"Stage {s.name!r}: {e}") from e
-      if s.eval_every is not None and (self.evaluation is None or s.game is not None
+      if (s.eval_every is not None or s.eval_at_start) and (
+          self.evaluation is None or s.game is not None
                                        or s.player == "reward_model"):
         raise ExperimentError(f"Stage {s.name!r}: eval_every={s.eval_every} evaluates a policy "
                               "stage's held-out accuracy; it needs an Evaluation "
@@ -583,6 +645,14 @@ def _validate_rollout(s: Stage, earlier: Sequence[Stage]) -> None:
     if players.get(r.judge_from) != "reward_model":
       raise ExperimentError(f"Stage {s.name!r}: Rollout.judge='reward_model' needs judge_from "
                             f"naming an earlier reward_model stage; got {r.judge_from!r}")
+  elif isinstance(r.judge, verifiers.Verifier):
+    try:
+      verifiers.resolve(r.judge.path)
+    except verifiers.VerifierError as e:
+      raise ExperimentError(f"Stage {s.name!r}: Rollout.judge: {e}") from None
+    if s.data.name != "local_text":
+      raise ExperimentError(f"Stage {s.name!r}: a verifier reads its prompts' text from "
+                            f"local_text data; the stage reads {s.data.name!r}")
   elif isinstance(r.judge, str) and r.judge not in registry.JUDGES:
     raise ExperimentError(f"Stage {s.name!r}: Rollout.judge={r.judge!r}; expected one of "
                           f"{sorted(registry.JUDGES)} or a responder function")
