@@ -82,6 +82,11 @@ def test_bad_verifiers_and_tokenizers_are_config_errors(tmp_path, sums_texts, ve
   with pytest.raises(ExperimentError, match="tokenizes with 'byte' but Experiment.tokenizer"):
     dataclasses.replace(exp, tokenizer=f"hf:{tok_dir}",
                         model=dataclasses.replace(TINY, vocab_size=400)).validate()
+  arena = run.Stage(name="sft", data=config.arena(num_train=10, num_test=2),
+                    payoff=grpo(2, beta=0.0), steps=2)
+  with pytest.raises(ExperimentError, match="'arithmetic_arena' is written in byte tokens"):
+    run.Experiment(stages=[arena], model=dataclasses.replace(TINY, vocab_size=400),
+                   tokenizer=f"hf:{tok_dir}").validate()
 
 
 def _bpe_dir(tmp_path):

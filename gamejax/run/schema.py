@@ -346,6 +346,10 @@ class Experiment:
         close = difflib.get_close_matches(spec.name, list(sources.SOURCES), n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ExperimentError(f"unknown dataset {spec.name!r}.{hint} Known: {sorted(sources.SOURCES)}")
+      if spec.name != "local_text" and self.tokenizer != "byte":
+        raise ExperimentError(f"dataset {spec.name!r} is written in byte tokens (the arena's "
+                              f"games and judge read them); Experiment.tokenizer="
+                              f"{self.tokenizer!r} reads only local_text data")
       if spec.name == "local_text" and spec.params.get("tokenizer", "byte") != self.tokenizer:
         raise ExperimentError(f"local_text(path={spec.params.get('path')!r}) tokenizes with "
                               f"{spec.params.get('tokenizer', 'byte')!r} but "
