@@ -44,7 +44,7 @@ import numpy as np
 
 from gamejax.models.kernels import (attention_mask, dense, heads, merge_heads, self_attention,
                                     softmax_attend)
-from gamejax.models.llama import HFTensor
+from gamejax.models.llama import HFTensor, single_draw_init
 
 Params = Any
 Cache = dict
@@ -313,19 +313,7 @@ def _param_shapes(cfg: GPT2Config):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _init_params(cfg: GPT2Config, rng) -> Params:
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(_param_shapes(cfg))
-  constant = [_CONSTANT.get(path[-1].key) for path, _ in leaves]
-  total = sum(int(np.prod(x.shape)) for (_, x), c in zip(leaves, constant) if c is None)
-  flat = jax.random.normal(rng, (total,), jnp.float32) * cfg.init_std
-  out, offset = [], 0
-  for (_, x), c in zip(leaves, constant):
-    if c is not None:
-      out.append(jnp.full(x.shape, c, x.dtype))
-    else:
-      size = int(np.prod(x.shape))
-      out.append(flat[offset:offset + size].reshape(x.shape).astype(x.dtype))
-      offset += size
-  return jax.tree_util.tree_unflatten(treedef, out)
+  return single_draw_init(_param_shapes(cfg), rng, cfg.init_std, _CONSTANT)
 
 
 def apply(cfg: GPT2Config, params: Params, tokens_BT, positions_BT, segment_ids_BT):

@@ -312,12 +312,18 @@ def _param_shapes(cfg: LlamaConfig):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _init_params(cfg: LlamaConfig, rng) -> Params:
-  shapes = _param_shapes(cfg)
+  return single_draw_init(_param_shapes(cfg), rng, cfg.init_std,
+                          {"scale": 1, "q_bias": 0, "k_bias": 0, "v_bias": 0})
+
+
+def single_draw_init(shapes, rng, std: float, constants) -> Params:
+  """Params of the abstract ``shapes`` tree: a leaf whose name is in ``constants`` filled with
+  that value, every other one ``N(0, std**2)``, all sliced in order from ONE normal draw (one
+  threefry to compile instead of one per weight). Every family's ``init_params`` uses it."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-  constant = [{"scale": 1, "q_bias": 0, "k_bias": 0, "v_bias": 0}.get(path[-1].key)
-              for path, _ in leaves]
+  constant = [constants.get(path[-1].key) for path, _ in leaves]
   total = sum(int(np.prod(x.shape)) for (_, x), c in zip(leaves, constant) if c is None)
-  flat = jax.random.normal(rng, (total,), jnp.float32) * cfg.init_std
+  flat = jax.random.normal(rng, (total,), jnp.float32) * std
   out, offset = [], 0
   for (_, x), c in zip(leaves, constant):
     if c is not None:
