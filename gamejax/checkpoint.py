@@ -1,6 +1,13 @@
 """Checkpoints of a run: the game state (params, optimizer states, step, RNG) and, beside it, a
 JSON record of the host-side state (data iterator positions, stage, counters), via orbax.
 
+Saves are asynchronous: ``save`` returns once the arrays are copied off the devices, and orbax
+writes them in a background thread (into a temporary directory, renamed when complete), so the
+step does not wait for the disk. A write that fails (a full disk) leaves the earlier checkpoints
+as they were and surfaces as ``CheckpointWriteError`` at the next save or at ``close``.
+``restore_latest`` falls back to the previous checkpoint when the latest cannot be read, and moves
+the unreadable one aside (into ``<directory>.corrupt``).
+
 Frozen players that never change during the stage (``constant``: a reference, a reward-model
 judge, a snapshot) are written once, to ``<directory>.frozen``, not into every checkpoint; a
 restore reads them back from there.
@@ -12,7 +19,8 @@ restore reads them back from there.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+import time
+from typing import Any, Callable, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -22,6 +30,10 @@ class CheckpointError(RuntimeError):
   """A checkpoint is missing, unreadable or does not match the run."""
 
 
+class CheckpointWriteError(RuntimeError):
+  """Writing a checkpoint failed (a full disk, a lost mount); the earlier ones are intact."""
+
+
 class Checkpointer:
   """An orbax CheckpointManager keeping the newest ``keep`` checkpoints of one directory."""
 
@@ -29,22 +41,74 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.constant = tuple(constant)         # names of frozen players written once
     self.constant_directory = self.directory + ".frozen"
+    self._writing = None                    # the step of the save in flight
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         item_names=("state", "extra"))
 
-  def save(self, step: int, state: Any, extra: dict, force: bool = True) -> None:
+  def save(self, step: int, state: Any, extra: dict, wait: bool = False) -> None:
+    """Starts writing checkpoint ``step`` and returns once the arrays are off the devices (the
+    previous save must have finished first); ``wait``: also wait for this write to finish."""
+    self.wait()
     state, constant = self._split(state)
     if constant and not os.path.isdir(self.constant_directory):
-      with ocp.StandardCheckpointer() as writer:      # orbax writes a temporary, then renames
-        writer.save(self.constant_directory, constant)
-    self._manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)), force=force)
-    self._manager.wait_until_finished()
+      with self._writes(step):
+        with ocp.StandardCheckpointer() as writer:    # orbax writes a temporary, then renames
+          writer.save(self.constant_directory, constant)
+    self._writing = int(step)
+    with self._writes(step):
+      self._manager.save(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)), force=True)
+    if wait:
+      self.wait()
+
+  def wait(self) -> None:
+    """Waits for the save in flight; raises ``CheckpointWriteError`` if it failed."""
+    if self._writing is None:
+      return
+    step, self._writing = self._writing, None
+    with self._writes(step):
+      self._manager.wait_until_finished()
+
+  def _writes(self, step: int):
+    return _NamedWriteErrors(self, step)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def restore_latest(self, abstract_state: Any, log: Callable[[str], None] = print
+                     ) -> tuple[int, Any, dict] | None:
+    """``(step, state, extra)`` of the newest checkpoint that can be read (None: there is none).
+
+    When the newest cannot be read (cut short, a file lost) but an older one can, the unreadable
+    ones are reported through ``log`` and moved to ``<directory>.corrupt/`` (a later save may
+    reuse their step numbers). When none can be read, nothing is moved (a run whose config no
+    longer matches its checkpoints fails on every one) and the error names each failure."""
+    failures = {}
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state, extra = self.restore(abstract_state, step)
+      except CheckpointError as e:
+        failures[step] = str(e)
+        continue
+      for bad, why in failures.items():
+        log(f"warning: checkpoint step {bad} in {self.directory} cannot be read ({why}); moved "
+            f"to {self._move_aside(bad)}; resuming from step {step}")
+      return step, state, extra
+    if failures:
+      raise CheckpointError("no checkpoint in {} can be read:\n  {}".format(
+          self.directory, "\n  ".join(failures.values())))
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    """Moves checkpoint ``step`` out of the manager's way (a later save may reuse its number)."""
+    aside = os.path.join(self.directory + ".corrupt", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)), aside)
+    self._manager.reload()
+    return aside
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores ``step`` (default: the latest) into arrays shaped and sharded like
@@ -76,7 +140,35 @@ class Checkpointer:
     return state.replace(frozen=frozen), constant
 
   def close(self) -> None:
-    self._manager.close()
+    """Waits for the save in flight (``CheckpointWriteError`` if it failed), then closes."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+
+class _NamedWriteErrors:
+  """Turns any error of a checkpoint write into ``CheckpointWriteError`` naming the step, the
+  directory and the checkpoints that stay intact."""
+
+  def __init__(self, ckpt: Checkpointer, step: int):
+    self.ckpt, self.step = ckpt, step
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, tb):
+    if error is None or isinstance(error, (CheckpointWriteError, KeyboardInterrupt)):
+      return False
+    try:
+      self.ckpt._manager.reload()
+      intact = [s for s in self.ckpt._manager.all_steps() if s != self.step]
+    except Exception:  # noqa: BLE001 - the listing is only part of the message
+      intact = "unknown"
+    raise CheckpointWriteError(
+        f"writing checkpoint step {self.step} to {self.ckpt.directory} failed: "
+        f"{type(error).__name__}: {str(error)[:500]}; the earlier checkpoints {intact} are "
+        "intact") from error
 
 
 def _abstract(x):

@@ -2,6 +2,8 @@
 
   gamejax train --gin_file=FILE [--gin_file=...] [--gin.KEY=VALUE ...] --workdir=DIR
                 [--resume | --overwrite] [--no_progress] [--dry_run]
+                [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
+  gamejax reproduce --workdir=DIR [--new_workdir=DIR] [--no_progress]
   gamejax eval --workdir=DIR [--stage=NAME] [--player=NAME] [--export_policy=FILE.json]
   gamejax plot --workdir=DIR [--workdir=DIR ...] [--output=FOLDER]
   gamejax league --workdir=DIR [--stage=NAME]
@@ -10,18 +12,22 @@
                    [--max_new_tokens=N] [--seed=S] [--output=FILE.jsonl]
   gamejax export --workdir=DIR [--stage=NAME] --format=hf OUT_DIR
 
-Exit codes: 0 success; 2 bad input (config, workdir, data, checkpoint); 1 anything else.
+Exit codes: 0 success (and a run stopped by SIGTERM after saving its checkpoint); 2 bad input
+(config, workdir, data, checkpoint); 1 anything else (a failed checkpoint write, a non-finite
+payoff with ``Stage.on_nonfinite='stop'``, a re-run that does not reproduce).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from typing import Sequence
 
-RUN_FILES = ("config.gin", "metrics.jsonl", "summary.json", "checkpoints")
+RUN_FILES = ("config.gin", "metrics.jsonl", "summary.json", "checkpoints", "environment.json")
+MESH_BINDING = re.compile(r"^Experiment\.mesh_\w+ = .*(?:\n|$)", re.MULTILINE)
 
 
 class UsageError(ValueError):
@@ -60,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--no_progress", action="store_true", help="no progress bar")
   t.add_argument("--dry_run", action="store_true",
                  help="parse and validate the config, print it and the stages; create nothing")
+  _add_distributed_flags(t)
+  r = sub.add_parser("reproduce", help="re-run a finished run from its config.gin into a new "
+                     "directory and compare metrics and final params")
+  r.add_argument("--workdir", required=True, help="the finished run")
+  r.add_argument("--new_workdir", default=None,
+                 help="where the re-run goes (must hold no run; default: WORKDIR-reproduce)")
+  r.add_argument("--no_progress", action="store_true", help="no progress bar")
+  _add_distributed_flags(r)
   e = sub.add_parser("eval", help="evaluate a run's latest checkpoint on the held-out split")
   e.add_argument("--workdir", required=True)
   e.add_argument("--stage", default=None, help="stage to evaluate (default: the last one trained)")
@@ -113,6 +127,21 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
+  d = p.add_argument_group("several processes (default: one, or the TPU VM slice or SLURM job "
+                           "JAX detects)")
+  d.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0")
+  d.add_argument("--num_processes", type=int, default=None)
+  d.add_argument("--process_id", type=int, default=None)
+
+
+def _join_processes(args) -> None:
+  from gamejax import distributed
+  how = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  if how != "one process":
+    print(f"gamejax: {how}", file=sys.stderr)
+
+
 def _holds_run(workdir: str) -> bool:
   return os.path.isdir(workdir) and any(os.path.exists(os.path.join(workdir, f)) for f in RUN_FILES)
 
@@ -128,10 +157,15 @@ def _remove_run(workdir: str) -> None:
 
 
 def train(args, bindings) -> int:
-  from gamejax import config, run
+  from gamejax import config, distributed, run
+  import jax
+  if not args.dry_run:
+    _join_processes(args)
   config.parse(args.gin_file, bindings)
   exp = config.build_experiment(", ".join(args.gin_file))
   operative = config.operative_config()
+  distributed.check_same_everywhere("operative config", operative)
+  mesh_note = _check_mesh(exp, args)
   workdir = os.path.abspath(args.workdir)
   if _holds_run(workdir) and not (args.overwrite or args.resume):
     raise UsageError(f"{workdir} holds another run; pass --resume to continue it or "
@@ -141,24 +175,122 @@ def train(args, bindings) -> int:
             "would replace the run there" if args.overwrite and _holds_run(workdir) else
             "would start a run there")
     print(f"# gamejax train --dry_run: the operative config\n{operative}\n"
-          f"# stages\n{run.describe_stages(exp)}\n# workdir {workdir}: {what} (nothing created)")
+          f"# stages\n{run.describe_stages(exp)}\n# mesh: {mesh_note}\n"
+          f"# workdir {workdir}: {what} (nothing created)")
     return 0
-  run.prepare_data(exp)                 # bad data fails here, before the workdir is touched
+  first = jax.process_index() == 0
+  if first:                             # bad data fails here, before the workdir is touched
+    run.prepare_data(exp)
+  distributed.barrier("gamejax: data prepared")        # (built once, by process 0)
+  if not first:
+    run.prepare_data(exp)
   if _holds_run(workdir):
     if args.overwrite:
-      _remove_run(workdir)
+      distributed.barrier("gamejax: before overwrite")
+      if first:
+        _remove_run(workdir)
     else:
-      old = os.path.join(workdir, "config.gin")
-      if os.path.exists(old) and open(old).read() != operative:
-        raise UsageError(f"--resume: {old} differs from the config given now; resume with the same "
-                         "gin files and bindings, or use --overwrite")
+      _check_resumable(os.path.join(workdir, "config.gin"), operative)
   elif args.resume:
     print(f"gamejax: {workdir} holds no run yet; starting one", file=sys.stderr)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.gin"), "w") as f:
-    f.write(operative)
+  distributed.barrier("gamejax: workdir checked")
+  _start_run_files(workdir, operative)
+  distributed.barrier("gamejax: run files written")
   run.run_experiment(exp, workdir, progress=not args.no_progress)
   return 0
+
+
+def _check_mesh(exp, args) -> str:
+  """The mesh settings against the devices here (a UsageError if they do not fit), and every
+  parameter against the mesh. A dry run prepares a launch elsewhere: it checks the parameters on
+  the devices the mesh asks for and says so."""
+  from gamejax import run
+  where = ", ".join(args.gin_file)
+  try:
+    return str(exp.check_mesh())
+  except run.ExperimentError as e:
+    if not args.dry_run:
+      raise UsageError(f"{where}: {e}") from None
+    wanted = exp.mesh_fsdp * exp.mesh_tensor * max(exp.mesh_data, 1)
+    try:
+      shape = exp.check_mesh(n_devices=wanted)
+    except run.ExperimentError as again:
+      raise UsageError(f"{where}: {again}") from None
+    return (f"{shape} on {wanted} devices; not on this machine's: {e} (checked again when the "
+            "run starts)")
+
+
+def _check_resumable(old_path: str, operative: str) -> None:
+  """A run resumes with the config it started with. Only the mesh may change: orbax restores the
+  checkpoint into the new mesh's shardings (resharding), which changes no number but the order
+  of float sums, so the run goes on equivalent, not bitwise equal."""
+  if not os.path.exists(old_path):
+    return
+  old = open(old_path).read()
+  if old == operative:
+    return
+  if MESH_BINDING.sub("", old) != MESH_BINDING.sub("", operative):
+    raise UsageError(f"--resume: {old_path} differs from the config given now; resume with the "
+                     "same gin files and bindings, or use --overwrite")
+  was = ", ".join(m.strip() for m in MESH_BINDING.findall(old)) or "the default mesh"
+  now = ", ".join(m.strip() for m in MESH_BINDING.findall(operative)) or "the default mesh"
+  print(f"gamejax: --resume on another mesh ({was} -> {now}): the checkpoints are resharded "
+        "onto it", file=sys.stderr)
+
+
+def _start_run_files(workdir: str, operative: str) -> None:
+  """config.gin and environment.json of a run (process 0 writes them)."""
+  import jax
+  from gamejax.run import reproduce
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, "config.gin.tmp")
+  with open(tmp, "w") as f:
+    f.write(operative)
+  os.replace(tmp, os.path.join(workdir, "config.gin"))
+  reproduce.record_environment(workdir)
+
+
+def reproduce_run(args) -> int:
+  """Re-runs the finished run in --workdir from its config.gin into --new_workdir and reports
+  whether the metrics and final params match (bitwise on the same platform). Exit 1 if not."""
+  from gamejax import run
+  from gamejax.run import reproduce
+  _join_processes(args)
+  workdir = os.path.abspath(args.workdir)
+  exp, names = _load_run(workdir)
+  summary_path = os.path.join(workdir, "summary.json")
+  summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+  unfinished = [s.name for s in exp.stages if summary.get(s.name, {}).get("steps") != s.steps]
+  if unfinished:
+    raise UsageError(f"{workdir}: stages {unfinished} have not finished; reproduce compares "
+                     "finished runs (resume it first with gamejax train --resume)")
+  new = os.path.abspath(args.new_workdir or workdir.rstrip("/") + "-reproduce")
+  if _holds_run(new):
+    raise UsageError(f"--new_workdir={new} holds a run; give an empty or new directory")
+  env_path = os.path.join(workdir, reproduce.ENVIRONMENT_FILE)
+  recorded = json.load(open(env_path))["started"] if os.path.exists(env_path) else {}
+  now = reproduce.environment()
+  bitwise = bool(recorded) and reproduce.same_platform(recorded, now)
+  changes = reproduce.version_changes(recorded, now)
+  if not recorded:
+    print(f"gamejax: {env_path} is missing: the platform is unknown, so the comparison is within "
+          "tolerance", file=sys.stderr)
+  elif changes:
+    print(f"gamejax: package versions differ from the run's: {json.dumps(changes)}",
+          file=sys.stderr)
+  operative = open(os.path.join(workdir, "config.gin")).read()
+  run.prepare_data(exp)
+  _start_run_files(new, operative)
+  run.run_experiment(exp, new, progress=not args.no_progress)
+  report = reproduce.compare_runs(exp, workdir, new, bitwise)
+  report.update({"workdir": workdir, "new_workdir": new, "same_platform": bitwise,
+                 "version_changes": changes})
+  print(json.dumps(report, indent=2, sort_keys=True))
+  print(f"gamejax: the re-run {'reproduces' if report['match'] else 'does NOT reproduce'} "
+        f"{workdir} ({report['mode']})", file=sys.stderr)
+  return 0 if report["match"] else 1
 
 
 def _load_run(workdir: str):
@@ -399,18 +531,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"gamejax: error: --gin. bindings apply to `gamejax train` only (the run's config.gin "
           f"configures {args.command}); got --gin.{bindings[0]}", file=sys.stderr)
     return 2
-  from gamejax.checkpoint import CheckpointError
+  from gamejax.checkpoint import CheckpointError, CheckpointWriteError
   from gamejax.config import ConfigError
+  from gamejax.distributed import DistributedError
+  from gamejax.run.faults import NonFiniteStop, Preempted
   from gamejax.data.errors import DataError
   from gamejax.plot import PlotError
   try:
     return {"train": lambda: train(args, bindings), "eval": lambda: evaluate(args),
             "generate": lambda: generate(args), "plot": lambda: plot(args),
             "league": lambda: league(args), "export": lambda: export(args),
-            "convert": lambda: convert(args)}[args.command]()
-  except (ConfigError, UsageError, CheckpointError, DataError, PlotError) as e:
+            "convert": lambda: convert(args),
+            "reproduce": lambda: reproduce_run(args)}[args.command]()
+  except (ConfigError, UsageError, CheckpointError, DataError, PlotError, DistributedError) as e:
     print(f"gamejax: error: {e}", file=sys.stderr)
     return 2
+  except Preempted as e:
+    print(f"gamejax: {e}", file=sys.stderr)
+    return 0
+  except (CheckpointWriteError, NonFiniteStop) as e:
+    print(f"gamejax: error: {e}", file=sys.stderr)
+    return 1
 
 
 def entrypoint() -> None:

@@ -74,15 +74,16 @@ def register() -> None:
 
 
 def pretrained_model(checkpoint: str = gin.REQUIRED, dtype: str = "float32",
-                     param_dtype: str = "float32"):
+                     param_dtype: str = "float32", remat: str = "none"):
   """The model config of a checkpoint, ``"hf:DIR"`` or ``"gguf:FILE"`` (its config.json or GGUF
   metadata): ``Experiment.model = @pretrained_model()`` with ``pretrained_model.checkpoint``, then
-  a learner's ``init_from`` names the same checkpoint for its params."""
+  a learner's ``init_from`` names the same checkpoint for its params. ``dtype``, ``param_dtype``
+  and ``remat`` (``gamejax.models.remat``) are the run's, not the checkpoint's."""
   from gamejax import interop
   if not interop.is_checkpoint(checkpoint):
     raise ValueError(f"pretrained_model.checkpoint={checkpoint!r}: expected 'hf:DIR' or "
                      "'gguf:FILE'")
-  return interop.checkpoint_config(checkpoint, dtype=dtype, param_dtype=param_dtype)
+  return interop.checkpoint_config(checkpoint, dtype=dtype, param_dtype=param_dtype, remat=remat)
 
 
 def arena(min_digits: int = 1, max_digits: int = 3, ops: Sequence[str] = ("+", "-"),

@@ -13,9 +13,11 @@ from typing import Any, Callable, Mapping
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gamejax import sharding
+from gamejax.models import partitioning
 from gamejax.payoffs.base import Payoff, Play
 from gamejax.records import GameRecord
 
@@ -65,6 +67,17 @@ class Learner:
   before any update, and adds constants to the judgments (PPO's advantages from the critic). The
   step then makes ``epochs`` passes over the moves, each in ``minibatches`` updates on a random
   partition of the rows (PPO's minibatch epochs); the default is one update on all rows.
+
+  ``accumulate > 1``: each update's rows are split into that many microbatches whose gradients
+  are computed one after another (``lax.scan``: one microbatch's activations are live at a time)
+  and averaged into ONE optimizer update. The payoff is evaluated per microbatch, so the update is
+  the full-batch one exactly when the payoff is a mean over rows of equal weight per microbatch;
+  a token-mean payoff (``imitation``) is averaged per microbatch, which weighs a microbatch's
+  tokens by ``1 / (its tokens)`` instead of ``1 / (all tokens)``. Microbatches are contiguous
+  blocks of rows (a group of consecutive completions of one prompt stays whole when the rows per
+  microbatch are a multiple of it); ``halves``: the rows are a preference batch (chosen rows,
+  then rejected rows: pair ``i`` is rows ``i`` and ``P + i``) and microbatch ``j`` takes block
+  ``j`` of each half, so pairs stay together.
   """
   apply: Callable[..., jax.Array]
   payoff: Payoff
@@ -72,11 +85,13 @@ class Learner:
   prepare: Callable[[Any, Play], Mapping[str, Any]] | None = None
   epochs: int = 1
   minibatches: int = 1
+  accumulate: int = 1
+  halves: bool = False
 
   def __post_init__(self):
-    if self.epochs < 1 or self.minibatches < 1:
-      raise ValueError(f"Learner epochs={self.epochs} and minibatches={self.minibatches} must "
-                       "be >= 1")
+    if self.epochs < 1 or self.minibatches < 1 or self.accumulate < 1:
+      raise ValueError(f"Learner epochs={self.epochs}, minibatches={self.minibatches} and "
+                       f"accumulate={self.accumulate} must be >= 1")
 
 
 def records_play(state: GameState, batch: Any, rng: jax.Array) -> tuple[GameRecord, dict]:
@@ -169,13 +184,10 @@ def update(learner: Learner, params, opt_state, play: Play):
   """One optimizer update on ``play``: ``(params, opt_state, metrics)``.
 
   A non-finite payoff or gradient never reaches the parameters: the update is skipped and counted
-  (a gradient whose norm overflows float32 is skipped too).
+  (a gradient whose norm overflows float32 is skipped too; with ``learner.accumulate``, a
+  non-finite value in any microbatch skips the whole update).
   """
-  def loss_fn(p):
-    value, m = learner.payoff(p, play)
-    return -value, m
-
-  (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  (loss, m), grads = loss_and_grads(learner, params, play)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)   # a NaN/inf anywhere makes the norm so
   updates, new_opt = learner.optimizer.update(grads, opt_state, params)
@@ -185,8 +197,69 @@ def update(learner: Learner, params, opt_state, play: Play):
   return _select(finite, new_params, params), _select(finite, new_opt, opt_state), metrics
 
 
+# Metrics (by the last part of their name) that count something over the rows: with gradient
+# accumulation they are summed over the microbatches, which partition the rows; every other metric
+# is averaged over them.
+COUNT_METRICS = ("tokens", "nonfinite_rewards")
+
+
+def loss_and_grads(learner: Learner, params, play: Play):
+  """``((loss, metrics), grads)`` of ``-payoff`` on ``play``: in one pass, or accumulated over
+  ``learner.accumulate`` microbatches (the mean of their gradients, losses and metrics; counts,
+  ``COUNT_METRICS``, summed). Gradients accumulate in float32 (at least) and come back in the
+  params' dtypes."""
+  def loss_fn(p, play):
+    value, m = learner.payoff(p, play)
+    return -value, m
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  n = learner.accumulate
+  if n == 1:
+    return grad_fn(params, play)
+  rows = play.moves.tokens.shape[0]
+  order = microbatch_rows(rows, n, learner.halves)                  # [n, rows // n]
+
+  def one(total, xs):
+    j, idx = xs
+    sub = play._replace(moves=_take_rows(play.moves, idx, rows),
+                        judgments=_take_rows(play.judgments, idx, rows),
+                        rng=jax.random.fold_in(play.rng, j))
+    (loss, m), grads = grad_fn(params, sub)
+    total = jax.tree.map(lambda t, g: t + g.astype(t.dtype), total, grads)
+    return total, (loss, m)
+
+  zeros = jax.tree.map(
+      lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(jnp.result_type(p), jnp.float32)),
+      params)
+  total, (losses, ms) = jax.lax.scan(one, zeros, (jnp.arange(n), jnp.asarray(order)))
+  grads = jax.tree.map(lambda t, p: (t / n).astype(jnp.result_type(p)), total, params)
+  metrics = {k: v.sum(0) if k.rsplit("/", 1)[-1] in COUNT_METRICS else v.mean(0)
+             for k, v in ms.items()}
+  return (losses.mean(), metrics), grads
+
+
+def microbatch_rows(rows: int, n: int, halves: bool = False) -> np.ndarray:
+  """``int32[n, rows // n]``: the rows of each of ``n`` microbatches, contiguous blocks; with
+  ``halves`` (a preference batch: chosen rows, then rejected rows) block ``j`` of each half.
+
+  >>> microbatch_rows(4, 2).tolist(), microbatch_rows(8, 2, halves=True).tolist()
+  ([[0, 1], [2, 3]], [[0, 1, 4, 5], [2, 3, 6, 7]])
+  """
+  unit = 2 * n if halves else n
+  if rows % unit:
+    what = (f"2 x accumulate = {unit} (blocks of each half of a preference batch)" if halves
+            else f"accumulate={n}")
+    raise ValueError(f"{rows} rows of moves do not split into microbatches: not a multiple of "
+                     f"{what}")
+  idx = np.arange(rows, dtype=np.int32)
+  if halves:
+    return idx.reshape(2, n, rows // unit).transpose(1, 0, 2).reshape(n, rows // n)
+  return idx.reshape(n, rows // n)
+
+
 def learner_updates(learner: Learner, params, opt_state, play: Play):
-  """``prepare``, then ``epochs`` x ``minibatches`` updates (metrics averaged over them)."""
+  """``prepare``, then ``epochs`` x ``minibatches`` updates (metrics averaged over them), each
+  accumulated over ``accumulate`` microbatches of its rows (``loss_and_grads``)."""
   if learner.prepare is not None:
     prepared = jax.lax.stop_gradient(dict(learner.prepare(params, play)))
     play = play._replace(judgments={**play.judgments, **prepared})
@@ -231,27 +304,35 @@ def scan_steps(game: Game, state: GameState, batches: Any) -> tuple[GameState, d
   return jax.lax.scan(lambda s, b: game_step(game, s, b), state, batches)
 
 
-def game_state_shardings(mesh: jax.sharding.Mesh, abstract_state: GameState) -> GameState:
-  """FSDP shardings for params, optimizer and frozen players; the key and counter replicated."""
-  shard = lambda tree: sharding.state_shardings(mesh, tree)
+def game_state_shardings(mesh: jax.sharding.Mesh, abstract_state: GameState,
+                         rules=sharding.RULES) -> GameState:
+  """Shardings of the state: params and frozen players by their logical axes (``sharding``), each
+  learner's optimizer state as the params it mirrors; the key and counter replicated."""
+  shard = lambda tree: sharding.state_shardings(mesh, tree, rules=rules)
   rep = sharding.replicated(mesh)
-  return GameState(params=shard(abstract_state.params), opt_state=shard(abstract_state.opt_state),
+  opt_state = {name: sharding.state_shardings(mesh, opt, abstract_state.params.get(name), rules)
+               for name, opt in abstract_state.opt_state.items()}
+  return GameState(params=shard(abstract_state.params), opt_state=opt_state,
                    frozen=shard(abstract_state.frozen), rng=rep, step=rep)
 
 
 def make_step(game: Game, mesh: jax.sharding.Mesh, abstract_state: GameState,
-              on_trace: Callable[[], None] | None = None):
+              on_trace: Callable[[], None] | None = None, rules=sharding.RULES):
   """The compiled ``step(state, batches) -> (state, metrics)`` with explicit shardings.
 
-  ``on_trace`` is called each time the step is traced (tests count compilations with it).
+  The state is sharded by ``game_state_shardings``, the batches' rows over ``data`` and ``fsdp``;
+  the models are traced under ``rules`` (``gamejax.models.partitioning``), so their activation
+  constraints apply. ``on_trace`` is called each time the step is traced (tests count
+  compilations with it).
   """
-  state_sharding = game_state_shardings(mesh, abstract_state)
+  state_sharding = game_state_shardings(mesh, abstract_state, rules)
   batch_sharding = sharding.batch_sharding(mesh, leading=1)
 
   def step(state, batches):
     if on_trace is not None:
       on_trace()
-    return scan_steps(game, state, batches)
+    with partitioning.rules(mesh, rules):
+      return scan_steps(game, state, batches)
 
   jitted = jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)

@@ -94,6 +94,10 @@ HEAVY = {
     "test_spin.py::test_spin_step_matches_numpy_loss_and_refreshes_its_opponent": 20,
     "test_outcome.py::test_outcome_experiment_evaluates_given_each_tag_and_its_control_untagged": 15,
     "test_run.py::test_each_arithmetic_experiment_plays_its_last_stage[sppo-agent/win_rate_mean]": 15,
+    "test_multiprocess.py::test_two_processes_of_four_devices_match_one_process_of_eight": 45,
+    "test_mesh.py::test_sft_and_grpo_steps_on_three_eight_device_meshes_match_one_device": 35,
+    "test_faults.py::test_interrupted_at_a_random_step_then_resumed_equals_uninterrupted": 20,
+    "test_faults.py::test_reproduce_reruns_a_finished_run_and_compares_it_bitwise": 15,
 }
 
 

@@ -345,7 +345,7 @@ def run_on(mesh):
 
 
 def test_two_learners_on_eight_devices_match_one_device():
-  eight_devices.assert_eight_devices_match_one("test_matrix")
+  eight_devices.assert_eight_devices_match_one("test_matrix", meshes=eight_devices.MESHES)
 
 
 # ---- bad games ------------------------------------------------------------------------------------

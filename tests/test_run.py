@@ -56,7 +56,8 @@ def test_cli_pipeline_writes_run_directory_and_evaluates(tmp_path, capsys, monke
   assert cli.main(["train", *TINY_ARENA, f"--workdir={work}"]) == 0
   out = capsys.readouterr().out
   assert "demonstrator" in out and "pretrain" in out and "sft" in out and "held-out acc" in out
-  assert sorted(os.listdir(work)) == ["checkpoints", "config.gin", "metrics.jsonl", "summary.json"]
+  assert sorted(os.listdir(work)) == ["checkpoints", "config.gin", "environment.json", "metrics.jsonl",
+                                       "summary.json"]
   summary = json.load(open(work / "summary.json"))
   assert summary["demonstrator"]["player"] == "drop_carry:0"
   assert summary["pretrain"]["heldout_records"] == summary["sft"]["heldout_records"] == 20

@@ -28,7 +28,7 @@ EIGHT = textwrap.dedent("""
     cfg2, got = load_checkpoint("hf:" + sys.argv[1], mesh=mesh)
     assert cfg2 == cfg
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-      spec = sharding.param_spec(a.shape, 4)
+      spec = sharding.param_spec_at(sharding.path_keys(path), a.shape, dict(mesh.shape))
       assert isinstance(a.sharding, NamedSharding) and a.sharding.mesh == mesh, path
       assert a.sharding.spec == spec, (path, a.sharding.spec, spec)
       assert len(a.addressable_shards) == 8

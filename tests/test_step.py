@@ -99,14 +99,15 @@ def run_on(mesh):
   fn, state, _ = _setup(mesh)
   for call in range(3):
     state, metrics = fn(state, _batches(2, 8, 36, call))
-  if mesh.size == 8:
-    specs = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
-    assert any("fsdp" in s for s in specs), specs
+  specs = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
+  for axis in ("fsdp", "tensor"):
+    assert any(axis in s for s in specs) == (mesh.shape[axis] > 1), (axis, specs)
   return np.asarray(metrics["loss"]), jax.device_get(state.params)
 
 
 def test_eight_device_step_equals_one_device():
-  eight_devices.assert_eight_devices_match_one("test_step", timeout=300)
+  eight_devices.assert_eight_devices_match_one("test_step", timeout=300,
+                                              meshes=eight_devices.MESHES)
 
 
 def test_prepare_then_minibatch_epochs_visit_every_row_once_per_epoch():

@@ -113,15 +113,16 @@ def load(directory: str, mesh=None, **overrides) -> tuple[Any, dict]:
 
 
 def sharded(mesh) -> Callable[[tuple, Any], Any] | None:
-  """``place(path, host_array)``: the array put into its FSDP sharding on ``mesh``
-  (``gamejax.sharding.param_spec``), as the training state shards it; None without a mesh."""
+  """``place(path, host_array)``: the array put into its sharding on ``mesh`` by its logical
+  axes (``gamejax.sharding.param_spec_at``), as the training state shards it; None without a
+  mesh."""
   if mesh is None:
     return None
   import jax
   from jax.sharding import NamedSharding
-  from gamejax.sharding import param_spec
+  from gamejax.sharding import param_spec_at
   return lambda path, x: jax.device_put(
-      x, NamedSharding(mesh, param_spec(tuple(x.shape), mesh.shape["fsdp"])))
+      x, NamedSharding(mesh, param_spec_at(tuple(path), x.shape, dict(mesh.shape))))
 
 
 def assemble(family, cfg, files: Mapping[str, str], read: Callable[[str], Any],

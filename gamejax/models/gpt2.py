@@ -44,6 +44,8 @@ import numpy as np
 
 from gamejax.models.kernels import (attention_mask, dense, heads, merge_heads, self_attention,
                                     softmax_attend)
+from gamejax.models import remat as remat_lib
+from gamejax.models.partitioning import constrain
 from gamejax.models.llama import HFTensor, single_draw_init
 
 Params = Any
@@ -87,9 +89,14 @@ class GPT2Config:
   dtype: str = "float32"
   param_dtype: str = "float32"
   init_std: float = 0.02
+  # What each block keeps for the backward pass ("none", "full", "dots"; ``gamejax.models.remat``).
+  remat: str = "none"
 
   def __post_init__(self):
     name_of = type(self).__name__
+    problem = remat_lib.check(name_of, self.remat)
+    if problem:
+      raise GPT2ConfigError(problem)
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_positions"):
       value = getattr(self, name)
       if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
@@ -193,6 +200,7 @@ class Attention(nn.Module):
       out_BGQK, _, _ = softmax_attend(q_BGQK, k_BSGK.astype(dt).transpose(0, 2, 1, 3),
                                        v_BSGK.astype(dt).transpose(0, 2, 1, 3), bias_BTS)
       out_BTHK = merge_heads(out_BGQK.astype(dt), h)
+    out_BTHK = constrain(out_BTHK, ("batch", "length", "heads", "head_dim"))
     out_BTD = dense(out_BTHK.reshape(b, t, h * k), wo.reshape(h * k, d)) + _bias(bo, 3, dt)
     return out_BTD, new_cache
 
@@ -217,7 +225,8 @@ class MLP(nn.Module):
     b_proj = self.param("b_proj", zeros, (cfg.d_model,), cfg.weight_dtype)
     dt = cfg.compute_dtype
     hidden_BTF = dense(x_BTD.astype(dt), w_fc) + _bias(b_fc, 3, dt)
-    hidden_BTF = gelu(hidden_BTF, ACTIVATIONS[cfg.activation])
+    hidden_BTF = constrain(gelu(hidden_BTF, ACTIVATIONS[cfg.activation]),
+                           ("batch", "length", "mlp"))
     return dense(hidden_BTF, w_proj) + _bias(b_proj, 3, dt)
 
 
@@ -230,7 +239,7 @@ class Block(nn.Module):
         LayerNorm(self.cfg, name="ln_1")(x_BTD), identity_BT, bias_BTS, kv_cache, cache_index)
     x_BTD = x_BTD + attn_BTD
     x_BTD = x_BTD + MLP(self.cfg, name="mlp")(LayerNorm(self.cfg, name="ln_2")(x_BTD))
-    return x_BTD, new_cache
+    return constrain(x_BTD, ("batch", "length", "embed")), new_cache
 
 
 class GPT2(nn.Module):
@@ -247,9 +256,12 @@ class GPT2(nn.Module):
     embedding = self.param("embedding", init, (cfg.vocab_size, cfg.d_model), cfg.weight_dtype)
     position_embedding = self.param("position_embedding", init,
                                     (cfg.max_positions, cfg.d_model), cfg.weight_dtype)
-    x_BTD = (jnp.take(embedding, tokens_BT, axis=0).astype(jnp.float32)
-             + jnp.take(position_embedding, positions_BT, axis=0).astype(jnp.float32))
-    x_BTD = x_BTD.astype(cfg.compute_dtype)
+    # The lookups read the tables gathered over fsdp (as FSDP gathers every weight before use).
+    token_table = constrain(embedding, ("vocab", None))
+    position_table = constrain(position_embedding, (None, None))
+    x_BTD = (jnp.take(token_table, tokens_BT, axis=0).astype(jnp.float32)
+             + jnp.take(position_table, positions_BT, axis=0).astype(jnp.float32))
+    x_BTD = constrain(x_BTD.astype(cfg.compute_dtype), ("batch", "length", "embed"))
 
     if cache is None:
       slots_T = jnp.arange(t, dtype=jnp.int32)
@@ -267,15 +279,16 @@ class GPT2(nn.Module):
     identity_BT = (jnp.ones(half, jnp.float32), jnp.zeros(half, jnp.float32))
 
     new_layers = []
+    block = remat_lib.block_class(Block, cfg.remat, decoding=cache is not None)
     for i in range(cfg.n_layers):
       layer_cache = None if cache is None else cache["layers"][i]
-      x_BTD, new_layer = Block(cfg, name=f"block_{i}")(
+      x_BTD, new_layer = block(cfg, name=f"block_{i}")(
           x_BTD, identity_BT, bias_BTS, layer_cache, cache_index)
       new_layers.append(new_layer)
     x_BTD = LayerNorm(cfg, name="final_norm")(x_BTD)
     if self.hidden_only and cache is None:
       return x_BTD
-    logits_BTV = dense(x_BTD, embedding, 1, jnp.float32)
+    logits_BTV = constrain(dense(x_BTD, embedding, 1, jnp.float32), ("batch", "length", "vocab"))
     if cache is None:
       return logits_BTV
     return logits_BTV, {"layers": tuple(new_layers), "segment_ids": k_segment_BS}
@@ -417,6 +430,23 @@ def flops_per_token(cfg: GPT2Config, seq_len: int) -> float:
 # uses, so every tensor is only reshaped (``linear=False``).
 
 Config = GPT2Config
+# The logical names of each parameter's dimensions, by the end of its path
+# (``gamejax.sharding.RULES`` maps them to mesh axes).
+PARAM_AXES = {
+    "embedding": ("vocab", "embed"),
+    "position_embedding": ("positions", "embed"),
+    "attn/w_qkv": ("embed", "qkv", "heads", "head_dim"),
+    "attn/b_qkv": ("qkv", "heads", "head_dim"),
+    "attn/wo": ("heads", "head_dim", "embed"),
+    "attn/bo": ("embed",),
+    "mlp/w_fc": ("embed", "mlp"),
+    "mlp/b_fc": ("mlp",),
+    "mlp/w_proj": ("mlp", "embed"),
+    "mlp/b_proj": ("embed",),
+    "ln_1/scale": ("embed",), "ln_1/bias": ("embed",),
+    "ln_2/scale": ("embed",), "ln_2/bias": ("embed",),
+    "final_norm/scale": ("embed",), "final_norm/bias": ("embed",),
+}
 HF_ARCHITECTURES = ("GPT2LMHeadModel",)
 # The causal-mask buffers that transformers before 4.31 (or so) saved with the weights.
 HF_NOT_PARAMETERS = (".attn.bias", ".attn.masked_bias")

@@ -12,13 +12,20 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 def _matmul(x, w, contract_w: int, out_dtype):
   dims = (((x.ndim - 1,), (contract_w,)), ((), ()))
   return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+# The name every ``dense`` output carries (``jax.ad_checkpoint.checkpoint_name``): the
+# rematerialisation policy ``"dots"`` (``gamejax.models.remat``) saves these. A policy cannot see
+# the matmul inside a ``custom_vjp``, so the name is put on its output; outside ``jax.checkpoint``
+# the name is the identity and compiles to nothing.
+DENSE_OUTPUT = "dense_output"
+
+
 def dense(x, w, contract_w: int = 0, out_dtype=None):
   """``x[..., D]`` times a 2-D weight: ``w[D, F]`` (``contract_w=0``) or ``w[F, D]``
   (``contract_w=1``, e.g. a tied embedding as LM head). Inputs in ``x``'s dtype, float32
@@ -32,11 +39,16 @@ def dense(x, w, contract_w: int = 0, out_dtype=None):
   >>> dense(x, w).shape, dense(x, w.T, 1).shape
   ((2, 3, 5), (2, 3, 5))
   """
+  return checkpoint_name(_dense(x, w, contract_w, out_dtype), DENSE_OUTPUT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense(x, w, contract_w: int, out_dtype):
   return _matmul(x, w.astype(x.dtype), contract_w, out_dtype or x.dtype)
 
 
 def _dense_fwd(x, w, contract_w, out_dtype):
-  return dense(x, w, contract_w, out_dtype), (x, w)
+  return _dense(x, w, contract_w, out_dtype), (x, w)
 
 
 def _dense_bwd(contract_w, out_dtype, res, dy):
@@ -51,7 +63,7 @@ def _dense_bwd(contract_w, out_dtype, res, dy):
   return dx, dw
 
 
-dense.defvjp(_dense_fwd, _dense_bwd)
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 @jax.custom_vjp

@@ -38,6 +38,8 @@ import numpy as np
 
 from gamejax.models.kernels import (attention_mask, dense, heads, merge_heads, rope_tables,
                                     self_attention, softmax_attend, swiglu)
+from gamejax.models import remat as remat_lib
+from gamejax.models.partitioning import constrain
 
 Params = Any
 Cache = dict
@@ -88,9 +90,14 @@ class LlamaConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   init_std: float = 0.02
+  # What each block keeps for the backward pass ("none", "full", "dots"; ``gamejax.models.remat``).
+  remat: str = "none"
 
   def __post_init__(self):
     name_of = type(self).__name__
+    problem = remat_lib.check(name_of, self.remat)
+    if problem:
+      raise LlamaConfigError(problem)
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "head_dim"):
       value = getattr(self, name)
       if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
@@ -195,6 +202,7 @@ class Attention(nn.Module):
       out_BGQK, _, _ = softmax_attend(q_BGQK, k_BSGK.astype(dt).transpose(0, 2, 1, 3),
                                        v_BSGK.astype(dt).transpose(0, 2, 1, 3), bias_BTS)
       out_BTHK = merge_heads(out_BGQK.astype(dt), h)
+    out_BTHK = constrain(out_BTHK, ("batch", "length", "heads", "head_dim"))
     return dense(out_BTHK.reshape(b, t, h * k), wo.reshape(h * k, d)), new_cache
 
 
@@ -211,7 +219,8 @@ class MLP(nn.Module):
     w_down = self.param("w_down", init, (cfg.d_ff, cfg.d_model), cfg.weight_dtype)
     dt = cfg.compute_dtype
     gate_up_BTF = dense(x_BTD.astype(dt), jnp.concatenate([w_gate, w_up], axis=1))
-    return dense(swiglu(gate_up_BTF), w_down)
+    hidden_BTF = constrain(swiglu(gate_up_BTF), ("batch", "length", "mlp"))
+    return dense(hidden_BTF, w_down)
 
 
 class Block(nn.Module):
@@ -223,7 +232,7 @@ class Block(nn.Module):
         RMSNorm(self.cfg, name="attn_norm")(x_BTD), rope_BT, bias_BTS, kv_cache, cache_index)
     x_BTD = x_BTD + attn_BTD
     x_BTD = x_BTD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BTD))
-    return x_BTD, new_cache
+    return constrain(x_BTD, ("batch", "length", "embed")), new_cache
 
 
 class Llama(nn.Module):
@@ -241,7 +250,10 @@ class Llama(nn.Module):
     t = tokens_BT.shape[1]
     embedding = self.param("embedding", nn.initializers.normal(cfg.init_std),
                            (cfg.vocab_size, cfg.d_model), cfg.weight_dtype)
-    x_BTD = jnp.take(embedding, tokens_BT, axis=0).astype(cfg.compute_dtype)
+    # The lookup reads the table gathered over fsdp (as FSDP gathers every weight before use).
+    x_BTD = jnp.take(constrain(embedding, ("vocab", None)), tokens_BT, axis=0).astype(
+        cfg.compute_dtype)
+    x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
 
     if cache is None:
       slots_T = jnp.arange(t, dtype=jnp.int32)
@@ -263,9 +275,10 @@ class Llama(nn.Module):
                                         cfg.rope_scaling, cfg.rope_on_host))
 
     new_layers = []
+    block = remat_lib.block_class(Block, cfg.remat, decoding=cache is not None)
     for i in range(cfg.n_layers):
       layer_cache = None if cache is None else cache["layers"][i]
-      x_BTD, new_layer = Block(cfg, name=f"block_{i}")(
+      x_BTD, new_layer = block(cfg, name=f"block_{i}")(
           x_BTD, rope_BT, bias_BTS, layer_cache, cache_index)
       new_layers.append(new_layer)
     x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
@@ -278,6 +291,7 @@ class Llama(nn.Module):
       lm_head = self.param("lm_head", nn.initializers.normal(cfg.init_std),
                            (cfg.d_model, cfg.vocab_size), cfg.weight_dtype)
       logits_BTV = dense(x_BTD, lm_head, 0, jnp.float32)
+    logits_BTV = constrain(logits_BTV, ("batch", "length", "vocab"))
     if cache is None:
       return logits_BTV
     return logits_BTV, {"layers": tuple(new_layers), "segment_ids": k_segment_BS}
@@ -452,6 +466,28 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
 
 Config = LlamaConfig
 HF_ARCHITECTURES = ("LlamaForCausalLM",)
+
+# The logical names of each parameter's dimensions, by the end of its path (Qwen2 and Qwen3 share
+# them); ``gamejax.sharding.RULES`` maps the names to mesh axes.
+PARAM_AXES = {
+    "embedding": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "attn/wq": ("embed", "heads", "head_dim"),
+    "attn/wk": ("embed", "kv_heads", "head_dim"),
+    "attn/wv": ("embed", "kv_heads", "head_dim"),
+    "attn/wo": ("heads", "head_dim", "embed"),
+    "attn/q_bias": ("heads", "head_dim"),
+    "attn/k_bias": ("kv_heads", "head_dim"),
+    "attn/v_bias": ("kv_heads", "head_dim"),
+    "attn/q_norm/scale": ("head_dim",),
+    "attn/k_norm/scale": ("head_dim",),
+    "mlp/w_gate": ("embed", "mlp"),
+    "mlp/w_up": ("embed", "mlp"),
+    "mlp/w_down": ("mlp", "embed"),
+    "attn_norm/scale": ("embed",),
+    "mlp_norm/scale": ("embed",),
+    "final_norm/scale": ("embed",),
+}
 
 
 @dataclasses.dataclass(frozen=True)

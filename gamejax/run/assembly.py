@@ -89,6 +89,12 @@ def learner_seat(stage: Stage, name: str) -> str | None:
   return seats[0] if len(seats) == 1 else None
 
 
+def pair_rows(stage: Stage) -> bool:
+  """Whether the stage's moves are a preference batch, chosen rows then rejected rows (preference
+  data, SPIN's demonstrations then answers): gradient accumulation keeps the pairs together."""
+  return stage.spin is not None or (stage.data is not None and stage.data.name in PAIR_SOURCES)
+
+
 def stage_game(exp: Experiment, index: int) -> game_step.Game:
   """The game of stage ``index``: its learners, how moves are made and who responds."""
   stage, cfg = exp.stages[index], exp.model
@@ -96,7 +102,8 @@ def stage_game(exp: Experiment, index: int) -> game_step.Game:
       name: game_step.Learner(apply=learner_apply(exp, stage, p.model, learner_seat(stage, name)),
                               payoff=p.payoff,
                               optimizer=p.optimizer.build(stage.steps), prepare=p.prepare,
-                              epochs=p.epochs, minibatches=p.minibatches)
+                              epochs=p.epochs, minibatches=p.minibatches,
+                              accumulate=p.grad_accumulation, halves=pair_rows(stage))
       for name, p in stage.players.items()}
   if stage.game is not None:
     followers = stage.all_followers

@@ -1,9 +1,15 @@
 """The loop: one stage played from its latest checkpoint to its last step.
 
 Batches stream from the stage's loader, K compiled game steps run per host call, metrics are read
-one call late (so reading them never stalls the device) and appended to ``metrics.jsonl``,
-checkpoints carry every learner's params and optimizer state, the followers, the RNG, the loader's
-position and the counted events.
+one call late (so reading them never stalls the device) and appended to ``metrics.jsonl`` (by
+process 0 only), checkpoints carry every learner's params and optimizer state, the followers, the
+RNG, the loader's position and the counted events.
+
+A checkpoint is saved only once every call before it has been logged and counted, so that a run
+killed at any moment and resumed (``--resume``) ends with the params, the ``metrics.jsonl`` rows
+(each step once: those logged after the checkpoint it resumes from are dropped) and the counts of
+a run never interrupted. SIGTERM saves a checkpoint after the current call and stops
+(``faults.Preempted``).
 """
 from __future__ import annotations
 
@@ -18,10 +24,10 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from gamejax import sharding, step as game_step
+from gamejax import distributed, sharding, step as game_step
 from gamejax.checkpoint import Checkpointer
 from gamejax.data import sources
-from gamejax.run import assembly, evaluation
+from gamejax.run import assembly, evaluation, faults
 from gamejax.run.schema import COUNTED, Experiment
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -38,18 +44,22 @@ def _to_python(x):
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to ``metrics.jsonl``."""
+  """Appends one JSON object per logged step to ``metrics.jsonl``; on process 0 only (the
+  others' rows are the same)."""
 
   def __init__(self, path: str):
-    self._f = open(path, "a")
+    self._f = open(path, "a") if jax.process_index() == 0 else None
 
   def write(self, row: Mapping[str, Any]) -> None:
+    if self._f is None:
+      return
     self._f.write(json.dumps({k: _to_python(v) if not isinstance(v, str) else v
                               for k, v in row.items()}) + "\n")
     self._f.flush()
 
   def close(self):
-    self._f.close()
+    if self._f is not None:
+      self._f.close()
 
 
 def _stack(batches: Sequence[Mapping[str, np.ndarray]]) -> dict:
@@ -64,9 +74,13 @@ class StageResult:
 
 def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, workdir: str, mesh,
               progress: bool = True, eval_examples=None, log: Callable[[str], None] = print,
-              stop_after_steps: int | None = None, judge_params=None) -> StageResult:
+              stop_after_steps: int | None = None, judge_params=None,
+              preemption: faults.PreemptionWatch | None = None) -> StageResult:
   """Plays one stage from its latest checkpoint (if any) to ``stage.steps``; its learners start
-  from ``finals`` (earlier stages' final params by stage name, then learner name; None: fresh)."""
+  from ``finals`` (earlier stages' final params by stage name, then learner name; None: fresh).
+
+  ``preemption`` (default: a watch of this stage alone) is read after every call: once it says
+  so, the stage saves a checkpoint and raises ``faults.Preempted``."""
   stage = exp.stages[index]
   sharding.check_batch_size(mesh, stage.batch_size)
   source = None
@@ -84,12 +98,16 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage.name), keep=exp.keep_checkpoints,
                       constant=assembly.constant_players(exp, index))
-  start = ckpt.latest_step()
   accuracy_at = {}             # held-out accuracy every eval_every steps: "step" -> accuracy
-  if start is not None:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_sharding)
-    state, extra = ckpt.restore(target)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, state_sharding)
+  restored = ckpt.restore_latest(target, log=log)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if jax.process_index() == 0:          # rows logged after the checkpoint are logged again
+    faults.keep_metrics_until(metrics_path, stage.name, -1 if restored is None else restored[0],
+                              later=[s.name for s in exp.stages[index + 1:]])
+  if restored is not None:
+    start, state, extra = restored
     loader.set_state(extra["data"])
     resumed_counts = dict(extra.get("counts", {}))
     accuracy_at.update(extra.get("accuracy_at", {}))
@@ -99,7 +117,7 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
     resumed_counts = {}
     start = 0
 
-  writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
+  writer = MetricsWriter(metrics_path)
   k = stage.steps_per_call
   end = stage.steps if stop_after_steps is None else min(stage.steps, stop_after_steps)
   bar = _progress(stage.name, start, stage.steps, progress)
@@ -116,7 +134,8 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
     tokens += int(np.sum(metrics.get("play/tokens", metrics.get("play/completion_tokens", 0))))
     row = {"stage": stage.name, "step": step_no}
     row.update({key: float(np.mean(v)) for key, v in metrics.items()})
-    for label, n in count_events(metrics).items():
+    events = count_events(metrics)
+    for label, n in events.items():
       counts[label] = counts.get(label, 0) + n
     rate = clock.mark(tokens)
     if math.isfinite(rate):              # the first read has no interval before it
@@ -129,22 +148,41 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
     writer.write(row)
     bar.update(k)
     bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}")
+    if stage.on_nonfinite == "stop" and events.get("skipped_nonfinite"):
+      last = ckpt.latest_step()
+      raise faults.NonFiniteStop(
+          f"stage {stage.name!r}: a non-finite payoff or gradient in the {k} steps up to step "
+          f"{step_no} (on_nonfinite='stop'; its update was skipped); the last good checkpoint is "
+          + (f"step {last} in {ckpt.directory}" if last is not None else "none: no checkpoint "
+             "was saved yet"))
+
+  def save(step_no, wait=False):
+    """A checkpoint of ``state`` after ``step_no``, once every call before it is logged."""
+    nonlocal pending
+    if pending is not None:
+      flush(*pending)
+      pending = None
+    ckpt.save(step_no, state, {"data": loader.get_state(), "stage": stage.name,
+                               "counts": counts, "accuracy_at": accuracy_at}, wait=wait)
 
   def evaluate_now(state, step_no) -> float:
     """Held-out accuracy of the agent's current policy, logged as ``eval/accuracy``."""
-    players = assembly.resolved_players(state.params, state.frozen)
+    players = distributed.on_every_host(assembly.resolved_players(state.params, state.frozen))
     policy_params = assembly.policies_of(exp, index, players)["agent"]
     figures = evaluation.evaluate(exp, policy_params, eval_examples)
     writer.write({"stage": stage.name, "step": step_no, "eval/accuracy": figures["accuracy"]})
     log(f"[{stage.name}] step {step_no}: held-out accuracy {figures['accuracy']:.4f}")
     return figures["accuracy"]
 
+  watch = preemption or faults.PreemptionWatch()
   try:
+    if preemption is None:
+      watch.__enter__()
     if stage.eval_at_start and start == 0 and "0" not in accuracy_at:
       accuracy_at["0"] = evaluate_now(state, 0)
     for step_no in range(start + k, end + 1, k):
       batches = _stack([next(loader) for _ in range(k)])
-      state, metrics = step_fn(state, jax.device_put(batches, batch_sharding))
+      state, metrics = step_fn(state, distributed.global_batch(batches, batch_sharding))
       if pending is not None:
         flush(*pending)
       pending = (step_no, metrics)
@@ -152,20 +190,24 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
         flush(*pending)
         pending = None
         accuracy_at[str(step_no)] = evaluate_now(state, step_no)
+      if step_no < end and watch.reached(step_no):
+        save(step_no, wait=True)
+        raise faults.Preempted(stage.name, step_no, ckpt.directory)
       if step_no % stage.checkpoint_every == 0 and step_no < end:
-        ckpt.save(step_no, state, {"data": loader.get_state(), "stage": stage.name,
-                                   "counts": counts, "accuracy_at": accuracy_at})
+        save(step_no)
     if pending is not None:
       flush(*pending)
+      pending = None
     if end > start:
-      ckpt.save(end, state, {"data": loader.get_state(), "stage": stage.name, "counts": counts,
-                             "accuracy_at": accuracy_at})
+      save(end, wait=True)
   finally:
+    if preemption is None:
+      watch.__exit__(None, None, None)
     bar.close()
     writer.close()
     ckpt.close()
-  frozen = dict(state.frozen)
-  players = assembly.resolved_players(state.params, frozen)   # LoRA adapters merged
+  frozen = distributed.on_every_host(dict(state.frozen))
+  players = distributed.on_every_host(assembly.resolved_players(state.params, state.frozen))
   result = {"steps": end, "loss": last_loss, **counts}
   if last_probes:
     result["probes"] = last_probes      # exact figures of the params, over the last call's steps

@@ -6,15 +6,16 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from typing import Any, Callable, Mapping
 
 import jax
 
 from gamejax import sharding
-from gamejax.checkpoint import Checkpointer
+from gamejax.checkpoint import CheckpointError, Checkpointer
 from gamejax.data import sources
 from gamejax.models import reward
-from gamejax.run import assembly
+from gamejax.run import assembly, faults
 from gamejax.run.evaluation import load_eval_examples, reference_accuracies
 from gamejax.run.loop import run_stage, write_json_atomic
 from gamejax.run.schema import Experiment
@@ -33,34 +34,39 @@ def run_experiment(exp: Experiment, workdir: str, progress: bool = True,
                    log: Callable[[str], None] = print) -> dict:
   """Plays every stage in order, resuming finished and interrupted stages from ``workdir``."""
   exp.validate()
-  mesh = sharding.make_mesh(exp.mesh_data, exp.mesh_fsdp)
+  exp.check_mesh()          # the mesh settings against this run's devices
+  mesh = sharding.make_mesh(exp.mesh_data, exp.mesh_fsdp, exp.mesh_tensor)
   summary_path = os.path.join(workdir, "summary.json")
   summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
   examples = load_eval_examples(exp)
   if examples is not None:
     summary.update(reference_accuracies(exp, examples))
   finals = {}          # stage name -> its learners' final params, by name
-  for i, stage in enumerate(exp.stages):
-    judge = None
-    if stage.rollout is not None and stage.rollout.judge_from is not None:
-      judge = finals.get(stage.rollout.judge_from, {}).get("agent")
-    if stage.name in summary and summary[stage.name].get("steps") == stage.steps:
-      finals[stage.name] = restore_params(exp, i, workdir)   # finished: reuse its result
-      log(f"[{stage.name}] already finished; reusing its final checkpoint")
-      continue
-    result = run_stage(exp, i, finals, workdir, mesh, progress=progress, eval_examples=examples,
-                       log=log, judge_params=judge)
-    finals[stage.name] = result.params
-    summary[stage.name] = result.metrics
-    write_json_atomic(summary_path, summary)
-  write_json_atomic(summary_path, summary)
+  write = write_json_atomic if jax.process_index() == 0 else lambda *_: None
+  with faults.PreemptionWatch() as preemption:       # SIGTERM: save, then Preempted
+    for i, stage in enumerate(exp.stages):
+      judge = None
+      if stage.rollout is not None and stage.rollout.judge_from is not None:
+        judge = finals.get(stage.rollout.judge_from, {}).get("agent")
+      if stage.name in summary and summary[stage.name].get("steps") == stage.steps:
+        finals[stage.name] = restore_params(exp, i, workdir)   # finished: reuse its result
+        log(f"[{stage.name}] already finished; reusing its final checkpoint")
+        continue
+      result = run_stage(exp, i, finals, workdir, mesh, progress=progress,
+                         eval_examples=examples, log=log, judge_params=judge,
+                         preemption=preemption)
+      finals[stage.name] = result.params
+      summary[stage.name] = result.metrics
+      write(summary_path, summary)
+  write(summary_path, summary)
   log(stage_table(exp, summary))
   return summary
 
 
 def restore_players(exp: Experiment, index: int, workdir: str) -> tuple[dict, dict]:
   """``(learners' params by name, frozen players by name)`` of stage ``index``'s latest
-  checkpoint in ``workdir``."""
+  checkpoint in ``workdir``, on this process's first device (whatever mesh and processes wrote
+  it: orbax reshards)."""
   stage = exp.stages[index]
   judge = None
   if stage.rollout is not None and stage.rollout.judge == "reward_model":
@@ -70,13 +76,18 @@ def restore_players(exp: Experiment, index: int, workdir: str) -> tuple[dict, di
       lambda j: assembly.stage_state(exp, index, game, assembly.initial_players(exp, index),
                                      judge_params=j,
                                      earlier=assembly.earlier_players(exp, index)), judge)
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here),
+                          abstract)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage.name), keep=exp.keep_checkpoints,
                       constant=assembly.constant_players(exp, index))
   try:
-    state, _ = ckpt.restore(abstract)
+    restored = ckpt.restore_latest(abstract, log=lambda line: print(line, file=sys.stderr))
   finally:
     ckpt.close()
-  return dict(state.params), dict(state.frozen)
+  if restored is None:
+    raise CheckpointError(f"no checkpoint of stage {stage.name!r} in {ckpt.directory}")
+  return dict(restored[1].params), dict(restored[1].frozen)
 
 
 def restore_params(exp: Experiment, index: int, workdir: str) -> dict:

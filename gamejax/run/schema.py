@@ -20,9 +20,10 @@ import difflib
 import os
 from typing import Any, Mapping, Sequence
 
+import jax
 import optax
 
-from gamejax import interop, records
+from gamejax import interop, records, sharding
 from gamejax.data import sources
 from gamejax.data import tokenizer as tokenizers
 from gamejax.data.tokenizer import VOCAB_SIZE
@@ -169,7 +170,8 @@ class Player:
   ``init_from``: ``"previous"`` (the previous stage's player of the same name, or its only
   player), an earlier stage's name (likewise), ``"stage:player"``, or None (fresh params).
   ``prepare(params, play)`` runs once per step before the updates (``ppo_prepare()``); the step
-  makes ``epochs`` passes of ``minibatches`` updates over the moves.
+  makes ``epochs`` passes of ``minibatches`` updates over the moves, each update's gradient
+  accumulated over ``grad_accumulation`` microbatches (see ``Stage.grad_accumulation``).
   """
   payoff: Payoff
   optimizer: Optimizer = Optimizer()
@@ -178,6 +180,7 @@ class Player:
   prepare: Any = None
   epochs: int = 1
   minibatches: int = 1
+  grad_accumulation: int = 1
   # LoRA adapters (``LoraConfig``): only they learn; the starting params are their frozen base.
   lora: lora_lib.LoraConfig | None = None
 
@@ -223,6 +226,11 @@ class Stage:
   prepare: Any = None
   epochs: int = 1
   minibatches: int = 1
+  # Gradient accumulation: each update's rows split into this many microbatches whose gradients
+  # are computed one after another (less activation memory) and averaged into one optimizer
+  # update (``gamejax.step.Learner.accumulate``). Exactly the full-batch update for a payoff that
+  # is a mean over rows; a token-mean payoff (imitation) is averaged per microbatch.
+  grad_accumulation: int = 1
   # LoRA adapters (``LoraConfig(rank, alpha, targets)``) on the agent: only they learn, its
   # starting params are their frozen base (and, with ``reference``, the reference too).
   lora: lora_lib.LoraConfig | None = None
@@ -251,6 +259,10 @@ class Stage:
   eval_every: int | None = None
   # Held-out figures of the stage's starting params too (``accuracy_at["0"]``), before step 1.
   eval_at_start: bool = False
+  # A non-finite payoff or gradient: its update is always skipped; "skip" counts it
+  # (``skipped_nonfinite``) and plays on, "stop" ends the run at once (exit 1), its last
+  # checkpoint being the last good state.
+  on_nonfinite: str = "skip"
   # Frozen players taken from earlier stages' final params, by name: ``{"control": "grpo",
   # "start": "sft:agent"}`` ("stage" or "stage:learner"). A game reads them (the red-team game's
   # references and the defenders it compares); they never change and are written once.
@@ -263,7 +275,8 @@ class Stage:
       return dict(self.learners)
     return {AGENT: Player(payoff=self.payoff, optimizer=self.optimizer, model=self.player,
                           init_from=self.init_from, prepare=self.prepare, epochs=self.epochs,
-                          minibatches=self.minibatches, lora=self.lora)}
+                          minibatches=self.minibatches, grad_accumulation=self.grad_accumulation,
+                          lora=self.lora)}
 
   @property
   def seated(self) -> dict[str, Any]:
@@ -310,8 +323,11 @@ class Experiment:
   evaluation: Evaluation | None = None
   seed: int = 0
   data_dir: str | None = None          # None: $GAMEJAX_DATA_DIR or ~/.cache/gamejax/datasets
+  # The device mesh, data x fsdp x tensor (``gamejax.sharding``): mesh_data=-1 takes the devices
+  # that are left; the product must be the device count.
   mesh_data: int = -1
   mesh_fsdp: int = 1
+  mesh_tensor: int = 1
   keep_checkpoints: int = 2
   # The tokenizer every stage's text goes through: "byte" or "hf:DIR" (tokenizer.json and its chat
   # template; ``gamejax.data.tokenizer.load_tokenizer``). local_text data must name the same.
@@ -320,6 +336,18 @@ class Experiment:
   @property
   def text_tokenizer(self) -> tokenizers.Tokenizer:
     return tokenizers.cached_tokenizer(self.tokenizer)
+
+  def check_mesh(self, n_devices: int | None = None) -> dict:
+    """The mesh's shape over ``n_devices`` (default: all); an ExperimentError when the mesh
+    settings do not make the device count or a model parameter does not divide over them."""
+    try:
+      shape = sharding.mesh_shape(self.mesh_data, self.mesh_fsdp, self.mesh_tensor, n_devices)
+      if shape["fsdp"] * shape["tensor"] > 1:
+        sharding.check_params(
+            jax.eval_shape(lambda: lm.init_params(self.model, jax.random.key(0))), shape)
+    except sharding.ShardingError as e:
+      raise ExperimentError(str(e)) from None
+    return shape
 
   def validate(self) -> None:
     names = [s.name for s in self.stages]
@@ -388,6 +416,9 @@ def _validate_stage(s: Stage, earlier: Sequence[Stage], model) -> None:
   for field in ("steps", "batch_size", "seq_len", "steps_per_call", "checkpoint_every"):
     if getattr(s, field) <= 0:
       raise ExperimentError(f"Stage {s.name!r}: {field} must be positive, got {getattr(s, field)}")
+  if s.on_nonfinite not in ("skip", "stop"):
+    raise ExperimentError(f"Stage {s.name!r}: on_nonfinite={s.on_nonfinite!r}; expected 'skip' "
+                          "or 'stop'")
   if s.steps % s.steps_per_call:
     raise ExperimentError(f"Stage {s.name!r}: steps={s.steps} is not a multiple of "
                           f"steps_per_call={s.steps_per_call}")
@@ -508,9 +539,10 @@ def _validate_player(s: Stage, name: str, p: Player, earlier: Sequence[Stage], m
     raise ExperimentError(f"{where}: expected a Player(payoff=...), got {p!r}")
   if p.payoff is None:
     raise ExperimentError(f"{where}: no payoff (Stage.payoff, or Player.payoff)")
-  for field in ("epochs", "minibatches"):
+  for field in ("epochs", "minibatches", "grad_accumulation"):
     if getattr(p, field) <= 0:
       raise ExperimentError(f"{where}: {field} must be positive, got {getattr(p, field)}")
+  _check_accumulation(s, where, p)
   if p.model not in registry.MODELS:
     field = "model" if s.learners else "player"
     raise ExperimentError(f"{where}: {field}={p.model!r}; expected one of {sorted(registry.MODELS)}")
@@ -536,6 +568,24 @@ def _validate_player(s: Stage, name: str, p: Player, earlier: Sequence[Stage], m
                           f"named {name!r}; name one (init_from='{source.name}:PLAYER')")
 
 
+def _check_accumulation(s: Stage, where: str, p: Player) -> None:
+  """Each update's rows split into ``grad_accumulation`` equal microbatches of whole prompts
+  (groups of completions) or whole preference pairs: ``batch_size`` (prompts, records or games;
+  pairs in a preference batch) is a multiple of ``minibatches x grad_accumulation``."""
+  n = p.grad_accumulation
+  if n == 1:
+    return
+  pairs = s.data is not None and s.data.name in PAIR_SOURCES
+  what = ("preference pairs" if pairs else "games" if s.game is not None else "prompts"
+          if s.rollout is not None else "demonstrations" if s.spin is not None else "records")
+  units = s.batch_size // 2 if pairs else s.batch_size
+  if units % (p.minibatches * n):
+    per = f" in each of minibatches={p.minibatches}" if p.minibatches > 1 else ""
+    raise ExperimentError(f"{where}: batch_size={s.batch_size} ({units} {what}) does not split "
+                          f"into grad_accumulation={n} equal microbatches{per}; make batch_size "
+                          f"a multiple of {(2 if pairs else 1) * p.minibatches * n}")
+
+
 def _validate_lora(s: Stage, where: str, p: Player, model) -> None:
   if not isinstance(p.lora, lora_lib.LoraConfig):
     raise ExperimentError(f"{where}: lora={p.lora!r}; expected a LoraConfig(rank, alpha, targets)")
@@ -554,7 +604,8 @@ def _check_checkpoint(where: str, spec: str, model) -> None:
   """A learner that starts from checkpoint ``spec`` needs ``Experiment.model`` to be its config
   (``@pretrained_model()``); the checkpoint must be readable."""
   try:
-    theirs = interop.checkpoint_config(spec, dtype=model.dtype, param_dtype=model.param_dtype)
+    theirs = interop.checkpoint_config(spec, dtype=model.dtype, param_dtype=model.param_dtype,
+                                       remat=getattr(model, "remat", "none"))
   except (ValueError, OSError) as e:
     raise ExperimentError(f"{where}: init_from={spec!r}: {e}") from None
   if theirs != model:
