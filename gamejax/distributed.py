@@ -5,8 +5,9 @@
 cluster JAX detects by itself (a multi-worker TPU VM slice, SLURM with several tasks), and does
 nothing for one process. On CPU the processes' collectives go through gloo.
 
-Every process runs the same loader (same seed, same position) and feeds the rows its devices
-hold (``process_rows``) to ``jax.make_array_from_process_local_data``; every process writes its
+Every process runs the same loader (same seed, same position), restricted to the rows its devices
+hold (``process_rows``; the loader reads only those rows' examples where rows are examples of their
+own), and passes them to ``jax.make_array_from_process_local_data``; every process writes its
 part of the checkpoints (orbax), only process 0 writes metrics, summary and config files.
 """
 from __future__ import annotations
@@ -117,17 +118,18 @@ def process_rows(sharding: jax.sharding.Sharding, shape: tuple[int, ...], axis: 
   return slice(begin, end)
 
 
-def global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding,
+def global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding, rows: int,
                  axis: int = 1) -> Any:
-  """The loader's global ``batch`` as arrays sharded over the mesh: ``device_put`` on one
-  process; on several, each process passes only the rows its devices hold."""
+  """A batch of ``rows`` rows (along ``axis``) as arrays sharded over the mesh: on one process
+  ``batch`` is all of it (``device_put``); on several, each process's ``batch`` holds the rows
+  its devices hold (``process_rows``)."""
   if jax.process_count() == 1:
     return jax.device_put(batch, sharding)
 
   def one(x):
-    rows = process_rows(sharding, x.shape, axis)
-    local = np.take(x, np.arange(rows.start, rows.stop), axis=axis)
-    return jax.make_array_from_process_local_data(sharding, local, x.shape)
+    shape = list(x.shape)
+    shape[axis] = rows
+    return jax.make_array_from_process_local_data(sharding, x, tuple(shape))
   return jax.tree.map(lambda v: one(np.asarray(v)), batch)
 
 

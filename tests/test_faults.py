@@ -88,13 +88,21 @@ def _summary(workdir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  base = tmp_path_factory.mktemp("faults")
-  os.environ["GAMEJAX_DATA_DIR"] = str(base / "data")
-  try:
-    assert cli.main(["train", *TINY_GRPO, f"--workdir={base / 'straight'}"]) == 0
-  finally:
-    del os.environ["GAMEJAX_DATA_DIR"]
+def uninterrupted(tmp_path_factory, worker_id):
+  """The run never interrupted, trained once per test session (pytest-xdist's workers share it:
+  the first to get here trains it, the others wait and read it)."""
+  import filelock
+  if worker_id == "master":
+    base = tmp_path_factory.mktemp("faults")
+  else:
+    base = tmp_path_factory.getbasetemp().parent / "faults-uninterrupted"
+  with filelock.FileLock(str(base) + ".lock"):
+    if not (base / "straight" / "summary.json").exists():
+      os.environ["GAMEJAX_DATA_DIR"] = str(base / "data")
+      try:
+        assert cli.main(["train", *TINY_GRPO, f"--workdir={base / 'straight'}"]) == 0
+      finally:
+        del os.environ["GAMEJAX_DATA_DIR"]
   return base
 
 

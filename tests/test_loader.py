@@ -241,3 +241,68 @@ def test_batches_are_game_records_under_jit():
   agent_next = (batch["players"][:, 1:] == AGENT) & (batch["positions"][:, 1:] > 0)
   want[:, :-1] = agent_next
   np.testing.assert_array_equal(np.asarray(weights), want)
+
+
+class RecordingSource(CountingSource):
+  """A source that records which examples it is asked for."""
+
+  def __init__(self, examples):
+    super().__init__(examples)
+    self.read = []
+
+  def __getitem__(self, i):
+    self.read.append(int(i))
+    return super().__getitem__(i)
+
+  def __getitems__(self, indices):
+    self.read.extend(int(i) for i in indices)
+    return super().__getitems__(indices)
+
+
+def _prompt_examples(n):
+  """Example i: an opponent's opening move of 1 + i % 3 tokens, then the agent's answer."""
+  out = []
+  for i in range(n):
+    k = 1 + i % 3
+    out.append({"tokens": np.arange(100 * i + 1, 100 * i + 1 + k + 2, dtype=np.int32),
+                "players": np.array([OPPONENT] * k + [AGENT] * 2, np.int8)})
+  return out
+
+
+
+@pytest.mark.parametrize("kind", ["prompts", "demonstrations", "pairs", "packed"])
+def test_processes_read_their_rows_and_together_make_the_one_process_batch(kind):
+  """Two "processes", each restricted to half of every batch's rows (``only_rows``): the halves
+  put together are the one-process batches, batch after batch and across epochs; where rows are
+  examples of their own (prompts, pairs), each reads only its rows' examples."""
+  from gamejax.data.pairs import PairLoader
+  from gamejax.data.prompts import DemonstrationLoader, PromptLoader
+  import test_pairs
+  n, batch = 10, 4
+  examples = test_pairs._toy(n) if kind == "pairs" else _prompt_examples(n)
+  make = {"prompts": lambda src: PromptLoader(src, batch, 4, seed=1),
+          "demonstrations": lambda src: DemonstrationLoader(src, batch, 4, seed=1, seq_len=8),
+          "pairs": lambda src: PairLoader(src, batch // 2, 8, seed=1),
+          "packed": lambda src: PackedLoader(src, batch, 8, seed=1)}[kind]
+  whole = make(examples)
+  halves, sources = [], []
+  for rows in (slice(0, batch // 2), slice(batch // 2, batch)):
+    source = RecordingSource(examples)
+    loader = make(source)
+    loader.only_rows(rows)
+    halves.append(loader)
+    sources.append(source)
+  used = [set(), set()]                  # the examples each half's rows hold
+  for _ in range(7):                                     # 28 rows: past two epochs of 10
+    want = next(whole)
+    got = [next(h) for h in halves]
+    for key in want:
+      np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key], key)
+    for half, g in zip(used, got):
+      half.update(g.get("example", np.zeros(0, int)).tolist())
+  assert halves[0].get_state() == halves[1].get_state() == whole.get_state()
+  for source in sources:                 # nothing read twice
+    assert len(source.read) == len(set(source.read))
+  if kind in ("prompts", "demonstrations"):            # each read only its rows' examples
+    for source, half in zip(sources, used):
+      assert set(source.read) == half

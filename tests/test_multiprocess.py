@@ -1,8 +1,10 @@
 """Two processes x 4 CPU devices (JAX's distributed runtime on localhost, gloo collectives) play
 the same run as one process with 8 devices: the same losses and final params, metrics written
-once (by process 0), one checkpoint written by both."""
+once (by process 0), one checkpoint written by both; SIGTERM to one process stops both at the
+same step (JAX's preemption sync point), and the relaunched pair resumes."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +19,7 @@ EXP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 ARGS = [f"--gin_file={EXP}/arithmetic/grpo.gin", f"--gin_file={EXP}/models/tiny.gin",
         "--gin.Experiment.stages=[@pretrain/Stage(), @grpo/Stage()]",
         "--gin.Experiment.mesh_data=2", "--gin.Experiment.mesh_fsdp=4",
-        "--gin.pretrain/Stage.steps=4", "--gin.RL_STEPS=4", "--gin.Stage.steps_per_call=2",
+        "--gin.pretrain/Stage.steps=4", "--gin.RL_STEPS=12", "--gin.Stage.steps_per_call=2",
         "--gin.Stage.checkpoint_every=2", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=64",
         "--gin.grpo/Stage.batch_size=8", "--gin.GROUP_SIZE=2",
         "--gin.pretrain/arena.num_train=100", "--gin.grpo/arena.num_train=100",
@@ -37,10 +39,35 @@ def _env(devices, data_dir):
               GAMEJAX_DATA_DIR=str(data_dir), GAMEJAX_NO_HUGEPAGES="1")
 
 
-def _train(args, env):
-  return subprocess.Popen([sys.executable, "-c", "import sys; from gamejax import cli; "
-                           "sys.exit(cli.main(sys.argv[1:]))", "train", *args], env=env,
+# `gamejax train` that sends itself SIGTERM once it has logged the row of pretrain step 2.
+TERM_AT_PRETRAIN_2 = """
+import os, signal, sys
+from gamejax import cli
+from gamejax.run import loop
+write = loop.MetricsWriter.write
+def write_then_term(self, row):
+  write(self, row)
+  if row.get("stage") == "pretrain" and row.get("step") == 2:
+    os.kill(os.getpid(), signal.SIGTERM)
+loop.MetricsWriter.write = write_then_term
+sys.exit(cli.main(sys.argv[1:]))
+"""
+PLAIN = "import sys; from gamejax import cli; sys.exit(cli.main(sys.argv[1:]))"
+
+
+def _train(args, env, script=PLAIN):
+  return subprocess.Popen([sys.executable, "-c", script, "train", *args], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _pair(args, data, script0=PLAIN):
+  """Two processes of one run; their (returncode, stderr)."""
+  port = _free_port()
+  flags = [f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+  procs = [_train([*args, *flags, f"--process_id={i}"], _env(4, data),
+                  script0 if i == 0 else PLAIN) for i in range(2)]
+  return [(p.returncode, err) for p, (_, err) in
+          zip(procs, [p.communicate(timeout=600) for p in procs])]
 
 
 def _rows(workdir):
@@ -52,16 +79,21 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
   one = _train([*ARGS, f"--workdir={tmp_path / 'one'}"], _env(8, data))
   out, err = one.communicate(timeout=600)
   assert one.returncode == 0, err[-3000:]
-  port = _free_port()
-  procs = [_train([*ARGS, f"--workdir={tmp_path / 'two'}", f"--coordinator_address=localhost:{port}",
-                   "--num_processes=2", f"--process_id={i}"], _env(4, data)) for i in range(2)]
-  results = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, results):
-    assert p.returncode == 0, err[-3000:]
-  assert "process 1 of 2" in results[1][1]
+  two = [*ARGS, f"--workdir={tmp_path / 'two'}"]
+  # SIGTERM reaches process 0 only: both stop at the same sync point (the runtime agrees on it a
+  # few calls later), save and exit 0.
+  stopped = _pair(two, data, script0=TERM_AT_PRETRAIN_2)
+  saved = []
+  for code, err in stopped:
+    assert code == 0, err[-3000:]
+    saved.append(re.findall(r"preempted: stage '(\w+)' saved its checkpoint at step (\d+)", err))
+  assert saved[0] == saved[1] and len(saved[0]) == 1, stopped
+  assert "process 1 of 2" in stopped[1][1]
+  for code, err in _pair([*two, "--resume"], data):
+    assert code == 0, err[-3000:]
   rows_one, rows_two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
   assert [(r["stage"], r["step"]) for r in rows_two] == [(r["stage"], r["step"]) for r in rows_one]
-  assert len(rows_two) == 4                             # written once, by process 0
+  assert len(rows_two) == 8                             # written once, by process 0
   np.testing.assert_allclose([r["loss"] for r in rows_two], [r["loss"] for r in rows_one],
                              rtol=1e-5, atol=1e-5)
   exp, names = cli._load_run(str(tmp_path / "one"))

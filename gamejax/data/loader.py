@@ -106,7 +106,7 @@ class PackedLoader(EpochReader):
       stats["truncated"] += int(truncated)
     self._epoch, self._index, self._stats = epoch, pos, stats
     self._batches += 1
-    return out
+    return self._local(out)      # (the whole batch packed: a row's place depends on all before)
 
   # -- state -------------------------------------------------------------------------------------
 

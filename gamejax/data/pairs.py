@@ -97,19 +97,23 @@ class PairLoader(EpochReader):
 
   def __next__(self) -> dict[str, np.ndarray]:
     p, t = self.pairs_per_batch, self.seq_len
-    out = {k: np.zeros((2 * p, t), np.int32) for k in BATCH_KEYS}
-    epoch, pos = self._epoch, self._index
-    for i in range(p):
-      if pos >= self._num:
-        epoch, pos = epoch + 1, 0
-      for row, (tokens, players) in zip((i, p + i), self._fetch(epoch, pos)):
-        n = len(tokens)
+    positions = self._positions(p)                  # pair i: rows i (chosen) and p + i (rejected)
+    kept = self._kept(2 * p)
+    pairs = sorted({r % p for r in kept})
+    if self.rows is not None:
+      self._prefetch([positions[i] for i in pairs])
+    out = {k: np.zeros((len(kept), t), np.int32) for k in BATCH_KEYS}
+    for i in pairs:
+      for r, (tokens, players) in zip((i, p + i), self._fetch(*positions[i])):
+        if r not in kept:
+          continue
+        row, n = r - kept.start, len(tokens)
         out["tokens"][row, :n] = tokens
         out["players"][row, :n] = players
         out["segment_ids"][row, :n] = 1
         out["positions"][row, :n] = np.arange(n, dtype=np.int32)
-      pos += 1
-    self._epoch, self._index = epoch, pos
+    epoch, pos = positions[-1]
+    self._epoch, self._index = epoch, pos + 1
     self._batches += 1
     return out
 

@@ -66,8 +66,8 @@ class PromptLoader(EpochReader):
   def __iter__(self):
     return self
 
-  def _empty(self) -> dict[str, np.ndarray]:
-    b, length = self.batch_size, self.prompt_len
+  def _empty(self, b: int) -> dict[str, np.ndarray]:
+    length = self.prompt_len
     out = {"prompt": np.zeros((b, length), np.int32), "prompt_lengths": np.zeros((b,), np.int32),
            EXAMPLE: np.zeros((b,), np.int32)}
     if self.answer_width:
@@ -82,15 +82,17 @@ class PromptLoader(EpochReader):
       out["answer_digits"][row] = answer
 
   def __next__(self) -> dict[str, np.ndarray]:
-    out = self._empty()
-    epoch, pos = self._epoch, self._index
-    for row in range(self.batch_size):
-      if pos >= self._num:
-        epoch, pos = epoch + 1, 0
+    positions = self._positions(self.batch_size)          # row r: the example at positions[r]
+    kept = self._kept(self.batch_size)
+    if self.rows is not None:
+      self._prefetch([positions[r] for r in kept])
+    out = self._empty(len(kept))
+    for row, r in enumerate(kept):
+      epoch, pos = positions[r]
       self._fill(out, row, self._fetch(epoch, pos))
       out[EXAMPLE][row] = self.order(epoch)[pos]
-      pos += 1
-    self._epoch, self._index = epoch, pos
+    epoch, pos = positions[-1]
+    self._epoch, self._index = epoch, pos + 1
     return out
 
   def get_state(self) -> dict[str, Any]:
@@ -132,9 +134,9 @@ class DemonstrationLoader(PromptLoader):
                       "demonstrate")
     return prompt, answer, tokens, players
 
-  def _empty(self) -> dict[str, np.ndarray]:
-    out = super()._empty()
-    out.update({k: np.zeros((self.batch_size, self.seq_len), np.int32) for k in BATCH_KEYS})
+  def _empty(self, b: int) -> dict[str, np.ndarray]:
+    out = super()._empty(b)
+    out.update({k: np.zeros((b, self.seq_len), np.int32) for k in BATCH_KEYS})
     return out
 
   def _fill(self, out: dict[str, np.ndarray], row: int, decoded) -> None:

@@ -5,6 +5,12 @@ Epoch ``e`` visits the examples in the order ``np.random.default_rng([seed, e]).
 (all of them when the source has at most ``cache_limit``; else the ``fetch_size`` read ahead in one
 bulk ``__getitems__``). A loader's position is ``(epoch, index)``; ``_position_from`` checks a
 saved state against this reader before a loader continues from it.
+
+On several processes each runs the same loader, restricted by ``only_rows`` to the rows of each
+global batch its devices hold: the order, the position and the state stay the global loader's, so
+the processes' batches together are the one-process batch. A loader whose rows are examples of
+their own (prompts, pairs) reads only its rows' examples; the packed loader packs the whole
+stream (where a row ends depends on every example before it) and keeps its rows.
 """
 from __future__ import annotations
 
@@ -45,6 +51,39 @@ class EpochReader:
     self._cache: dict[int, Any] = {}
     self._order_epoch, self._order = -1, None
     self._epoch, self._index = 0, 0
+    self.rows: slice | None = None      # the rows of each batch this process holds (None: all)
+
+  def only_rows(self, rows: slice) -> None:
+    """From now on each batch holds only ``rows`` of the global batch (this process's share)."""
+    self.rows = rows
+
+  def _kept(self, rows: int) -> range:
+    """Which of a global batch's ``rows`` this loader keeps."""
+    return range(rows) if self.rows is None else range(*self.rows.indices(rows))
+
+  def _local(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``batch`` (a global one) cut to the kept rows."""
+    return batch if self.rows is None else {k: v[self.rows] for k, v in batch.items()}
+
+  def _positions(self, count: int) -> list[tuple[int, int]]:
+    """The ``(epoch, index)`` of the next ``count`` examples from the current position."""
+    epoch, pos, out = self._epoch, self._index, []
+    for _ in range(count):
+      if pos >= self._num:
+        epoch, pos = epoch + 1, 0
+      out.append((epoch, pos))
+      pos += 1
+    return out
+
+  def _prefetch(self, positions: Sequence[tuple[int, int]]) -> None:
+    """Reads and decodes exactly these examples (one bulk read), so that ``_fetch`` of them reads
+    nothing more: a process reads only the examples of its own rows."""
+    if not self._keep_all:
+      self._cache.clear()
+    wanted = [int(self.order(e)[p]) for e, p in positions]
+    wanted = [i for i in dict.fromkeys(wanted) if i not in self._cache]
+    for i, ex in zip(wanted, read_examples(self.source, wanted)):
+      self._cache[i] = self._decode(ex, i)
 
   def _decode(self, example, index: int):
     """The loader's form of example ``index`` (raises ``DataError`` for a bad one)."""

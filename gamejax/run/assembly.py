@@ -32,12 +32,16 @@ class GamesLoader:
   def __init__(self, batch_size: int):
     self.batch_size = batch_size
     self.stats: dict = {}
+    self.rows = slice(0, batch_size)
+
+  def only_rows(self, rows: slice) -> None:
+    self.rows = rows
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    return {"games": np.zeros((self.batch_size,), np.int32)}
+    return {"games": np.zeros((len(range(*self.rows.indices(self.batch_size))),), np.int32)}
 
   def get_state(self) -> dict:
     return {}

@@ -43,6 +43,7 @@ class PreemptionWatch:
   def __init__(self):
     self._flag = threading.Event()
     self._previous = None
+    self._asked = 0       # the sync point's step ids: one per question, rising across stages
 
   def __enter__(self) -> "PreemptionWatch":
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
@@ -59,9 +60,14 @@ class PreemptionWatch:
     self._flag.set()
 
   def reached(self, step: int) -> bool:
+    """Whether to save and stop after ``step`` of the stage. Every process asks at the same
+    points; JAX's sync point wants step ids that only rise, so it is given the number of
+    questions asked so far (a stage's own steps restart at each stage)."""
+    del step
+    self._asked += 1
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
-      return bool(multihost_utils.reached_preemption_sync_point(int(step)))
+      return bool(multihost_utils.reached_preemption_sync_point(self._asked))
     return self._flag.is_set()
 
 

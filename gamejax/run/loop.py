@@ -117,6 +117,9 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
     resumed_counts = {}
     start = 0
 
+  if jax.process_count() > 1:           # this process reads and feeds only its devices' rows
+    loader.only_rows(distributed.process_rows(batch_sharding, (stage.steps_per_call,
+                                                               stage.batch_size), axis=1))
   writer = MetricsWriter(metrics_path)
   k = stage.steps_per_call
   end = stage.steps if stop_after_steps is None else min(stage.steps, stop_after_steps)
@@ -182,7 +185,8 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
       accuracy_at["0"] = evaluate_now(state, 0)
     for step_no in range(start + k, end + 1, k):
       batches = _stack([next(loader) for _ in range(k)])
-      state, metrics = step_fn(state, distributed.global_batch(batches, batch_sharding))
+      state, metrics = step_fn(state, distributed.global_batch(batches, batch_sharding,
+                                                                rows=stage.batch_size))
       if pending is not None:
         flush(*pending)
       pending = (step_no, metrics)
