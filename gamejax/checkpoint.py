@@ -18,6 +18,7 @@ restore reads them back from there.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -71,8 +72,24 @@ class Checkpointer:
     with self._writes(step):
       self._manager.wait_until_finished()
 
+  @contextlib.contextmanager
   def _writes(self, step: int):
-    return _NamedWriteErrors(self, step)
+    """Turns any error of writing checkpoint ``step`` into ``CheckpointWriteError`` naming the
+    step, the directory and the checkpoints that stay intact."""
+    try:
+      yield
+    except (CheckpointWriteError, KeyboardInterrupt):
+      raise
+    except Exception as error:  # noqa: BLE001 - orbax and tensorstore raise many kinds
+      try:
+        self._manager.reload()
+        intact = [s for s in self._manager.all_steps() if s != step]
+      except Exception:  # noqa: BLE001 - the listing is only part of the message
+        intact = "unknown"
+      raise CheckpointWriteError(
+          f"writing checkpoint step {step} to {self.directory} failed: "
+          f"{type(error).__name__}: {str(error)[:500]}; the earlier checkpoints {intact} are "
+          "intact") from error
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -145,30 +162,6 @@ class Checkpointer:
       self.wait()
     finally:
       self._manager.close()
-
-
-class _NamedWriteErrors:
-  """Turns any error of a checkpoint write into ``CheckpointWriteError`` naming the step, the
-  directory and the checkpoints that stay intact."""
-
-  def __init__(self, ckpt: Checkpointer, step: int):
-    self.ckpt, self.step = ckpt, step
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, kind, error, tb):
-    if error is None or isinstance(error, (CheckpointWriteError, KeyboardInterrupt)):
-      return False
-    try:
-      self.ckpt._manager.reload()
-      intact = [s for s in self.ckpt._manager.all_steps() if s != self.step]
-    except Exception:  # noqa: BLE001 - the listing is only part of the message
-      intact = "unknown"
-    raise CheckpointWriteError(
-        f"writing checkpoint step {self.step} to {self.ckpt.directory} failed: "
-        f"{type(error).__name__}: {str(error)[:500]}; the earlier checkpoints {intact} are "
-        "intact") from error
 
 
 def _abstract(x):

@@ -35,8 +35,8 @@ class NonFiniteStop(RuntimeError):
 
 
 class PreemptionWatch:
-  """While entered, SIGTERM sets a flag instead of killing the process (one process); ``reached(
-  step)`` says whether to save and stop after ``step``. On several processes it asks JAX's
+  """While entered, SIGTERM sets a flag instead of killing the process (one process);
+  ``reached()``, asked after each call, says whether to save and stop there. On several processes it asks JAX's
   preemption sync point instead, which the distributed runtime arms for SIGTERM itself, so every
   process agrees on the step."""
 
@@ -59,11 +59,10 @@ class PreemptionWatch:
     del signum, frame
     self._flag.set()
 
-  def reached(self, step: int) -> bool:
-    """Whether to save and stop after ``step`` of the stage. Every process asks at the same
-    points; JAX's sync point wants step ids that only rise, so it is given the number of
-    questions asked so far (a stage's own steps restart at each stage)."""
-    del step
+  def reached(self) -> bool:
+    """Whether to save and stop now (after a call). Every process asks at the same points; JAX's
+    sync point wants step ids that only rise, so it is given the number of questions asked so
+    far (a stage's own steps restart at each stage)."""
     self._asked += 1
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils

@@ -194,7 +194,7 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
         flush(*pending)
         pending = None
         accuracy_at[str(step_no)] = evaluate_now(state, step_no)
-      if step_no < end and watch.reached(step_no):
+      if step_no < end and watch.reached():
         save(step_no, wait=True)
         raise faults.Preempted(stage.name, step_no, ckpt.directory)
       if step_no % stage.checkpoint_every == 0 and step_no < end:
