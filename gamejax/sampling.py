@@ -167,12 +167,21 @@ def _check_options(name: str, max_new_tokens, temperature, top_k, top_p, stop_id
     raise ValueError(f"{name} needs stop_ids as a tuple of ints; got {stop_ids!r}")
 
 
+def _broadcast_cache(cache, group_size: int):
+  """A cache of ``U`` rows as one of ``U * group_size``: row ``u``'s slots for each of its group
+  (rows ``u * group_size ..``). Every family's cache has its rows on axis 0."""
+  if group_size == 1:
+    return cache
+  return jax.tree.map(lambda c: jnp.repeat(c, group_size, axis=0), cache)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "eos_id",
-                                             "top_k", "top_p", "stop_ids", "scaled_logprobs"))
+                                             "top_k", "top_p", "stop_ids", "scaled_logprobs",
+                                             "group_size"))
 def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens: int,
              rng, temperature: float = 0.0, eos_id: int = 2, *, top_k: int = 0,
              top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
-             scaled_logprobs: bool = False) -> dict:
+             scaled_logprobs: bool = False, group_size: int = 1) -> dict:
   """Samples up to ``max_new_tokens`` (N) continuation tokens of left-padded prompts.
 
   Args:
@@ -191,10 +200,14 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
     stop_ids: further tokens that end a row, like ``eos_id`` (static tuple).
     scaled_logprobs: report ``log_softmax(logits / temperature)`` instead of temperature-1
       log-probs (static; the convention of RL scoring, see ``gamejax.players.policy``).
+    group_size: G (static): each prompt is continued G times, rows ``u * G .. u * G + G - 1`` of
+      the output continuing prompt ``u``. The prompt is prefilled once and its KV cache broadcast
+      to the group: the same output as G copies of each prompt with ``group_size=1``, at
+      ``1 / G`` of the prefill's FLOPs.
 
   Returns:
     ``{"tokens": int32[B, N], "lengths": int32[B], "logprobs": float32[B, N],
-    "mask_BN": float32[B, N], "stopped_B": bool[B]}``: tokens up to and including the first stop
+    "mask_BN": float32[B, N], "stopped_B": bool[B]}`` (``B`` = prompts x ``group_size``): tokens up to and including the first stop
     token (``eos_id`` or one of ``stop_ids``) then PAD; lengths count those tokens (N if no stop);
     logprobs are the model's ``log_softmax(logits)`` at the chosen tokens -- at temperature 1
     (``log_softmax(logits / temperature)`` with ``scaled_logprobs``) and unfiltered by
@@ -203,19 +216,25 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
     into the ``max_new_tokens`` limit). See the module docstring for an example.
   """
   _check_options("generate", max_new_tokens, temperature, top_k, top_p, stop_ids)
-  b, p = prompt_BP.shape
-  n = max_new_tokens
-  prompt_lengths_B = jnp.asarray(prompt_lengths_B, jnp.int32)
+  if group_size < 1:
+    raise ValueError(f"generate needs group_size >= 1; got {group_size}")
+  u, p = prompt_BP.shape              # u distinct prompts, each continued group_size times
+  b, n = u * group_size, max_new_tokens
+  prompt_lengths_U = jnp.asarray(prompt_lengths_B, jnp.int32)
   slots_P = jnp.arange(p, dtype=jnp.int32)
-  first_B = p - prompt_lengths_B  # slot of each row's first real token
-  real_BP = slots_P[None, :] >= first_B[:, None]
-  positions_BP = jnp.where(real_BP, slots_P[None, :] - first_B[:, None], 0)
-  segments_BP = real_BP.astype(jnp.int32)
+  first_U = p - prompt_lengths_U  # slot of each row's first real token
+  real_UP = slots_P[None, :] >= first_U[:, None]
+  positions_UP = jnp.where(real_UP, slots_P[None, :] - first_U[:, None], 0)
 
-  # The last sampled token is never fed back, so P + N - 1 slots suffice.
-  cache = _init_cache(cfg, params, b, p + n - 1)
-  logits_BPV, cache = _apply_cached(
-      cfg, params, jnp.asarray(prompt_BP, jnp.int32), positions_BP, segments_BP, cache, 0)
+  # The last sampled token is never fed back, so P + N - 1 slots suffice. Each distinct prompt
+  # is prefilled once; its cache and last logits are then its group's.
+  cache = _init_cache(cfg, params, u, p + n - 1)
+  logits_UPV, cache = _apply_cached(
+      cfg, params, jnp.asarray(prompt_BP, jnp.int32), positions_UP, real_UP.astype(jnp.int32),
+      cache, 0)
+  cache = _broadcast_cache(cache, group_size)
+  last_BV = jnp.repeat(logits_UPV[:, -1], group_size, axis=0)
+  prompt_lengths_B = jnp.repeat(prompt_lengths_U, group_size)
 
   # Every step's random numbers, drawn here in one go: a uniform in (0, 1] per row (see _choose).
   # Greedy decoding uses none.
@@ -250,7 +269,7 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
 
   tokens_BN = jnp.full((b, n), PAD_ID, jnp.int32)
   logprobs_BN = jnp.zeros((b, n), jnp.float32)
-  token_B, tokens_BN, logprobs_BN = emit(0, logits_BPV[:, -1], tokens_BN, logprobs_BN)
+  token_B, tokens_BN, logprobs_BN = emit(0, last_BV, tokens_BN, logprobs_BN)
   if can_stop:
     def cond(carry):
       i, _, done_B, *_ = carry
@@ -281,7 +300,8 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
 
 def make_generate(cfg: lm.Config, max_new_tokens: int, temperature: float = 0.0,
                   eos_id: int = 2, *, top_k: int = 0, top_p: float = 1.0,
-                  stop_ids: Sequence[int] = (), scaled_logprobs: bool = False):
+                  stop_ids: Sequence[int] = (), scaled_logprobs: bool = False,
+                  group_size: int = 1):
   """``fn(params, prompt_BP, prompt_lengths_B, rng) -> generate(...)`` output, jitted once per
   input shape. The options are as in ``generate`` (``stop_ids`` may be any sequence of ints).
 
@@ -301,6 +321,7 @@ def make_generate(cfg: lm.Config, max_new_tokens: int, temperature: float = 0.0,
   def fn(params, prompt_BP, prompt_lengths_B, rng):
     return generate(cfg, params, prompt_BP, prompt_lengths_B, max_new_tokens, rng,
                     temperature=temperature, eos_id=eos_id, top_k=top_k, top_p=top_p,
-                    stop_ids=stop_ids, scaled_logprobs=scaled_logprobs)
+                    stop_ids=stop_ids, scaled_logprobs=scaled_logprobs,
+                    group_size=group_size)
 
   return fn

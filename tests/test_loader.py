@@ -270,7 +270,15 @@ def _prompt_examples(n):
 
 
 
-@pytest.mark.parametrize("kind", ["prompts", "demonstrations", "pairs", "packed"])
+class MeasuredSource(RecordingSource):
+  """A recording source that also knows its examples' lengths (as ``sources.Source`` does)."""
+
+  def lengths(self):
+    return np.array([len(ex["tokens"]) for ex in self.examples])
+
+
+@pytest.mark.parametrize("kind", ["prompts", "demonstrations", "pairs", "packed",
+                                  "packed_measured"])
 def test_processes_read_their_rows_and_together_make_the_one_process_batch(kind):
   """Two "processes", each restricted to half of every batch's rows (``only_rows``): the halves
   put together are the one-process batches, batch after batch and across epochs; where rows are
@@ -283,26 +291,38 @@ def test_processes_read_their_rows_and_together_make_the_one_process_batch(kind)
   make = {"prompts": lambda src: PromptLoader(src, batch, 4, seed=1),
           "demonstrations": lambda src: DemonstrationLoader(src, batch, 4, seed=1, seq_len=8),
           "pairs": lambda src: PairLoader(src, batch // 2, 8, seed=1),
-          "packed": lambda src: PackedLoader(src, batch, 8, seed=1)}[kind]
+          "packed": lambda src: PackedLoader(src, batch, 8, seed=1),
+          "packed_measured": lambda src: PackedLoader(src, batch, 8, seed=1)}[kind]
+  recording = MeasuredSource if kind == "packed_measured" else RecordingSource
   whole = make(examples)
   halves, sources = [], []
   for rows in (slice(0, batch // 2), slice(batch // 2, batch)):
-    source = RecordingSource(examples)
+    source = recording(examples)
     loader = make(source)
     loader.only_rows(rows)
     halves.append(loader)
     sources.append(source)
+  own_reads = kind in ("prompts", "demonstrations", "packed_measured")
   used = [set(), set()]                  # the examples each half's rows hold
   for _ in range(7):                                     # 28 rows: past two epochs of 10
     want = next(whole)
-    got = [next(h) for h in halves]
+    got = []
+    for half, source, seen in zip(halves, sources, used):
+      before = len(source.read)
+      g = next(half)
+      got.append(g)
+      here = set(g.get("example", np.zeros(0, int)).tolist())
+      if kind.startswith("packed"):      # example i's tokens start at 100 i + 1
+        first = (g["positions"] == 0) & (g["segment_ids"] > 0)
+        here = set(((g["tokens"][first] - 1) // 100).tolist())
+      if own_reads:                      # this batch read nothing but its own rows' examples
+        assert set(source.read[before:]) <= here, (source.read[before:], here)
+      seen.update(here)
     for key in want:
       np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key], key)
-    for half, g in zip(used, got):
-      half.update(g.get("example", np.zeros(0, int)).tolist())
   assert halves[0].get_state() == halves[1].get_state() == whole.get_state()
   for source in sources:                 # nothing read twice
     assert len(source.read) == len(set(source.read))
-  if kind in ("prompts", "demonstrations"):            # each read only its rows' examples
+  if own_reads:
     for source, half in zip(sources, used):
       assert set(source.read) == half

@@ -60,11 +60,11 @@ def _train(args, env, script=PLAIN):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _pair(args, data, script0=PLAIN):
-  """Two processes of one run; their (returncode, stderr)."""
+def _pair(args, data, script0=PLAIN, args1=()):
+  """Two processes of one run (process 1 also given ``args1``); their (returncode, stderr)."""
   port = _free_port()
   flags = [f"--coordinator_address=localhost:{port}", "--num_processes=2"]
-  procs = [_train([*args, *flags, f"--process_id={i}"], _env(4, data),
+  procs = [_train([*args, *flags, f"--process_id={i}", *(args1 if i else ())], _env(4, data),
                   script0 if i == 0 else PLAIN) for i in range(2)]
   return [(p.returncode, err) for p, (_, err) in
           zip(procs, [p.communicate(timeout=600) for p in procs])]
@@ -114,6 +114,16 @@ def test_coordinator_flags_missing_or_out_of_range_exit_2(tmp_path, capsys):
                    "--process_id=0"]) == 2
   assert "expected HOST:PORT" in capsys.readouterr().err
   assert not (tmp_path / "run").exists()
+
+
+def test_processes_given_different_configs_exit_2(tmp_path):
+  """Every process hashes its operative config; the processes compare before anything is built."""
+  args = [*ARGS, f"--workdir={tmp_path / 'run'}"]
+  results = _pair(args, tmp_path / "data", args1=["--gin.pretrain/Stage.steps=6"])
+  for code, err in results:
+    assert code == 2, err[-3000:]
+    assert "the operative config of processes [1] differs from process 0's" in err, err[-3000:]
+  assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
 
 
 def test_a_cluster_is_detected_from_its_environment(monkeypatch):

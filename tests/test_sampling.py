@@ -433,3 +433,43 @@ def test_a_geometric_mixture_samples_token_by_token_from_both_models(params):
   np.testing.assert_allclose(as_a["logprobs"], alone["logprobs"], atol=1e-5)
   assert not np.array_equal(tokens, np.asarray(alone["tokens"]))
 
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_group_shares_its_prompts_prefill_and_samples_what_copies_would(params, mixed):
+  """``group_size=G``: each prompt prefilled once, its cache broadcast to its G rows; the same
+  tokens, log-probs and lengths as G copies of every prompt, from the same key."""
+  from gamejax.players import selfplay
+  g = 3
+  if mixed:
+    other = llama.init_params(CFG, jax.random.key(7))
+    params = selfplay.mixture("a", "b", 0.4).resolve({"a": params, "b": other}.get)
+  prompt_BP, lengths_B = sampling.left_pad(PROMPTS, P)
+  options = dict(temperature=1.3, eos_id=3, top_k=20, stop_ids=(7,), scaled_logprobs=True)
+  shared = sampling.generate(CFG, params, prompt_BP, lengths_B, N, jax.random.key(5),
+                             group_size=g, **options)
+  copies = sampling.generate(CFG, params, np.repeat(prompt_BP, g, axis=0),
+                             np.repeat(lengths_B, g), N, jax.random.key(5), **options)
+  for key in ("tokens", "lengths", "logprobs", "mask_BN", "stopped_B"):
+    assert shared[key].shape[0] == len(PROMPTS) * g
+    np.testing.assert_array_equal(shared[key], copies[key], key)
+  # the group's rows differ from each other (they are samples, not one sample copied)
+  tokens = np.asarray(shared["tokens"]).reshape(len(PROMPTS), g, N)
+  assert any(len({tuple(r) for r in group}) > 1 for group in tokens)
+
+
+def test_a_shared_prefill_costs_one_prompt_per_group(params):
+  """The compiled sampler's FLOPs: with G = 4 the prefill (all but the decode loop) falls 4x."""
+  prompt_BP, lengths_B = sampling.left_pad(PROMPTS, P)
+
+  def flops(group_size, new_tokens):
+    prompts = prompt_BP if group_size > 1 else np.repeat(prompt_BP, 4, axis=0)
+    lengths = lengths_B if group_size > 1 else np.repeat(lengths_B, 4)
+    fn = jax.jit(lambda p, t, l: sampling.generate(CFG, p, t, l, new_tokens, jax.random.key(0),
+                                                   temperature=1.0, eos_id=-1,
+                                                   group_size=group_size))
+    return fn.lower(params, prompts, lengths).compile().cost_analysis()["flops"]
+
+  # one new token: the prefill and the first choice, no decode step
+  ratio = flops(1, 1) / flops(4, 1)
+  assert 3.5 < ratio <= 4.0, ratio

@@ -96,6 +96,26 @@ def test_arena_built_once_then_reused(arena_splits, data_dir, monkeypatch):
   assert other.builder.data_path != builder.data_path
 
 
+def test_lengths_are_counted_once_and_kept_beside_the_data(arena_splits, data_dir, monkeypatch):
+  train = arena_splits["train"]
+  want = [len(train[i]["tokens"]) for i in range(len(train))]
+  np.testing.assert_array_equal(train.lengths(), want)
+  kept = os.path.join(train.builder.data_dir, "lengths", "train.npy")
+  np.testing.assert_array_equal(np.load(kept), want)
+  again = sources.load_source("arithmetic_arena", "train", data_dir, **ARENA)
+  monkeypatch.setattr(again._data, "__getitems__", None)  # reading an example now fails
+  np.testing.assert_array_equal(again.lengths(), want)
+  # a packed loader on the source plans from the lengths and reads only its rows' examples
+  read = []
+  real = type(train._data).__getitems__
+  monkeypatch.setattr(type(train._data), "__getitems__",
+                      lambda self, ids: read.extend(ids) or real(self, ids))
+  half = PackedLoader(train, 4, 24, seed=0)
+  half.only_rows(slice(0, 1))
+  got = next(half)
+  assert got["tokens"].shape == (1, 24) and 0 < len(read) < 6
+
+
 def test_arena_config_names():
   a = arena.arena_config(players=["slip:5e-2"], max_digits=2)
   b = arena.arena_config(players=[("slip:0.05", 1.0)], max_digits=2)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from gamejax.data.errors import DataError
-from gamejax.data.reader import EpochReader
+from gamejax.data.reader import EpochReader, source_lengths
 
 TOO_LONG_MODES = ("truncate", "skip", "error")
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "players")
@@ -42,7 +42,8 @@ class PackedLoader(EpochReader):
 
   Every field is ``int32[batch_size, seq_len]`` (the fields of ``gamejax.records.GameRecord``).
   ``source``: anything with ``len()`` and ``[i]`` -> dict with "tokens" and "players" (bulk
-  ``__getitems__`` is used when present). Records longer than ``seq_len`` are cut to ``seq_len``
+  ``__getitems__`` is used when present; with ``lengths()`` -> tokens per example, batches are
+  planned without decoding and only the examples of the kept rows are read). Records longer than ``seq_len`` are cut to ``seq_len``
   (``too_long="truncate"``), dropped ("skip") or raise ("error"); empty records are skipped.
   ``stats`` counts examples packed, truncated and skipped. Decoded examples are cached in memory
   when the source has at most ``cache_limit`` examples; otherwise ``fetch_size`` are read at once.
@@ -58,6 +59,7 @@ class PackedLoader(EpochReader):
     self.batch_size, self.seq_len, self.too_long = int(batch_size), int(seq_len), too_long
     self._batches = 0
     self._stats = {"examples": 0, "truncated": 0, "skipped": 0}
+    self._lengths = source_lengths(source, self._num)
 
   def _decode(self, example, index: int) -> tuple[np.ndarray, np.ndarray]:
     return _arrays(example, index)
@@ -69,15 +71,41 @@ class PackedLoader(EpochReader):
 
   def __next__(self) -> dict[str, np.ndarray]:
     b, t = self.batch_size, self.seq_len
+    placed, self._epoch, self._index, self._stats = self._plan(b, t)
+    kept = set(self._kept(b))
+    placed = [p for p in placed if p[0] in kept]
+    if self._lengths is not None:        # only the examples of this process's rows are read
+      self._prefetch([(epoch, pos) for _, _, _, epoch, pos in placed])
     out = {k: np.zeros((b, t), np.int32) for k in BATCH_KEYS}
+    seg = {}
+    for row, col, n, epoch, pos in placed:
+      tokens, players = self._fetch(epoch, pos)
+      seg[row] = seg.get(row, 0) + 1
+      out["tokens"][row, col:col + n] = tokens[:n]
+      out["players"][row, col:col + n] = players[:n]
+      out["segment_ids"][row, col:col + n] = seg[row]
+      out["positions"][row, col:col + n] = np.arange(n, dtype=np.int32)
+    self._batches += 1
+    return self._local(out)
+
+  def _length(self, epoch: int, pos: int) -> int:
+    """Tokens in the example at ``(epoch, pos)``: from the source's lengths when it has them
+    (nothing decoded), else by decoding it."""
+    if self._lengths is not None:
+      return int(self._lengths[int(self.order(epoch)[pos])])
+    return len(self._fetch(epoch, pos)[0])
+
+  def _plan(self, b: int, t: int):
+    """Where the next batch's examples go, from their lengths alone: ``([(row, col, n, epoch,
+    pos)], epoch, index, stats)`` after it. A row's place depends on every example before it, so
+    every process plans the whole batch, and reads only its own rows' examples."""
     epoch, pos = self._epoch, self._index
     stats = dict(self._stats)
-    row, col, seg, skips_in_a_row = 0, 0, 0, 0
+    placed, row, col, skips_in_a_row = [], 0, 0, 0
     while row < b:
       if pos >= self._num:
         epoch, pos = epoch + 1, 0
-      tokens, players = self._fetch(epoch, pos)
-      n = len(tokens)
+      n = self._length(epoch, pos)
       if n == 0 or (n > t and self.too_long == "skip"):
         stats["skipped"] += 1
         pos, skips_in_a_row = pos + 1, skips_in_a_row + 1
@@ -93,20 +121,14 @@ class PackedLoader(EpochReader):
               f"seq_len={t} (too_long='error'; use 'truncate' or 'skip')")
         n = t
       if col + n > t:  # does not fit the rest of this row: it starts the next one
-        row, col, seg = row + 1, 0, 0
+        row, col = row + 1, 0
         continue
-      seg += 1
-      out["tokens"][row, col:col + n] = tokens[:n]
-      out["players"][row, col:col + n] = players[:n]
-      out["segment_ids"][row, col:col + n] = seg
-      out["positions"][row, col:col + n] = np.arange(n, dtype=np.int32)
+      placed.append((row, col, n, epoch, pos))
       col += n
       pos, skips_in_a_row = pos + 1, 0
       stats["examples"] += 1
       stats["truncated"] += int(truncated)
-    self._epoch, self._index, self._stats = epoch, pos, stats
-    self._batches += 1
-    return self._local(out)      # (the whole batch packed: a row's place depends on all before)
+    return placed, epoch, pos, stats
 
   # -- state -------------------------------------------------------------------------------------
 

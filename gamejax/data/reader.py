@@ -9,8 +9,10 @@ saved state against this reader before a loader continues from it.
 On several processes each runs the same loader, restricted by ``only_rows`` to the rows of each
 global batch its devices hold: the order, the position and the state stay the global loader's, so
 the processes' batches together are the one-process batch. A loader whose rows are examples of
-their own (prompts, pairs) reads only its rows' examples; the packed loader packs the whole
-stream (where a row ends depends on every example before it) and keeps its rows.
+their own (prompts, pairs) reads only its rows' examples. The packed loader plans the whole
+batch (where a row ends depends on every example before it) from the source's ``lengths()`` when
+it has them (``sources.Source`` does: one int per example, computed once and kept beside the
+data) and reads only its rows' examples; a source without lengths is decoded whole.
 """
 from __future__ import annotations
 
@@ -28,6 +30,18 @@ def read_examples(source, indices: Sequence[int]) -> list:
   if getitems is not None:
     return list(getitems(list(indices)))
   return [source[i] for i in indices]
+
+
+def source_lengths(source, num: int) -> np.ndarray | None:
+  """``source.lengths()`` (tokens per example, ``int[num]``) when the source has it, else None."""
+  lengths = getattr(source, "lengths", None)
+  if not callable(lengths):
+    return None
+  out = np.asarray(lengths())
+  if out.shape != (num,) or not np.issubdtype(out.dtype, np.integer):
+    raise DataError(f"source.lengths() gave {out.dtype}{list(out.shape)}; want one integer per "
+                    f"example ({num})")
+  return out
 
 
 class EpochReader:

@@ -17,9 +17,12 @@ import difflib
 import io
 import logging
 import os
+import re
+import tempfile
 from typing import Any, Callable, Sequence
 
 from absl import logging as absl_logging
+import numpy as np
 import tensorflow_datasets as tfds
 
 from gamejax.data import arena, local_text, preferences
@@ -29,6 +32,7 @@ tfds.disable_progress_bar()
 _LOG = logging.getLogger(__name__)
 DATA_DIR_ENV = "GAMEJAX_DATA_DIR"
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "gamejax", "datasets")
+LENGTHS_CHUNK = 4096  # examples read at once while counting a split's lengths
 
 
 def _arena_builder(data_dir: str, params: dict) -> tfds.core.DatasetBuilder:
@@ -104,12 +108,37 @@ def _decode(example: dict) -> dict:
   return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in example.items()}
 
 
+def _read_lengths(path: str, num: int) -> np.ndarray | None:
+  """The lengths kept at ``path`` when they are there and fit ``num`` examples."""
+  try:
+    out = np.load(path)
+  except (OSError, ValueError):
+    return None
+  return out if out.shape == (num,) else None
+
+
+def _write_lengths(path: str, lengths: np.ndarray) -> None:
+  """Keeps ``lengths`` at ``path`` (written whole, then renamed); a read-only data dir keeps
+  nothing, and the lengths are read again next time."""
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".npy",
+                                     delete=False) as f:
+      np.save(f, lengths)
+    os.replace(f.name, path)
+  except OSError as e:
+    if "f" in locals() and os.path.exists(f.name):
+      os.remove(f.name)
+    _LOG.warning("could not keep the example lengths at %s: %s", path, e)
+
+
 class Source:
   """Random access to one split: ``len``, ``[i]`` and bulk ``__getitems__`` -> example dicts."""
 
   def __init__(self, data_source, name: str, split: str, builder: tfds.core.DatasetBuilder):
     self._data = data_source
     self.name, self.split, self.builder = name, split, builder
+    self._lengths: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self._data)
@@ -122,6 +151,22 @@ class Source:
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict]:
     return [_decode(ex) for ex in self._data.__getitems__([int(i) for i in indices])]
+
+  def lengths(self) -> np.ndarray:
+    """Tokens in each example, ``int32[len(self)]``: read once from every example and kept in
+    ``<builder data dir>/lengths/<split>.npy``, so that a packed loader plans its batches without
+    decoding examples and each process reads only its rows' examples."""
+    if self._lengths is None:
+      path = os.path.join(self.builder.data_dir, "lengths",
+                          re.sub(r"[^A-Za-z0-9_.%-]+", "_", self.split) + ".npy")
+      self._lengths = _read_lengths(path, len(self))
+      if self._lengths is None:
+        self._lengths = np.asarray(
+            [len(ex["tokens"]) for start in range(0, len(self), LENGTHS_CHUNK)
+             for ex in self._data.__getitems__(
+                 list(range(start, min(start + LENGTHS_CHUNK, len(self)))))], np.int32)
+        _write_lengths(path, self._lengths)
+    return self._lengths
 
   def __repr__(self) -> str:
     config = self.builder.builder_config.name

@@ -1,0 +1,126 @@
+"""This tree's benchmarks against an earlier commit's, in one run on this machine.
+
+  python -m benchmarks.against_commit [--commit 93197d3] [--rounds 3] [--cases grpo_a,sample]
+
+The earlier commit is unpacked from this repository (``git archive``) into a temporary folder,
+and each case runs there and here as ``python -m benchmarks.<name> <args>`` (same interpreter,
+same packages; the unpacked tree's ``gamejax`` is the one imported there, checked). The two
+alternate, ``--rounds`` times, so that a busy moment of the machine falls on both alike; a case's
+time on each side is the best of its rounds (each round already reports a median of several
+calls). Prints one JSON line: per case the commit's and this tree's seconds and ``speedup`` (the
+commit's seconds over this tree's; above 1 is faster here), and the ``target`` speedup the case
+is held to (``meets_target``).
+
+The cases are the shapes issue 12 sets: a GRPO step of 2 prompts x 8 completions x 8 prompt
+tokens x 32 new and of 4 x 4 x 8 x 64 (target 1.25x), and the sampler at batch 16, prompt 16,
+64 new (target 1.4x), all on the benchmarks' default model (``experiments/models/
+bench_sampling.gin``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASELINE = "93197d3"
+
+# name -> (benchmark module, its arguments, the JSON field of seconds, target speedup)
+CASES = {
+    "grpo_a": ("grpo_step", ["--prompts=2", "--group_size=8", "--prompt_len=8",
+                             "--new_tokens=32"], "seconds_per_step", 1.25),
+    "grpo_b": ("grpo_step", ["--prompts=4", "--group_size=4", "--prompt_len=8",
+                             "--new_tokens=64"], "seconds_per_step", 1.25),
+    "sample": ("sample", ["--batch=16", "--prompt_len=16", "--new_tokens=64"],
+               "seconds_per_call", 1.4),
+}
+
+
+class CommitError(RuntimeError):
+  """The earlier commit cannot be unpacked or its benchmark did not run."""
+
+
+def unpack(commit: str, into: str) -> str:
+  """``commit``'s files (``git archive``) under ``into``; returns the full commit id."""
+  def git(*args, **kw):
+    return subprocess.run(["git", "-C", REPO, *args], check=True, capture_output=True, **kw)
+  try:
+    full = git("rev-parse", "--verify", f"{commit}^{{commit}}", text=True).stdout.strip()
+    archive = git("archive", "--format=tar", full).stdout
+  except (subprocess.CalledProcessError, FileNotFoundError) as e:
+    raise CommitError(f"cannot unpack commit {commit!r} of {REPO}: "
+                      f"{getattr(e, 'stderr', b'') or e}") from None
+  subprocess.run(["tar", "-x", "-C", into], input=archive, check=True)
+  return full
+
+
+def _imported_from(tree: str) -> str:
+  out = subprocess.run([sys.executable, "-c", "import gamejax, os; print(os.path.dirname("
+                        "os.path.dirname(os.path.abspath(gamejax.__file__))))"],
+                       cwd=tree, capture_output=True, text=True, check=True)
+  return out.stdout.strip()
+
+
+def run_case(tree: str, module: str, args: list[str]) -> dict:
+  """One run of ``benchmarks.<module>`` in ``tree``: its JSON line."""
+  env = dict(os.environ, PYTHONPATH=tree)
+  proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=tree,
+                        env=env, capture_output=True, text=True)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode or not lines:
+    raise CommitError(f"benchmarks.{module} {' '.join(args)} failed in {tree} "
+                      f"(exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+  return json.loads(lines[-1])
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--commit", default=BASELINE)
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--cases", default=",".join(CASES), help=f"some of {', '.join(CASES)}")
+  args = p.parse_args(argv)
+  cases = [c for c in args.cases.split(",") if c]
+  unknown = [c for c in cases if c not in CASES]
+  if unknown or not cases or args.rounds < 1:
+    p.error(f"--cases must name some of {list(CASES)} (unknown: {unknown}); --rounds >= 1")
+  with tempfile.TemporaryDirectory(prefix="gamejax-commit-") as old:
+    try:
+      full = unpack(args.commit, old)
+    except CommitError as e:
+      print(f"against_commit: {e}", file=sys.stderr)
+      return 2
+    for tree in (old, REPO):
+      if os.path.realpath(_imported_from(tree)) != os.path.realpath(tree):
+        print(f"against_commit: gamejax in {tree} imports from {_imported_from(tree)}",
+              file=sys.stderr)
+        return 2
+    seconds = {c: {"commit": [], "here": []} for c in cases}
+    last = {}
+    for _ in range(args.rounds):
+      for case in cases:
+        module, case_args, field, _ = CASES[case]
+        for side, tree in (("commit", old), ("here", REPO)):
+          out = run_case(tree, module, case_args)
+          seconds[case][side].append(out[field])
+          last[case, side] = out
+  report = {"benchmark": "against_commit", "commit": full, "rounds": args.rounds,
+            "device": last[cases[0], "here"].get("device"), "cases": {}}
+  for case in cases:
+    module, case_args, field, target = CASES[case]
+    before, after = min(seconds[case]["commit"]), min(seconds[case]["here"])
+    report["cases"][case] = {
+        "benchmark": module, "args": case_args, "field": field,
+        "commit_seconds": before, "here_seconds": after, "speedup": before / after,
+        "target": target, "meets_target": before / after >= target,
+        "commit_rounds": seconds[case]["commit"], "here_rounds": seconds[case]["here"],
+        "here_breakdown": last[case, "here"].get("breakdown")}
+  print(json.dumps(report))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
