@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import statistics
 
 import jax
@@ -67,6 +68,40 @@ def decode_flops(cfg: lm.Config, batch: int, prompt_len: int, new_tokens: int) -
   contexts = fed * (fed + 1) / 2   # token at slot t attends t + 1 keys
   attention = 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * contexts
   return float(batch * (2.0 * block_params * fed + attention + 2.0 * head * new_tokens))
+
+
+# HLO instructions that move no data (tuple plumbing, views, literals): not kernels.
+PLUMBING = ("get-tuple-element", "tuple", "bitcast", "parameter", "constant")
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+  """The instruction lines of each computation of a compiled module's HLO text."""
+  out, name = {}, None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if head:
+      name = head.group(1)
+      out[name] = []
+    elif name is not None and line.strip() and line.strip() != "}":
+      out[name].append(line)
+  return out
+
+
+def decode_step_kernels(cfg: lm.Config, batch: int, prompt_len: int, new_tokens: int) -> int:
+  """Kernels XLA runs per decode step of ``sampling.generate`` (temperature 1, fixed length):
+  the instructions of the decode loop's body (the largest while body of the compiled sampler)
+  that move data, i.e. everything but ``PLUMBING``."""
+  params = jax.eval_shape(lambda: lm.init_params(cfg, jax.random.PRNGKey(0)))
+  prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+  lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  fn = sampling.make_generate(cfg, new_tokens, temperature=1.0, eos_id=-1)
+  text = fn.lower(params, prompt, lengths, jax.random.PRNGKey(0)).compile().as_text()
+  computations = _computations(text)
+  bodies = [computations[b] for b in re.findall(r"body=%?([\w.\-]+)", text)]
+  opcode = lambda line: re.search(r"= (?:\S+|\(.*?\)) ([\w\-]+)\(", line)
+  counts = [sum(1 for line in body if (m := opcode(line)) and m.group(1) not in PLUMBING)
+            for body in bodies]
+  return max(counts)
 
 
 def make_uncached_generate(cfg: lm.Config, new_tokens: int, temperature: float):
@@ -142,6 +177,8 @@ def main(argv=None):
       "tokens_per_s": tokens / secs,
       "baseline_seconds_per_call": base_secs, "baseline_tokens_per_s": tokens / base_secs,
       "speedup": base_secs / secs, "decode_flops": flops,
+      "decode_step_kernels": decode_step_kernels(cfg, args.batch, args.prompt_len,
+                                                 args.new_tokens),
       "matmul_peak_flops_per_s": peak, "efficiency": flops / peak / secs,
       "malloc_hugepages": hostenv.malloc_hugepages_enabled()}))
 

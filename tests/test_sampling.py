@@ -473,3 +473,18 @@ def test_a_shared_prefill_costs_one_prompt_per_group(params):
   # one new token: the prefill and the first choice, no decode step
   ratio = flops(1, 1) / flops(4, 1)
   assert 3.5 < ratio <= 4.0, ratio
+
+
+def test_a_decode_step_runs_no_more_kernels_than_before():
+  """The kernels XLA runs per decode step (``benchmarks.sample.decode_step_kernels``) on the
+  benchmark's model, per layer and outside the layers: only ever lowered. Ceilings: 22 per layer
+  (23.7 before the cache became head-major) and 30 for the embedding, LM head and sampling."""
+  import dataclasses
+  from benchmarks import sample
+  cfg = llama.LlamaConfig(vocab_size=320, d_model=256, d_ff=688, n_layers=1, n_heads=4,
+                          n_kv_heads=2)
+  one, three = (sample.decode_step_kernels(dataclasses.replace(cfg, n_layers=n), 16, 16, 64)
+                for n in (1, 3))
+  per_layer = (three - one) / 2
+  assert per_layer <= 22, (one, three)
+  assert one - per_layer <= 30, (one, three)

@@ -27,7 +27,7 @@ and the training path keeps ``self_attention``'s hand-written backward.
 >>> cache = init_cache(cfg, batch=1, max_len=8)
 >>> logits, cache = apply_with_cache(cfg, params, tokens, positions, segments, cache, 0)
 >>> logits.shape, cache["layers"][0]["k"].shape
-((1, 4, 32), (1, 8, 2, 8))
+((1, 4, 32), (1, 2, 8, 8))
 >>> [(t.name, t.hf_shape) for t in hf_tensors(cfg)][3:5]
 [('transformer.h.0.ln_1.bias', (16,)), ('transformer.h.0.attn.c_attn.weight', (16, 48))]
 """
@@ -42,8 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gamejax.models.kernels import (attention_mask, dense, heads, merge_heads, self_attention,
-                                    softmax_attend)
+from gamejax.models.kernels import attention_mask, cached_attention, dense, self_attention
 from gamejax.models import remat as remat_lib
 from gamejax.models.partitioning import constrain
 from gamejax.models.llama import HFTensor, single_draw_init
@@ -189,17 +188,8 @@ class Attention(nn.Module):
       out_BTHK = self_attention(qkv_BTNK, *identity_BT, bias_BTS, h, h)
       new_cache = None
     else:
-      q_BGQK, k_BGTK, v_BGTK = heads(qkv_BTNK, *identity_BT, h, h)
-      zero = jnp.zeros((), jnp.int32)
-      start = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
-      k_BSGK = jax.lax.dynamic_update_slice(
-          kv_cache["k"], k_BGTK.transpose(0, 2, 1, 3).astype(kv_cache["k"].dtype), start)
-      v_BSGK = jax.lax.dynamic_update_slice(
-          kv_cache["v"], v_BGTK.transpose(0, 2, 1, 3).astype(kv_cache["v"].dtype), start)
-      new_cache = {"k": k_BSGK, "v": v_BSGK}
-      out_BGQK, _, _ = softmax_attend(q_BGQK, k_BSGK.astype(dt).transpose(0, 2, 1, 3),
-                                       v_BSGK.astype(dt).transpose(0, 2, 1, 3), bias_BTS)
-      out_BTHK = merge_heads(out_BGQK.astype(dt), h)
+      out_BTHK, new_cache = cached_attention(qkv_BTNK, *identity_BT, bias_BTS, kv_cache,
+                                             cache_index, h, h)
     out_BTHK = constrain(out_BTHK, ("batch", "length", "heads", "head_dim"))
     out_BTD = dense(out_BTHK.reshape(b, t, h * k), wo.reshape(h * k, d)) + _bias(bo, 3, dt)
     return out_BTD, new_cache
@@ -361,19 +351,19 @@ def lm_head(cfg: GPT2Config, params: Params, hidden_BTD):
 
 
 def init_cache(cfg: GPT2Config, batch: int, max_len: int) -> Cache:
-  """An empty KV cache: ``{"layers": ({"k", "v"}: [B, S, n_heads, head_dim], ...),
+  """An empty KV cache: ``{"layers": ({"k", "v"}: [B, n_heads, S, head_dim], ...),
   "segment_ids": int32[B, S]}`` (the layout of ``llama.init_cache``); a slot with segment 0 is
   empty (or padding) and never attended.
 
   >>> cfg = GPT2Config(vocab_size=32, d_model=16, n_layers=2, n_heads=2, max_positions=8)
   >>> cache = init_cache(cfg, batch=3, max_len=10)
   >>> len(cache["layers"]), cache["layers"][0]["v"].shape, cache["segment_ids"].shape
-  (2, (3, 10, 2, 8), (3, 10))
+  (2, (3, 2, 10, 8), (3, 10))
   """
   if batch < 1 or max_len < 1:
     raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1; got batch={batch}, "
                      f"max_len={max_len}")
-  shape = (batch, max_len, cfg.n_heads, cfg.head_dim)
+  shape = (batch, cfg.n_heads, max_len, cfg.head_dim)
   return {"layers": tuple({"k": jnp.zeros(shape, cfg.compute_dtype),
                           "v": jnp.zeros(shape, cfg.compute_dtype)} for _ in range(cfg.n_layers)),
           "segment_ids": jnp.zeros((batch, max_len), jnp.int32)}

@@ -209,6 +209,23 @@ def softmax_attend(q_BGQK, k_BGSK, v_BGSK, bias_BTS):
   return out, p, inv_l
 
 
+def cached_attention(qkv_BTNK, cos_BT1F, sin_BT1F, bias_BTS, kv_cache, cache_index,
+                     n_heads: int, n_kv_heads: int):
+  """Attention of ``T`` new tokens over a KV cache: their keys and values written at slots
+  ``cache_index ..`` of ``kv_cache`` (``{"k", "v"}: [B, G, S, K]``, head-major: the layout the
+  two attention GEMMs read, so a decode step copies nothing but its own new slot), then
+  ``softmax_attend`` of their queries over all ``S`` slots. Returns ``(out [B, T, H, K] in
+  qkv's dtype, the new cache)``."""
+  q_BGQK, k_BGTK, v_BGTK = heads(qkv_BTNK, cos_BT1F, sin_BT1F, n_heads, n_kv_heads)
+  zero = jnp.zeros((), jnp.int32)
+  start = (zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
+  new = {name: jax.lax.dynamic_update_slice(kv_cache[name], x.astype(kv_cache[name].dtype), start)
+         for name, x in (("k", k_BGTK), ("v", v_BGTK))}
+  dt = qkv_BTNK.dtype
+  out_BGQK, _, _ = softmax_attend(q_BGQK, new["k"].astype(dt), new["v"].astype(dt), bias_BTS)
+  return merge_heads(out_BGQK.astype(dt), n_heads), new
+
+
 # Self-attention processes queries in blocks of this many time steps; block ``[t0, t1)`` attends
 # only keys ``< t1`` (the later ones are masked by causality), so the blocks above the diagonal of
 # the score matrix are never computed: 3/8 of the attention matmuls and softmax for 4 blocks.

@@ -23,7 +23,7 @@ Both paths run the same modules, so one params tree serves training and decoding
 >>> cache = init_cache(cfg, batch=1, max_len=8)
 >>> logits, cache = apply_with_cache(cfg, params, tokens, positions, segments, cache, 0)
 >>> logits.shape, cache["layers"][0]["k"].shape
-((1, 4, 32), (1, 8, 1, 8))
+((1, 4, 32), (1, 1, 8, 8))
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gamejax.models.kernels import (attention_mask, dense, heads, merge_heads, rope_tables,
-                                    self_attention, softmax_attend, swiglu)
+from gamejax.models.kernels import (attention_mask, cached_attention, dense, rope_tables,
+                                    self_attention, swiglu)
 from gamejax.models import remat as remat_lib
 from gamejax.models.partitioning import constrain
 
@@ -191,17 +191,8 @@ class Attention(nn.Module):
       out_BTHK = self_attention(qkv_BTNK, *rope_BT, bias_BTS, h, kv)
       new_cache = None
     else:
-      q_BGQK, k_BGTK, v_BGTK = heads(qkv_BTNK, *rope_BT, h, kv)
-      zero = jnp.zeros((), jnp.int32)
-      start = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
-      k_BSGK = jax.lax.dynamic_update_slice(
-          kv_cache["k"], k_BGTK.transpose(0, 2, 1, 3).astype(kv_cache["k"].dtype), start)
-      v_BSGK = jax.lax.dynamic_update_slice(
-          kv_cache["v"], v_BGTK.transpose(0, 2, 1, 3).astype(kv_cache["v"].dtype), start)
-      new_cache = {"k": k_BSGK, "v": v_BSGK}
-      out_BGQK, _, _ = softmax_attend(q_BGQK, k_BSGK.astype(dt).transpose(0, 2, 1, 3),
-                                       v_BSGK.astype(dt).transpose(0, 2, 1, 3), bias_BTS)
-      out_BTHK = merge_heads(out_BGQK.astype(dt), h)
+      out_BTHK, new_cache = cached_attention(qkv_BTNK, *rope_BT, bias_BTS, kv_cache,
+                                             cache_index, h, kv)
     out_BTHK = constrain(out_BTHK, ("batch", "length", "heads", "head_dim"))
     return dense(out_BTHK.reshape(b, t, h * k), wo.reshape(h * k, d)), new_cache
 
@@ -385,18 +376,19 @@ def lm_head(cfg: LlamaConfig, params: Params, hidden_BTD):
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> Cache:
-  """An empty KV cache: ``{"layers": ({"k", "v"}: [B, S, n_kv_heads, head_dim], ...),
+  """An empty KV cache: ``{"layers": ({"k", "v"}: [B, n_kv_heads, S, head_dim], ...),
   "segment_ids": int32[B, S]}``; a slot with segment 0 is empty (or padding) and never attended.
+  Head-major, as the attention GEMMs read it (``kernels.cached_attention``).
 
   >>> cfg = LlamaConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32)
   >>> cache = init_cache(cfg, batch=3, max_len=10)
   >>> len(cache["layers"]), cache["layers"][0]["v"].shape, cache["segment_ids"].shape
-  (2, (3, 10, 1, 8), (3, 10))
+  (2, (3, 1, 10, 8), (3, 10))
   """
   if batch < 1 or max_len < 1:
     raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1; got batch={batch}, "
                      f"max_len={max_len}")
-  shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
   layer = lambda: {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
   return {"layers": tuple(layer() for _ in range(cfg.n_layers)),
           "segment_ids": jnp.zeros((batch, max_len), jnp.int32)}
