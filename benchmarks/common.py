@@ -76,6 +76,12 @@ def time_calls(fn, n: int, warmup: int = 1) -> list[float]:
   return times
 
 
+def best_seconds(fn, n: int) -> float:
+  """The fastest of ``n`` calls of ``fn`` (which must block) after two warm-up calls: a part of a
+  step timed on its own, for a breakdown (the fastest is the least disturbed by other jobs)."""
+  return min(time_calls(fn, n, warmup=2))
+
+
 CPU_PEAK_SHAPES = ((2048, 512, 1376), (2048, 1376, 512), (1024, 1024, 1024))
 ACCELERATOR_PEAK_SHAPES = ((8192, 8192, 8192),)   # small GEMMs cannot fill a GPU/TPU
 

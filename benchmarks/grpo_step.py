@@ -15,18 +15,24 @@ reference's forward pass is needed). Prints one JSON line:
 * ``completion_tokens_per_s``: ``prompts * group_size * new_tokens`` / ``seconds_per_step``;
 * ``efficiency``: the step's FLOP floor over the f32 matmul throughput measured in this process
   (``common.matmul_peak_flops``), divided by ``seconds_per_step``. The floor counts the sampling
-  (``benchmarks.sample.decode_flops``: prefill and cached decode), the policy's forward and
+  (``benchmarks.sample.decode_flops``: one prefill per prompt and cached decode), the policy's forward and
   backward over the ``[B, prompt_len + new_tokens]`` record (``lm.flops_per_token``, 6x) and
   the reference's forward (a third of that);
-* ``sample_seconds`` and ``sample_efficiency``: the sampler alone on the same shapes, so the
-  rest of the step's time (``seconds_per_step - sample_seconds``) can be read off.
+* ``sample_seconds`` and ``sample_efficiency``: the sampler alone on the same shapes (a group's
+  completions sharing their prompt's prefill, as in the step), so the rest of the step's time
+  (``seconds_per_step - sample_seconds``) can be read off;
+* ``breakdown``: seconds of the step's parts, each timed on its own (``breakdown`` below):
+  ``sample_prefill``, ``sample_decode``, ``reference_forward``, ``policy_forward_backward``,
+  ``optimizer``, and ``host_and_rest`` (the step less those);
+* ``prefill_flops`` / ``prefill_flops_unshared``: the prefill's FLOP floor with one prefill per
+  prompt and with one per completion (G x more), and ``prefill_flops_xla``: XLA's own count of
+  the compiled prefill both ways.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import json
-import statistics
 
 import jax
 import jax.numpy as jnp
@@ -74,19 +80,16 @@ def main(argv=None):
   batch = jax.device_put(batch, sharding.batch_sharding(mesh, leading=1))
 
   secs, state = common.median_step_seconds(step, state, batch, args.steps)
-  generate = sampling.make_generate(cfg, n, temperature=1.0, eos_id=NEVER)
-  prompts = jnp.repeat(batch["prompt"][0], g, axis=0)
-  lengths = jnp.repeat(batch["prompt_lengths"][0], g, axis=0)
-  sample_secs = statistics.median(common.time_calls(
-      lambda: jax.block_until_ready(generate(state.params["agent"], prompts, lengths,
-                                             jax.random.PRNGKey(2))),
-      args.steps, warmup=2))
+  parts = breakdown(cfg, state.params["agent"], batch["prompt"][0], batch["prompt_lengths"][0],
+                    g, n, args.steps)
   peak = common.matmul_peak_flops()
 
   t = length + n
-  sample_flops = decode_flops(cfg, rows, length, n)
+  sample_flops = decode_flops(cfg, rows, length, n) - prefill_flops(cfg, rows - args.prompts,
+                                                                    length)
   train_flops = lm.flops_per_token(cfg, t) * rows * t
   step_flops = sample_flops + train_flops + train_flops / 3
+  sample_secs = parts["sample_prefill"] + parts["sample_decode"]
   print(json.dumps({
       "benchmark": "grpo_step", "device": jax.devices()[0].device_kind,
       "params": lm.param_count(cfg), "prompts": args.prompts, "group_size": g,
@@ -95,7 +98,64 @@ def main(argv=None):
       "step_flops": step_flops, "matmul_peak_flops_per_s": peak,
       "efficiency": step_flops / peak / secs,
       "sample_seconds": sample_secs, "sample_efficiency": sample_flops / peak / sample_secs,
+      "prefill_flops": prefill_flops(cfg, args.prompts, length),
+      "prefill_flops_unshared": prefill_flops(cfg, rows, length),
+      "prefill_flops_xla": parts.pop("prefill_flops_xla"),
+      "breakdown": {**parts, "host_and_rest": secs - sum(parts.values())},
       "malloc_hugepages": hostenv.malloc_hugepages_enabled()}))
+
+
+def prefill_flops(cfg: lm.Config, prompts: int, prompt_len: int) -> float:
+  """The FLOP floor of prefilling ``prompts`` distinct prompts (``decode_flops`` of the prompt
+  alone, less the one LM head it counts): a group's completions share their prompt's."""
+  return decode_flops(cfg, prompts, prompt_len, 1) - 2.0 * cfg.d_model * cfg.vocab_size * prompts
+
+
+def breakdown(cfg: lm.Config, params, prompt_UP, lengths_U, group_size: int, new_tokens: int,
+              calls: int) -> dict:
+  """Seconds of the step's parts, each compiled and timed on its own on the step's shapes (the
+  fastest of ``calls``): the sampler's prefill (a one-token ``generate``: prefill, broadcast to
+  the group, one choice) and its decode (the rest of a full ``generate``), the reference's
+  forward, the policy's forward and backward, and the optimizer's update. The fused step
+  overlaps and shares work, so ``seconds_per_step`` minus their sum (``host_and_rest``: the
+  judge, the payoff, the host's dispatch) can be negative. Also XLA's FLOPs of the prefill
+  with the group sharing it and with G copies of each prompt (``prefill_flops_xla``)."""
+  key = jax.random.PRNGKey(2)
+
+  def sampler(tokens, group):
+    return jax.jit(lambda p, prompt, lengths: sampling.generate(
+        cfg, p, prompt, lengths, tokens, key, 1.0, NEVER, group_size=group))
+
+  def xla_flops(fn, *args):
+    cost = fn.lower(*args).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+  one, full = sampler(1, group_size), sampler(new_tokens, group_size)
+  copies = (jnp.repeat(prompt_UP, group_size, axis=0), jnp.repeat(lengths_U, group_size))
+  time_it = lambda fn, *a: common.best_seconds(lambda: jax.block_until_ready(fn(*a)), calls)
+  prefill = time_it(one, params, prompt_UP, lengths_U)
+  sampled = full(params, prompt_UP, lengths_U)
+  tokens_BT = jnp.concatenate([copies[0], sampled["tokens"]], axis=1)
+  positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
+  segments_BT = jnp.ones_like(tokens_BT)
+  forward = jax.jit(lambda p, t: lm.apply(cfg, p, t, positions_BT, segments_BT))
+
+  def log_likelihood(p, t):
+    logp = jax.nn.log_softmax(lm.apply(cfg, p, t, positions_BT, segments_BT)[:, :-1], axis=-1)
+    return jnp.take_along_axis(logp, t[:, 1:, None], axis=-1).mean()
+
+  backward = jax.jit(jax.grad(log_likelihood))
+  grads = backward(params, tokens_BT)
+  opt = optax.adamw(1e-5)
+  update = jax.jit(lambda g_, s, p: optax.apply_updates(p, opt.update(g_, s, p)[0]))
+  return {"sample_prefill": prefill,
+          "sample_decode": time_it(full, params, prompt_UP, lengths_U) - prefill,
+          "reference_forward": time_it(forward, params, tokens_BT),
+          "policy_forward_backward": time_it(backward, params, tokens_BT),
+          "optimizer": time_it(update, grads, opt.init(params), params),
+          "prefill_flops_xla": {
+              "shared": xla_flops(sampler(1, group_size), params, prompt_UP, lengths_U),
+              "unshared": xla_flops(sampler(1, 1), params, *copies)}}
 
 
 if __name__ == "__main__":

@@ -29,7 +29,10 @@ are medians over ``--calls`` calls after compiling and two warm-up calls.
   Prefill is in the timed call, so its FLOPs are in the count. Norms, RoPE, softmax and sampling
   are not counted. The peak is the higher of two measurements, before and after the timed calls.
 
-``best_seconds_per_call`` (the fastest cached call) is printed too: on a machine shared with other
+``breakdown``: the fastest call's split into ``prefill`` (a one-token call timed on its own: the
+prefill and one choice) and ``decode`` (the rest). ``decode_step_kernels``: the kernels XLA runs
+per decode step (``decode_step_kernels``). ``best_seconds_per_call`` (the fastest cached call) is
+printed too: on a machine shared with other
 jobs the median can be far slower than the fastest call, and the fastest is the better guide to
 what the code does on an idle machine.
 
@@ -161,6 +164,9 @@ def main(argv=None):
   # machine a busy moment would otherwise lower the peak and flatter the efficiency.
   peak = common.matmul_peak_flops()
   cached_times = timings(functools.partial(cached, params, prompt_BP, lengths_B, key))
+  prefill = sampling.make_generate(cfg, 1, temperature=temperature, eos_id=-1)
+  prefill_secs = common.best_seconds(
+      lambda: jax.block_until_ready(prefill(params, prompt_BP, lengths_B, key)), args.calls)
   base_secs = statistics.median(timings(functools.partial(uncached, params, prompt_BP, key)))
   peak = max(peak, common.matmul_peak_flops())
   secs = statistics.median(cached_times)
@@ -180,6 +186,7 @@ def main(argv=None):
       "decode_step_kernels": decode_step_kernels(cfg, args.batch, args.prompt_len,
                                                  args.new_tokens),
       "matmul_peak_flops_per_s": peak, "efficiency": flops / peak / secs,
+      "breakdown": {"prefill": prefill_secs, "decode": min(cached_times) - prefill_secs},
       "malloc_hugepages": hostenv.malloc_hugepages_enabled()}))
 
 

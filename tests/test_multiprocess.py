@@ -20,7 +20,7 @@ ARGS = [f"--gin_file={EXP}/arithmetic/grpo.gin", f"--gin_file={EXP}/models/tiny.
         "--gin.Experiment.stages=[@pretrain/Stage(), @grpo/Stage()]",
         "--gin.Experiment.mesh_data=2", "--gin.Experiment.mesh_fsdp=4",
         "--gin.pretrain/Stage.steps=4", "--gin.RL_STEPS=12", "--gin.Stage.steps_per_call=2",
-        "--gin.Stage.checkpoint_every=2", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=64",
+        "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=64",
         "--gin.grpo/Stage.batch_size=8", "--gin.GROUP_SIZE=2",
         "--gin.pretrain/arena.num_train=100", "--gin.grpo/arena.num_train=100",
         "--gin.pretrain/arena.num_test=10", "--gin.grpo/arena.num_test=10",

@@ -260,9 +260,10 @@ class RedTeamGame:
       k_attack, k_answer = jax.random.split(rng)
       attacker = jax.lax.stop_gradient(player_params(state, seats["opponent"]))
       start_B1 = jnp.full((b, 1), BOS, jnp.int32)
-      out = sampling.generate(model, attacker, start_B1, jnp.ones((b,), jnp.int32), n, k_attack,
-                              self.attacker_temperature, stop_ids=(token("="),),
-                              scaled_logprobs=True)
+      # Every problem starts from the one prompt <BOS>: one prefill, broadcast to all B.
+      out = sampling.generate(model, attacker, start_B1[:1], jnp.ones((1,), jnp.int32), n,
+                              k_attack, self.attacker_temperature, stop_ids=(token("="),),
+                              scaled_logprobs=True, group_size=b)
       drawn = int(round(b * self.random_fraction))        # the last `drawn` games: random
       random_B = jnp.arange(b) >= b - drawn
       if drawn:
