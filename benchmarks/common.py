@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -17,27 +18,49 @@ from gamejax.models import llama, lm
 MODEL_FLAGS = ("vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads")
 
 
-def model_sizes(gin_file: str) -> dict[str, int]:
-  """The ``LlamaConfig`` sizes bound in ``experiments/<gin_file>`` (one place for each model)."""
-  path = os.path.join(config.repo_experiments_dir(), gin_file)
+def model_bindings(gin_file: str) -> dict:
+  """The ``LlamaConfig`` fields bound in ``experiments/<gin_file>`` (one place for each model)."""
+  path = gin_file if os.path.isabs(gin_file) else os.path.join(config.repo_experiments_dir(),
+                                                                gin_file)
+  if not os.path.exists(path):
+    raise SystemExit(f"--model: no model gin file {path}")
   config.register()
   gin.clear_config()
   gin.parse_config_file(path)
-  sizes = {name: gin.query_parameter(f"LlamaConfig.{name}") for name in MODEL_FLAGS}
+  out = {}
+  for field in dataclasses.fields(llama.LlamaConfig):
+    try:
+      out[field.name] = gin.query_parameter(f"LlamaConfig.{field.name}")
+    except ValueError:      # not bound in this file
+      pass
   gin.clear_config()
-  return sizes
+  return out
+
+
+def model_sizes(gin_file: str) -> dict[str, int]:
+  """The sizes (``MODEL_FLAGS``) bound in ``experiments/<gin_file>``."""
+  bound = model_bindings(gin_file)
+  return {name: bound[name] for name in MODEL_FLAGS}
 
 
 def add_model_flags(p: argparse.ArgumentParser, gin_file: str = "models/bench.gin") -> None:
-  """``--vocab_size --d_model ...`` flags whose defaults are the sizes in ``gin_file``."""
+  """``--model`` (a model gin file under ``experiments/``, default ``gin_file``: every
+  ``LlamaConfig`` field it binds) and ``--vocab_size --d_model ...`` flags that override its
+  sizes."""
+  p.add_argument("--model", default=gin_file,
+                 help=f"model gin file under experiments/ (default {gin_file}), e.g. "
+                      "models/1b.gin; the size flags override its sizes")
   for name, value in model_sizes(gin_file).items():
-    p.add_argument(f"--{name}", type=int, default=value)
+    p.add_argument(f"--{name}", type=int, default=None,
+                   help=f"(default: --model's; {value} in {gin_file})")
 
 
 def model_config(args) -> lm.Config:
-  return llama.LlamaConfig(vocab_size=args.vocab_size, d_model=args.d_model, d_ff=args.d_ff,
-                           n_layers=args.n_layers, n_heads=args.n_heads,
-                           n_kv_heads=args.n_kv_heads)
+  """The ``LlamaConfig`` of ``--model`` with the size flags given on top."""
+  fields = model_bindings(args.model)
+  fields.update({name: getattr(args, name) for name in MODEL_FLAGS
+                 if getattr(args, name) is not None})
+  return llama.LlamaConfig(**fields)
 
 
 def parse_args(p: argparse.ArgumentParser, argv=None):

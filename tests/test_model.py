@@ -134,6 +134,30 @@ def test_packed_padded_rows_match_reference_and_separate_runs():
   np.testing.assert_allclose(got[1, 8:], alone_b, atol=1e-5, rtol=1e-5)
 
 
+def test_library_attention_matches_the_numpy_reference_and_gamejax_gradients():
+  """``attention="dot_product_attention"`` (``jax.nn.dot_product_attention``, JAX's autodiff) on
+  packed and padded rows: the NumPy forward, and the gradients of the hand-written backward."""
+  cfg = llama.LlamaConfig(**{**CFG.__dict__, "attention": "dot_product_attention"})
+  params = _random_params(CFG)
+  rng = np.random.default_rng(2)
+  a, b = rng.integers(3, CFG.vocab_size, 5), rng.integers(3, CFG.vocab_size, 4)
+  tokens = np.array([np.r_[a, b, 0, 0, 0], np.r_[np.zeros(8), b]], np.int32)
+  positions = np.array([np.r_[np.arange(5), np.arange(4), 0, 0, 0],
+                        np.r_[np.zeros(8), np.arange(4)]], np.int32)
+  segments = np.array([[1] * 5 + [2] * 4 + [0] * 3, [0] * 8 + [1] * 4], np.int32)
+  got = np.asarray(_jit_apply(cfg, params, tokens, positions, segments))
+  np.testing.assert_allclose(got, _np_forward(CFG, params, tokens, positions, segments),
+                             atol=1e-4, rtol=1e-4)
+  real = segments > 0
+
+  def loss(c, p):
+    logits = llama.apply(c, p, tokens, positions, segments)
+    return (jnp.sin(logits) * real[..., None]).sum()
+
+  grads = [jax.jit(jax.grad(functools.partial(loss, c)))(params) for c in (cfg, CFG)]
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4), *grads)
+
+
 def test_kv_cache_prefill_chunks_and_decode_match_full_forward():
   params = _random_params(CFG)
   rng = np.random.default_rng(3)
@@ -263,6 +287,7 @@ def test_bfloat16_compute_is_close_to_float32():
     ({"norm_eps": 0.0}, "norm_eps"),
     ({"dtype": "float64"}, "dtype"),
     ({"d_model": 12, "n_heads": 4, "n_kv_heads": 2}, "head_dim"),
+    ({"attention": "flash"}, "attention"),
 ])
 def test_config_validation_names_the_field(kwargs, field):
   with pytest.raises(ValueError, match=field):

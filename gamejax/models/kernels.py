@@ -226,6 +226,22 @@ def cached_attention(qkv_BTNK, cos_BT1F, sin_BT1F, bias_BTS, kv_cache, cache_ind
   return merge_heads(out_BGQK.astype(dt), n_heads), new
 
 
+ATTENTION_IMPLEMENTATIONS = ("gamejax", "dot_product_attention")
+
+
+def library_attention(qkv_BTNK, cos_BT1F, sin_BT1F, bias_BTS, n_heads: int, n_kv_heads: int):
+  """``self_attention``'s result through ``jax.nn.dot_product_attention`` (GQA native, the mask
+  as a boolean ``[B, 1, T, S]``), with JAX's own autodiff: XLA's fused attention, or cuDNN's
+  flash attention on a GPU where JAX finds it applies (``implementation=None``). The accelerator
+  path of ``LlamaConfig.attention``; ``self_attention``'s hand-written backward is tuned for
+  XLA:CPU."""
+  h, kv = n_heads, n_kv_heads
+  qk_BTNK = apply_rope(qkv_BTNK[:, :, :h + kv], cos_BT1F, sin_BT1F)
+  out = jax.nn.dot_product_attention(qk_BTNK[:, :, :h], qk_BTNK[:, :, h:], qkv_BTNK[:, :, h + kv:],
+                                     mask=(bias_BTS == 0)[:, None])
+  return out.astype(qkv_BTNK.dtype)
+
+
 # Self-attention processes queries in blocks of this many time steps; block ``[t0, t1)`` attends
 # only keys ``< t1`` (the later ones are masked by causality), so the blocks above the diagonal of
 # the score matrix are never computed: 3/8 of the attention matmuls and softmax for 4 blocks.

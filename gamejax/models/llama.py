@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gamejax.models.kernels import (attention_mask, cached_attention, dense, rope_tables,
-                                    self_attention, swiglu)
+from gamejax.models.kernels import (ATTENTION_IMPLEMENTATIONS, attention_mask, cached_attention,
+                                    dense, library_attention, rope_tables, self_attention,
+                                    swiglu)
 from gamejax.models import remat as remat_lib
 from gamejax.models.partitioning import constrain
 
@@ -92,12 +93,19 @@ class LlamaConfig:
   init_std: float = 0.02
   # What each block keeps for the backward pass ("none", "full", "dots"; ``gamejax.models.remat``).
   remat: str = "none"
+  # Training attention: "gamejax" (``kernels.self_attention``, a hand-written backward tuned for
+  # XLA:CPU) or "dot_product_attention" (``jax.nn.dot_product_attention``: XLA's, or cuDNN's
+  # flash attention on a GPU where it applies). Decoding always runs ``kernels.cached_attention``.
+  attention: str = "gamejax"
 
   def __post_init__(self):
     name_of = type(self).__name__
     problem = remat_lib.check(name_of, self.remat)
     if problem:
       raise LlamaConfigError(problem)
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise LlamaConfigError(f"{name_of}.attention={self.attention!r} must be one of "
+                             f"{ATTENTION_IMPLEMENTATIONS}")
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "head_dim"):
       value = getattr(self, name)
       if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
@@ -188,7 +196,8 @@ class Attention(nn.Module):
                                   RMSNorm(cfg, name="k_norm")(qkv_BTNK[:, :, h:h + kv]),
                                   qkv_BTNK[:, :, h + kv:]], axis=2)
     if kv_cache is None:
-      out_BTHK = self_attention(qkv_BTNK, *rope_BT, bias_BTS, h, kv)
+      attend = self_attention if cfg.attention == "gamejax" else library_attention
+      out_BTHK = attend(qkv_BTNK, *rope_BT, bias_BTS, h, kv)
       new_cache = None
     else:
       out_BTHK, new_cache = cached_attention(qkv_BTNK, *rope_BT, bias_BTS, kv_cache,
