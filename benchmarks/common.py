@@ -109,15 +109,16 @@ CPU_PEAK_SHAPES = ((2048, 512, 1376), (2048, 1376, 512), (1024, 1024, 1024))
 ACCELERATOR_PEAK_SHAPES = ((8192, 8192, 8192),)   # small GEMMs cannot fill a GPU/TPU
 
 
-def matmul_peak_flops(sizes=None) -> float:
-  """The best f32 matmul throughput (FLOP/s) this process reaches on a few GEMM shapes
-  (default precision, as the model's matmuls run; shapes large enough to fill the device)."""
+def matmul_peak_flops(sizes=None, dtype=jnp.float32) -> float:
+  """The best matmul throughput (FLOP/s) this process reaches on a few GEMM shapes, with inputs
+  of ``dtype`` (float32, or bfloat16 for a bf16 step's MFU; default precision, as the model's
+  matmuls run; shapes large enough to fill the device)."""
   if sizes is None:
     sizes = CPU_PEAK_SHAPES + (() if jax.default_backend() == "cpu" else ACCELERATOR_PEAK_SHAPES)
   best = 0.0
   for m, k, n in sizes:
-    a = jax.random.normal(jax.random.PRNGKey(0), (m, k), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (k, n), jnp.float32)
+    a = jax.random.normal(jax.random.PRNGKey(0), (m, k), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (k, n), jnp.float32).astype(dtype)
     f = jax.jit(lambda x, y: x @ y)
     secs = statistics.median(time_calls(lambda: f(a, b).block_until_ready(), 7, warmup=2))
     best = max(best, 2 * m * k * n / secs)

@@ -10,8 +10,8 @@ Settings (join several with ``+``: ``remat_full+accum4``): ``baseline`` (f32, no
 ``remat_full`` / ``remat_dots`` (``LlamaConfig.remat``), ``bf16`` (``dtype='bfloat16'`` compute on
 float32 params and optimizer state), ``accumN`` (``Learner.accumulate=N`` microbatches per update).
 
-Prints one JSON line: per setting, tokens/s, model FLOPs/s, MFU = model FLOPs/s / the f32 matmul
-peak measured in this process, and the compiled step's memory from XLA's buffer assignment
+Prints one JSON line: per setting, tokens/s, model FLOPs/s, MFU = model FLOPs/s / the matmul
+peak of the setting's compute dtype (f32, or bf16 for ``bf16``) measured in this process, and the compiled step's memory from XLA's buffer assignment
 (``Compiled.memory_analysis()``: ``temp_bytes``, the step's live intermediates, activations
 included; ``argument_bytes``, ``output_bytes``, ``alias_bytes`` (donated state written in place);
 ``step_bytes`` = temp + argument + output - alias; ``xla_peak_bytes``), with ratios to the first
@@ -35,6 +35,7 @@ import resource
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -121,11 +122,15 @@ def main(argv=None):
                        f"{s['accumulate']} microbatches")
 
   mesh = sharding.make_mesh()
-  peak = common.matmul_peak_flops()
+  # Each setting's MFU is against the matmul peak of its compute dtype, measured here.
+  peaks = {dtype: common.matmul_peak_flops(dtype=jnp.dtype(dtype))
+           for dtype in dict.fromkeys(s["dtype"] for s in settings.values())}
+  peak = peaks.get("float32") or max(peaks.values())
   results = {}
   for name, s in settings.items():
     cfg = dataclasses.replace(base, remat=s["remat"], dtype=s["dtype"])
-    results[name] = measure(cfg, s["accumulate"], args, mesh, peak)
+    results[name] = measure(cfg, s["accumulate"], args, mesh, peaks[s["dtype"]])
+    results[name]["matmul_peak_flops_per_s"] = peaks[s["dtype"]]
   ref = results[names[0]]
   for r in results.values():
     r["tokens_per_s_ratio"] = r["tokens_per_s"] / ref["tokens_per_s"]

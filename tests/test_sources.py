@@ -116,6 +116,16 @@ def test_lengths_are_counted_once_and_kept_beside_the_data(arena_splits, data_di
   assert got["tokens"].shape == (1, 24) and 0 < len(read) < 6
 
 
+def test_lengths_that_cannot_be_kept_leave_nothing_behind(tmp_path, monkeypatch, caplog):
+  def disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(np, "save", disk_full)
+  sources._write_lengths(str(tmp_path / "lengths" / "train.npy"), np.arange(3, dtype=np.int32))
+  assert os.listdir(tmp_path / "lengths") == []
+  assert "could not keep the example lengths" in caplog.text
+
+
 def test_arena_config_names():
   a = arena.arena_config(players=["slip:5e-2"], max_digits=2)
   b = arena.arena_config(players=[("slip:0.05", 1.0)], max_digits=2)

@@ -43,8 +43,9 @@ class PackedLoader(EpochReader):
   Every field is ``int32[batch_size, seq_len]`` (the fields of ``gamejax.records.GameRecord``).
   ``source``: anything with ``len()`` and ``[i]`` -> dict with "tokens" and "players" (bulk
   ``__getitems__`` is used when present; with ``lengths()`` -> tokens per example, batches are
-  planned without decoding and only the examples of the kept rows are read). Records longer than ``seq_len`` are cut to ``seq_len``
-  (``too_long="truncate"``), dropped ("skip") or raise ("error"); empty records are skipped.
+  planned without decoding and only the examples of the kept rows are read). Records longer
+  than ``seq_len`` are cut to ``seq_len`` (``too_long="truncate"``), dropped ("skip") or raise
+  ("error"); empty records are skipped.
   ``stats`` counts examples packed, truncated and skipped. Decoded examples are cached in memory
   when the source has at most ``cache_limit`` examples; otherwise ``fetch_size`` are read at once.
   """

@@ -120,15 +120,16 @@ def _read_lengths(path: str, num: int) -> np.ndarray | None:
 def _write_lengths(path: str, lengths: np.ndarray) -> None:
   """Keeps ``lengths`` at ``path`` (written whole, then renamed); a read-only data dir keeps
   nothing, and the lengths are read again next time."""
+  folder, temp = os.path.dirname(path), None
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".npy",
-                                     delete=False) as f:
+    os.makedirs(folder, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=folder, suffix=".npy")
+    with os.fdopen(fd, "wb") as f:
       np.save(f, lengths)
-    os.replace(f.name, path)
+    os.replace(temp, path)
   except OSError as e:
-    if "f" in locals() and os.path.exists(f.name):
-      os.remove(f.name)
+    if temp is not None and os.path.exists(temp):
+      os.remove(temp)
     _LOG.warning("could not keep the example lengths at %s: %s", path, e)
 
 
