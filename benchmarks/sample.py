@@ -137,6 +137,8 @@ def main(argv=None):
   p.add_argument("--prompt_len", type=int, default=16)
   p.add_argument("--new_tokens", type=int, default=32)
   p.add_argument("--calls", type=int, default=7, help="timed calls of each decoder (>= 5)")
+  p.add_argument("--no_baseline", action="store_true",
+                 help="skip the no-cache decode (on a large model it takes minutes)")
   args = common.parse_args(p, argv)
   if args.calls < 5:
     p.error(f"--calls must be >= 5; got {args.calls}")
@@ -167,7 +169,8 @@ def main(argv=None):
   prefill = sampling.make_generate(cfg, 1, temperature=temperature, eos_id=-1)
   prefill_secs = common.best_seconds(
       lambda: jax.block_until_ready(prefill(params, prompt_BP, lengths_B, key)), args.calls)
-  base_secs = statistics.median(timings(functools.partial(uncached, params, prompt_BP, key)))
+  base_secs = (float("nan") if args.no_baseline else
+               statistics.median(timings(functools.partial(uncached, params, prompt_BP, key))))
   peak = max(peak, common.matmul_peak_flops())
   secs = statistics.median(cached_times)
   flops = decode_flops(cfg, args.batch, args.prompt_len, args.new_tokens)

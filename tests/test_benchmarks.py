@@ -1,5 +1,6 @@
 """benchmarks.against_commit: the earlier commit is unpacked whole, its benchmarks import its own
 gamejax, and a commit that does not exist is a clear exit 2."""
+import json
 import os
 import subprocess
 
@@ -30,7 +31,6 @@ def test_the_1b_model_file_is_llama_3_2_1b_and_its_path_trains(capsys, monkeypat
   """experiments/models/1b.gin: Llama 3.2 1B's sizes (1,235,814,400 parameters, the plan of
   docs/scaling.md), bf16 compute, library attention; a narrow slice of it (same settings, the
   size flags on top) runs the benchmark's compiled step."""
-  import json
   from benchmarks import common, train_step
   from gamejax import scaling
   from gamejax.models import llama
@@ -49,3 +49,14 @@ def test_the_1b_model_file_is_llama_3_2_1b_and_its_path_trains(capsys, monkeypat
   assert bf16["tokens_per_s"] > 0 and out["params"] < 1e6
   assert bf16["matmul_peak_flops_per_s"] == 2e11
   assert bf16["mfu"] == pytest.approx(bf16["model_flops_per_s"] / 2e11)
+
+
+def test_device_run_reports_a_case_that_runs_out_of_its_time(capsys):
+  """benchmarks.device_run gives each case a share of the budget; one that runs past it is
+  reported (and the run exits 1) rather than eating the GPU's few minutes."""
+  from benchmarks import device_run
+  assert device_run.main(["--smoke", "--cases=sample_b64", "--budget_s=0.5"]) == 1
+  lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+  assert "past its 0 s share" in lines[0]["error"] and lines[-1]["failed"] == ["sample_b64"]
+  smoke = device_run.case_args("sample", device_run.CASES["sample_b64"][1], smoke=True)
+  assert "--model=models/1b.gin" in smoke and "--no_baseline" in smoke and "--batch=4" in smoke
