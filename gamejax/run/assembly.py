@@ -50,6 +50,13 @@ class GamesLoader:
     del state
 
 
+def packs_records(stage: Stage) -> bool:
+  """Whether the stage reads packed game records (``PackedLoader``): not a game, pairs, prompts
+  or SPIN's demonstrations."""
+  return (stage.game is None and stage.data.name not in PAIR_SOURCES and stage.rollout is None
+          and stage.spin is None)
+
+
 def stage_loader(exp: Experiment, index: int, source):
   """The stage's batches: packed game records, preference pairs, prompts (with the arena's
   answer key), or, for a game stage, game rows."""
@@ -59,7 +66,7 @@ def stage_loader(exp: Experiment, index: int, source):
     return GamesLoader(stage.batch_size)
   if stage.data.name in PAIR_SOURCES:
     return PairLoader(source, stage.batch_size // 2, stage.seq_len, seed=seed)
-  if stage.rollout is None and stage.spin is None:
+  if packs_records(stage):
     return PackedLoader(source, stage.batch_size, stage.seq_len, seed=seed,
                         too_long=stage.data.too_long)
   width = ANSWER_WIDTH if stage.data.name == "arithmetic_arena" else 0

@@ -25,7 +25,9 @@ def prepare_data(exp: Experiment) -> None:
   data_dir = sources.resolve_data_dir(exp.data_dir)
   for s in exp.stages:
     if s.data is not None:
-      s.data.load("train", data_dir)
+      source = s.data.load("train", data_dir)
+      if assembly.packs_records(s) and hasattr(source, "lengths"):
+        source.lengths()      # counted once here (process 0 first), kept beside the data
   if exp.evaluation is not None:
     exp.evaluation.data.load("test", data_dir)
 
