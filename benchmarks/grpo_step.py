@@ -13,8 +13,8 @@ reference's forward pass is needed). Prints one JSON line:
 
 * ``seconds_per_step``: the median of ``--steps`` timed steps after compilation and two warm-ups;
 * ``completion_tokens_per_s``: ``prompts * group_size * new_tokens`` / ``seconds_per_step``;
-* ``efficiency``: the step's FLOP floor over the f32 matmul throughput measured in this process
-  (``common.matmul_peak_flops``), divided by ``seconds_per_step``. The floor counts the sampling
+* ``efficiency``: the step's FLOP floor over the matmul throughput of the model's compute dtype
+  measured in this process (``common.matmul_peak_flops``), divided by ``seconds_per_step``. The floor counts the sampling
   (``benchmarks.sample.decode_flops``: one prefill per prompt and cached decode), the policy's forward and
   backward over the ``[B, prompt_len + new_tokens]`` record (``lm.flops_per_token``, 6x) and
   the reference's forward (a third of that);
@@ -82,7 +82,7 @@ def main(argv=None):
   secs, state = common.median_step_seconds(step, state, batch, args.steps)
   parts = breakdown(cfg, state.params["agent"], batch["prompt"][0], batch["prompt_lengths"][0],
                     g, n, args.steps)
-  peak = common.matmul_peak_flops()
+  peak = common.matmul_peak_flops(dtype=cfg.compute_dtype)
 
   t = length + n
   sample_flops = decode_flops(cfg, rows, length, n) - prefill_flops(cfg, rows - args.prompts,

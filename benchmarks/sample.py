@@ -19,8 +19,8 @@ are medians over ``--calls`` calls after compiling and two warm-up calls.
   (``lm.apply``) on the whole buffer and samples from the logits at the last filled slot.
 * ``speedup``: their ratio.
 * ``efficiency``: ``decode_flops / peak / seconds``: the time the FLOP floor of the work would
-  take at the f32 matmul throughput measured in this process (``common.matmul_peak_flops``),
-  over the measured time. ``decode_flops`` (see ``decode_flops`` below) is a decode-specific
+  take at the matmul throughput of the model's compute dtype measured in this process
+  (``common.matmul_peak_flops``), over the measured time. ``decode_flops`` (see ``decode_flops`` below) is a decode-specific
   count, not ``lm.flops_per_token`` (which is training: 6x): each of the ``prompt_len +
   new_tokens - 1`` tokens fed to the model costs ``2 x`` its matmul weights in the blocks plus
   ``4 * n_layers * n_heads * head_dim`` per key it attends (its actual context: itself and the
@@ -164,14 +164,14 @@ def main(argv=None):
 
   # The peak is measured before and after the timed calls and the higher one kept: on a shared
   # machine a busy moment would otherwise lower the peak and flatter the efficiency.
-  peak = common.matmul_peak_flops()
+  peak = common.matmul_peak_flops(dtype=cfg.compute_dtype)
   cached_times = timings(functools.partial(cached, params, prompt_BP, lengths_B, key))
   prefill = sampling.make_generate(cfg, 1, temperature=temperature, eos_id=-1)
   prefill_secs = common.best_seconds(
       lambda: jax.block_until_ready(prefill(params, prompt_BP, lengths_B, key)), args.calls)
   base_secs = (float("nan") if args.no_baseline else
                statistics.median(timings(functools.partial(uncached, params, prompt_BP, key))))
-  peak = max(peak, common.matmul_peak_flops())
+  peak = max(peak, common.matmul_peak_flops(dtype=cfg.compute_dtype))
   secs = statistics.median(cached_times)
   flops = decode_flops(cfg, args.batch, args.prompt_len, args.new_tokens)
   tokens = args.batch * args.new_tokens
