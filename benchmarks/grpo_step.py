@@ -14,10 +14,10 @@ reference's forward pass is needed). Prints one JSON line:
 * ``seconds_per_step``: the median of ``--steps`` timed steps after compilation and two warm-ups;
 * ``completion_tokens_per_s``: ``prompts * group_size * new_tokens`` / ``seconds_per_step``;
 * ``efficiency``: the step's FLOP floor over the matmul throughput of the model's compute dtype
-  measured in this process (``common.matmul_peak_flops``), divided by ``seconds_per_step``. The floor counts the sampling
-  (``benchmarks.sample.decode_flops``: one prefill per prompt and cached decode), the policy's forward and
-  backward over the ``[B, prompt_len + new_tokens]`` record (``lm.flops_per_token``, 6x) and
-  the reference's forward (a third of that);
+  measured in this process (``common.matmul_peak_flops``), divided by ``seconds_per_step``. The
+  floor counts the sampling (``benchmarks.sample.decode_flops``: one prefill per prompt and cached
+  decode), the policy's forward and backward over the ``[B, prompt_len + new_tokens]`` record
+  (``lm.flops_per_token``, 6x) and the reference's forward (a third of that);
 * ``sample_seconds`` and ``sample_efficiency``: the sampler alone on the same shapes (a group's
   completions sharing their prompt's prefill, as in the step), so the rest of the step's time
   (``seconds_per_step - sample_seconds``) can be read off;

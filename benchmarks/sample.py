@@ -18,13 +18,13 @@ are medians over ``--calls`` calls after compiling and two warm-up calls.
   fixed ``[batch, prompt_len + new_tokens]`` buffer: each new token re-runs the full forward
   (``lm.apply``) on the whole buffer and samples from the logits at the last filled slot.
 * ``speedup``: their ratio.
-* ``efficiency``: ``decode_flops / peak / seconds``: the time the FLOP floor of the work would
-  take at the matmul throughput of the model's compute dtype measured in this process
-  (``common.matmul_peak_flops``), over the measured time. ``decode_flops`` (see ``decode_flops`` below) is a decode-specific
-  count, not ``lm.flops_per_token`` (which is training: 6x): each of the ``prompt_len +
-  new_tokens - 1`` tokens fed to the model costs ``2 x`` its matmul weights in the blocks plus
-  ``4 * n_layers * n_heads * head_dim`` per key it attends (its actual context: itself and the
-  tokens before it, not the cache buffer's length), and the LM head (``2 * d_model *
+* ``efficiency``: ``decode_flops / peak / seconds``: the time the FLOP floor of the work would take
+  at the matmul throughput of the model's compute dtype measured in this process
+  (``common.matmul_peak_flops``), over the measured time. ``decode_flops`` (see ``decode_flops``
+  below) is a decode-specific count, not ``lm.flops_per_token`` (which is training: 6x): each of
+  the ``prompt_len + new_tokens - 1`` tokens fed to the model costs ``2 x`` its matmul weights in
+  the blocks plus ``4 * n_layers * n_heads * head_dim`` per key it attends (its actual context:
+  itself and the tokens before it, not the cache buffer's length), and the LM head (``2 * d_model *
   vocab_size``) is counted only for the ``new_tokens`` positions whose logits are sampled from.
   Prefill is in the timed call, so its FLOPs are in the count. Norms, RoPE, softmax and sampling
   are not counted. The peak is the higher of two measurements, before and after the timed calls.

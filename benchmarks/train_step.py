@@ -10,15 +10,16 @@ Settings (join several with ``+``: ``remat_full+accum4``): ``baseline`` (f32, no
 ``remat_full`` / ``remat_dots`` (``LlamaConfig.remat``), ``bf16`` (``dtype='bfloat16'`` compute on
 float32 params and optimizer state), ``accumN`` (``Learner.accumulate=N`` microbatches per update).
 
-Prints one JSON line: per setting, tokens/s, model FLOPs/s, MFU = model FLOPs/s / the matmul
-peak of the setting's compute dtype (f32, or bf16 for ``bf16``) measured in this process, and the compiled step's memory from XLA's buffer assignment
-(``Compiled.memory_analysis()``: ``temp_bytes``, the step's live intermediates, activations
-included; ``argument_bytes``, ``output_bytes``, ``alias_bytes`` (donated state written in place);
-``step_bytes`` = temp + argument + output - alias; ``xla_peak_bytes``), with ratios to the first
-setting (``baseline`` by default). Model FLOPs per token: ``lm.flops_per_token`` (6 x matmul
-params + causal attention), the standard accounting, so recomputation (remat) lowers MFU. The
-process's peak RSS (``ru_maxrss``, all settings together) is printed too; it is not per setting.
-The baseline's figures are also at the top level (``tokens_per_s``, ``mfu``, ...), as before.
+Prints one JSON line: per setting, tokens/s, model FLOPs/s, MFU = model FLOPs/s / the matmul peak
+of the setting's compute dtype (f32, or bf16 for ``bf16``) measured in this process, and the
+compiled step's memory from XLA's buffer assignment (``Compiled.memory_analysis()``:
+``temp_bytes``, the step's live intermediates, activations included; ``argument_bytes``,
+``output_bytes``, ``alias_bytes`` (donated state written in place); ``step_bytes`` = temp +
+argument + output - alias; ``xla_peak_bytes``), with ratios to the first setting (``baseline`` by
+default). Model FLOPs per token: ``lm.flops_per_token`` (6 x matmul params + causal attention), the
+standard accounting, so recomputation (remat) lowers MFU. The process's peak RSS (``ru_maxrss``,
+all settings together) is printed too; it is not per setting. The baseline's figures are also at
+the top level (``tokens_per_s``, ``mfu``, ...), as before.
 
 Run as a script, it first re-executes itself with glibc malloc on transparent huge pages (see
 ``gamejax.hostenv``; ``--no_hugepages`` to measure without), the setting a
