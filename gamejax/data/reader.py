@@ -92,10 +92,14 @@ class EpochReader:
   def _prefetch(self, positions: Sequence[tuple[int, int]]) -> None:
     """Reads and decodes exactly these examples (one bulk read), so that ``_fetch`` of them reads
     nothing more: a process reads only the examples of its own rows."""
+    self._read([int(self.order(e)[p]) for e, p in positions])
+
+  def _read(self, indices: Sequence[int]) -> None:
+    """Decodes examples ``indices`` into the cache in one bulk read (those not there already);
+    a source too large to keep whole keeps only these."""
     if not self._keep_all:
       self._cache.clear()
-    wanted = [int(self.order(e)[p]) for e, p in positions]
-    wanted = [i for i in dict.fromkeys(wanted) if i not in self._cache]
+    wanted = [i for i in dict.fromkeys(indices) if i not in self._cache]
     for i, ex in zip(wanted, read_examples(self.source, wanted)):
       self._cache[i] = self._decode(ex, i)
 
@@ -119,12 +123,7 @@ class EpochReader:
     hit = self._cache.get(index)
     if hit is not None:
       return hit
-    if not self._keep_all:
-      self._cache.clear()
-    ahead = [int(i) for i in order[pos:pos + self._fetch_size]]
-    ahead = [i for i in dict.fromkeys(ahead) if i not in self._cache]
-    for i, ex in zip(ahead, read_examples(self.source, ahead)):
-      self._cache[i] = self._decode(ex, i)
+    self._read([int(i) for i in order[pos:pos + self._fetch_size]])
     return self._cache[index]
 
   @property
