@@ -207,8 +207,8 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
 
   Returns:
     ``{"tokens": int32[B, N], "lengths": int32[B], "logprobs": float32[B, N],
-    "mask_BN": float32[B, N], "stopped_B": bool[B]}`` (``B`` = prompts x ``group_size``): tokens up to and including the first stop
-    token (``eos_id`` or one of ``stop_ids``) then PAD; lengths count those tokens (N if no stop);
+    "mask_BN": float32[B, N], "stopped_B": bool[B]}`` (``B`` = prompts x ``group_size``): tokens
+    up to and including the first stop token (``eos_id`` or one of ``stop_ids``) then PAD; lengths count those tokens (N if no stop);
     logprobs are the model's ``log_softmax(logits)`` at the chosen tokens -- at temperature 1
     (``log_softmax(logits / temperature)`` with ``scaled_logprobs``) and unfiltered by
     ``top_k``/``top_p`` -- and 0 after the end; ``mask_BN`` is 1.0 on the ``lengths`` generated tokens, 0.0 after;

@@ -109,12 +109,14 @@ def sampled_play(cfg: lm.Config, group_size: int, max_new_tokens: int,
     for turn in range(turns):
       k_sample, k_reply = jax.random.split(jax.random.fold_in(rng, turn))
       # The first move continues each prompt group_size times: one prefill per prompt.
-      prompt = ((batch["prompt"], batch["prompt_lengths"], group_size) if turn == 0 else
-                (tokens_BL, lengths_B, 1))
-      out = sampling.generate(cfg, params, jnp.asarray(prompt[0], jnp.int32), prompt[1],
+      if turn == 0:
+        prompts, prompt_lengths, group = batch["prompt"], batch["prompt_lengths"], group_size
+      else:
+        prompts, prompt_lengths, group = tokens_BL, lengths_B, 1
+      out = sampling.generate(cfg, params, jnp.asarray(prompts, jnp.int32), prompt_lengths,
                               max_new_tokens, k_sample, temperature, eos_id, top_k=top_k,
                               top_p=top_p, stop_ids=stop_ids, scaled_logprobs=scaled_logprobs,
-                              group_size=prompt[2])
+                              group_size=group)
       mask_BN = out["mask_BN"]
       facts.update(completion=out["tokens"], completion_mask=mask_BN, stopped=out["stopped_B"])
       no_stop = no_stop + (~out["stopped_B"]).sum()

@@ -36,9 +36,9 @@ class NonFiniteStop(RuntimeError):
 
 class PreemptionWatch:
   """While entered, SIGTERM sets a flag instead of killing the process (one process);
-  ``reached()``, asked after each call, says whether to save and stop there. On several processes it asks JAX's
-  preemption sync point instead, which the distributed runtime arms for SIGTERM itself, so every
-  process agrees on the step."""
+  ``reached()``, asked after each call, says whether to save and stop there. On several processes
+  it asks JAX's preemption sync point instead, which the distributed runtime arms for SIGTERM
+  itself, so every process agrees on the step."""
 
   def __init__(self):
     self._flag = threading.Event()
