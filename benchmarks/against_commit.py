@@ -94,9 +94,9 @@ def main(argv=None) -> int:
       print(f"against_commit: {e}", file=sys.stderr)
       return 2
     for tree in (old, REPO):
-      if os.path.realpath(_imported_from(tree)) != os.path.realpath(tree):
-        print(f"against_commit: gamejax in {tree} imports from {_imported_from(tree)}",
-              file=sys.stderr)
+      source = _imported_from(tree)
+      if os.path.realpath(source) != os.path.realpath(tree):
+        print(f"against_commit: gamejax in {tree} imports from {source}", file=sys.stderr)
         return 2
     seconds = {c: {"commit": [], "here": []} for c in cases}
     last = {}
