@@ -43,6 +43,13 @@ def _init_cache(cfg: lm.Config, params, b: int, length: int):
   return lm.init_cache(cfg, b, length)
 
 
+def _decode_params(cfg: lm.Config, params):
+  """``lm.decode_params`` of one model, or of each of a mixture's two."""
+  if is_mixture(params):
+    return {**params, **{k: lm.decode_params(cfg, params[k]) for k in ("mixture_a", "mixture_b")}}
+  return lm.decode_params(cfg, params)
+
+
 def _apply_cached(cfg: lm.Config, params, tokens, positions, segments, cache, slot):
   """``(logits, cache)`` of one model, or of the geometric mixture ``p_a^(1-beta) p_b^beta``
   (``selfplay.mixture``, Nash-MD's opponent) token by token: its normalised log-probs, from both
@@ -228,6 +235,7 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
 
   # The last sampled token is never fed back, so P + N - 1 slots suffice. Each distinct prompt
   # is prefilled once; its cache and last logits are then its group's.
+  params = _decode_params(cfg, params)
   cache = _init_cache(cfg, params, u, p + n - 1)
   logits_UPV, cache = _apply_cached(
       cfg, params, jnp.asarray(prompt_BP, jnp.int32), positions_UP, real_UP.astype(jnp.int32),

@@ -140,7 +140,8 @@ def test_cached_prefill_and_decode_equal_the_full_forward(tmp_path):
     return jnp.concatenate([logits, decoded_NBV.transpose(1, 0, 2)], axis=1), cache
 
   got, cache = cached(params)
-  assert cache["layers"][1]["k"].shape == (2, 4, p + steps, 16)
+  assert cache["layers"][1]["k"].shape == (2, 4, 16, p + steps)   # keys transposed
+  assert cache["layers"][1]["v"].shape == (2, 4, p + steps, 16)
   np.testing.assert_array_equal(np.asarray(cache["segment_ids"]), segments)
   np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=1e-5, rtol=1e-5)
 

@@ -180,7 +180,8 @@ def test_kv_cache_prefill_chunks_and_decode_match_full_forward():
   np.testing.assert_allclose(got[1, 2:], full[1, 2:], atol=1e-5, rtol=1e-5)
   assert np.isfinite(got).all()
   np.testing.assert_array_equal(cache["segment_ids"], np.c_[segments, np.zeros((2, 2))])
-  assert cache["layers"][0]["k"].shape == (2, CFG.n_kv_heads, 12, CFG.head_dim)
+  assert cache["layers"][0]["k"].shape == (2, CFG.n_kv_heads, CFG.head_dim, 12)
+  assert cache["layers"][0]["v"].shape == (2, CFG.n_kv_heads, 12, CFG.head_dim)
 
 
 def test_same_params_tree_for_both_paths():

@@ -3,7 +3,8 @@ dataclass), ``HF_ARCHITECTURES`` and the family interface that ``gamejax.models.
 to (``init_params``, ``apply``, ``hidden``, ``lm_head``, ``init_cache``, ``apply_with_cache``,
 ``param_count``, ``matmul_params``, ``flops_per_token``) with its Hugging Face names
 (``hf_tensors``, ``config_from_hf``, ``config_to_hf``) and optionally its GGUF names
-(``GGUF_ARCHITECTURE``, ``gguf_name``, ``from_gguf_layout``, ``config_from_gguf``).
+(``GGUF_ARCHITECTURE``, ``gguf_name``, ``from_gguf_layout``, ``config_from_gguf``) and
+``decode_params`` (params prepared for a decode loop; ``lm.decode_params``).
 
 Families are found by looking: adding one is adding its file, nothing else.
 

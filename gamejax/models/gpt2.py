@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gamejax.models.kernels import attention_mask, cached_attention, dense, self_attention
+from gamejax.models.kernels import (attention_mask, cached_attention, dense, init_kv_cache,
+                                    self_attention)
 from gamejax.models import remat as remat_lib
 from gamejax.models.partitioning import constrain
 from gamejax.models.llama import HFTensor, single_draw_init
@@ -351,9 +352,9 @@ def lm_head(cfg: GPT2Config, params: Params, hidden_BTD):
 
 
 def init_cache(cfg: GPT2Config, batch: int, max_len: int) -> Cache:
-  """An empty KV cache: ``{"layers": ({"k", "v"}: [B, n_heads, S, head_dim], ...),
-  "segment_ids": int32[B, S]}`` (the layout of ``llama.init_cache``); a slot with segment 0 is
-  empty (or padding) and never attended.
+  """An empty KV cache: ``{"layers": ({"k": [B, n_heads, head_dim, S], "v": [B, n_heads, S,
+  head_dim]}, ...), "segment_ids": int32[B, S]}`` (the layout of ``llama.init_cache``); a slot
+  with segment 0 is empty (or padding) and never attended.
 
   >>> cfg = GPT2Config(vocab_size=32, d_model=16, n_layers=2, n_heads=2, max_positions=8)
   >>> cache = init_cache(cfg, batch=3, max_len=10)
@@ -363,9 +364,8 @@ def init_cache(cfg: GPT2Config, batch: int, max_len: int) -> Cache:
   if batch < 1 or max_len < 1:
     raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1; got batch={batch}, "
                      f"max_len={max_len}")
-  shape = (batch, cfg.n_heads, max_len, cfg.head_dim)
-  return {"layers": tuple({"k": jnp.zeros(shape, cfg.compute_dtype),
-                          "v": jnp.zeros(shape, cfg.compute_dtype)} for _ in range(cfg.n_layers)),
+  return {"layers": tuple(init_kv_cache(batch, cfg.n_heads, max_len, cfg.head_dim,
+                                       cfg.compute_dtype) for _ in range(cfg.n_layers)),
           "segment_ids": jnp.zeros((batch, max_len), jnp.int32)}
 
 

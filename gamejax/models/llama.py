@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gamejax.models.kernels import (ATTENTION_IMPLEMENTATIONS, attention_mask, cached_attention,
-                                    dense, library_attention, rope_tables, self_attention,
-                                    swiglu)
+                                    dense, init_kv_cache, library_attention, rope_tables,
+                                    self_attention, swiglu)
 from gamejax.models import remat as remat_lib
 from gamejax.models.partitioning import constrain
 
@@ -285,7 +285,9 @@ class Llama(nn.Module):
     if self.hidden_only and cache is None:
       return x_BTD
 
-    if cfg.tie_embeddings:
+    # A tied model has an ``lm_head`` only when ``decode_params`` made one: the embedding's
+    # transpose, the same weights.
+    if cfg.tie_embeddings and not self.has_variable("params", "lm_head"):
       logits_BTV = dense(x_BTD, embedding, 1, jnp.float32)
     else:
       lm_head = self.param("lm_head", nn.initializers.normal(cfg.init_std),
@@ -385,9 +387,10 @@ def lm_head(cfg: LlamaConfig, params: Params, hidden_BTD):
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> Cache:
-  """An empty KV cache: ``{"layers": ({"k", "v"}: [B, n_kv_heads, S, head_dim], ...),
-  "segment_ids": int32[B, S]}``; a slot with segment 0 is empty (or padding) and never attended.
-  Head-major, as the attention GEMMs read it (``kernels.cached_attention``).
+  """An empty KV cache: ``{"layers": ({"k": [B, n_kv_heads, head_dim, S], "v": [B, n_kv_heads,
+  S, head_dim]}, ...), "segment_ids": int32[B, S]}``; a slot with segment 0 is empty (or padding)
+  and never attended. Head-major, keys transposed: as the attention GEMMs read them
+  (``kernels.init_kv_cache``).
 
   >>> cfg = LlamaConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32)
   >>> cache = init_cache(cfg, batch=3, max_len=10)
@@ -397,10 +400,25 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> Cache:
   if batch < 1 or max_len < 1:
     raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1; got batch={batch}, "
                      f"max_len={max_len}")
-  shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-  layer = lambda: {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
-  return {"layers": tuple(layer() for _ in range(cfg.n_layers)),
+  return {"layers": tuple(init_kv_cache(batch, cfg.n_kv_heads, max_len, cfg.head_dim,
+                                       cfg.compute_dtype) for _ in range(cfg.n_layers)),
           "segment_ids": jnp.zeros((batch, max_len), jnp.int32)}
+
+
+def decode_params(cfg: LlamaConfig, params: Params) -> Params:
+  """``params`` for many cached steps: on XLA:CPU a tied model gets its embedding's transpose as
+  an ``lm_head [D, V]``, materialised once, so that every step's LM-head GEMM reads its weight as
+  it lies (XLA:CPU repacks an operand it reads transposed on every call; the embedding ``[V,
+  D]`` is one). Other backends read either layout: their params are returned as they are.
+
+  >>> cfg = LlamaConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
+  >>> params = init_params(cfg, jax.random.key(0))
+  >>> decode_params(cfg, params)["lm_head"].shape == (16, 32) or jax.default_backend() != "cpu"
+  True
+  """
+  if cfg.tie_embeddings and jax.default_backend() == "cpu" and "lm_head" not in params:
+    return {**params, "lm_head": params["embedding"].T}
+  return params
 
 
 def apply_with_cache(cfg: LlamaConfig, params: Params, tokens_BT, positions_BT, segment_ids_BT,

@@ -56,6 +56,14 @@ def apply_with_cache(cfg: Config, params: Params, tokens_BT, positions_BT, segme
                                                   segment_ids_BT, cache, cache_index)
 
 
+def decode_params(cfg: Config, params: Params) -> Params:
+  """``params`` as a decode loop reads them, prepared once before it (the family's
+  ``decode_params``; most families read their params as they are). ``apply_with_cache`` takes
+  either form and gives the same logits."""
+  family = families.of_config(cfg)
+  return family.decode_params(cfg, params) if hasattr(family, "decode_params") else params
+
+
 def param_count(cfg: Config) -> int:
   return families.of_config(cfg).param_count(cfg)
 

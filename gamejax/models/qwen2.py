@@ -15,9 +15,9 @@ from __future__ import annotations
 import dataclasses
 
 from gamejax.models.llama import (LlamaConfig, LlamaConfigError, apply, apply_with_cache,  # noqa: F401
-                                  decoder_config, decoder_hf, flops_per_token, hf_tensors,
-                                  hidden, init_cache, init_params, lm_head, matmul_params,
-                                  param_count)
+                                  decode_params, decoder_config, decoder_hf, flops_per_token,
+                                  hf_tensors, hidden, init_cache, init_params, lm_head,
+                                  matmul_params, param_count)
 
 
 @dataclasses.dataclass(frozen=True)
