@@ -25,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 
+from benchmarks import common
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = "93197d3"
 
@@ -66,14 +68,10 @@ def _imported_from(tree: str) -> str:
 
 def run_case(tree: str, module: str, args: list[str]) -> dict:
   """One run of ``benchmarks.<module>`` in ``tree``: its JSON line."""
-  env = dict(os.environ, PYTHONPATH=tree)
-  proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=tree,
-                        env=env, capture_output=True, text=True)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-  if proc.returncode or not lines:
-    raise CommitError(f"benchmarks.{module} {' '.join(args)} failed in {tree} "
-                      f"(exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-  return json.loads(lines[-1])
+  try:
+    return common.run_benchmark(module, args, tree, dict(os.environ, PYTHONPATH=tree))
+  except common.BenchmarkFailed as e:
+    raise CommitError(f"in {tree}: {e}") from None
 
 
 def main(argv=None) -> int:
@@ -83,10 +81,9 @@ def main(argv=None) -> int:
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--cases", default=",".join(CASES), help=f"some of {', '.join(CASES)}")
   args = p.parse_args(argv)
-  cases = [c for c in args.cases.split(",") if c]
-  unknown = [c for c in cases if c not in CASES]
-  if unknown or not cases or args.rounds < 1:
-    p.error(f"--cases must name some of {list(CASES)} (unknown: {unknown}); --rounds >= 1")
+  cases = common.parse_cases(p, args.cases, CASES)
+  if args.rounds < 1:
+    p.error(f"--rounds must be >= 1; got {args.rounds}")
   with tempfile.TemporaryDirectory(prefix="gamejax-commit-") as old:
     try:
       full = unpack(args.commit, old)

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import gin
@@ -16,6 +19,34 @@ from gamejax.models import llama, lm
 
 
 MODEL_FLAGS = ("vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads")
+
+
+class BenchmarkFailed(RuntimeError):
+  """A benchmark process exited non-zero or printed no JSON line."""
+
+
+def run_benchmark(module: str, args: list[str], cwd: str, env: dict | None = None,
+                  timeout: float | None = None) -> dict:
+  """One ``python -m benchmarks.<module> <args>`` process run in ``cwd`` (this interpreter):
+  the last JSON line it printed. Raises ``BenchmarkFailed`` (its exit status and the end of its
+  stderr) when it fails or prints none, ``subprocess.TimeoutExpired`` past ``timeout`` seconds."""
+  proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode or not lines:
+    raise BenchmarkFailed(f"benchmarks.{module} {' '.join(args)} exited {proc.returncode}:\n"
+                          f"{proc.stderr[-1500:]}")
+  return json.loads(lines[-1])
+
+
+def parse_cases(p: argparse.ArgumentParser, value: str, known) -> list[str]:
+  """The comma-separated ``--cases`` value as a list; a parser error unless it names some of
+  ``known`` and nothing else."""
+  cases = [c for c in value.split(",") if c]
+  unknown = [c for c in cases if c not in known]
+  if unknown or not cases:
+    p.error(f"--cases must name some of {list(known)} (unknown: {unknown})")
+  return cases
 
 
 def model_bindings(gin_file: str) -> dict:

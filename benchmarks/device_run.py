@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks import common
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CASES = {
@@ -56,14 +58,12 @@ def run(module: str, args: list[str], timeout: float) -> dict:
   """One benchmark process: its JSON line, or what went wrong."""
   t = time.perf_counter()
   try:
-    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    out = common.run_benchmark(module, args, REPO, timeout=timeout)
   except subprocess.TimeoutExpired:
     return {"error": f"ran past its {timeout:.0f} s share of the budget"}
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-  if proc.returncode or not lines:
-    return {"error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-1500:]}
-  return {**json.loads(lines[-1]), "wall_s": time.perf_counter() - t}
+  except common.BenchmarkFailed as e:
+    return {"error": str(e)}
+  return {**out, "wall_s": time.perf_counter() - t}
 
 
 def main(argv=None) -> int:
@@ -73,9 +73,7 @@ def main(argv=None) -> int:
   p.add_argument("--smoke", action="store_true", help="toy sizes: check the script on a CPU")
   p.add_argument("--cases", default=",".join(CASES), help=f"some of {', '.join(CASES)}")
   args = p.parse_args(argv)
-  cases = [c for c in args.cases.split(",") if c]
-  if not cases or any(c not in CASES for c in cases):
-    p.error(f"--cases must name some of {list(CASES)}")
+  cases = common.parse_cases(p, args.cases, CASES)
   start, results = time.perf_counter(), {}
   for i, name in enumerate(cases):
     left = args.budget_s - (time.perf_counter() - start)

@@ -154,7 +154,7 @@ def breakdown(cfg: lm.Config, params, prompt_UP, lengths_U, group_size: int, new
           "policy_forward_backward": time_it(backward, params, tokens_BT),
           "optimizer": time_it(update, grads, opt.init(params), params),
           "prefill_flops_xla": {
-              "shared": xla_flops(sampler(1, group_size), params, prompt_UP, lengths_U),
+              "shared": xla_flops(one, params, prompt_UP, lengths_U),
               "unshared": xla_flops(sampler(1, 1), params, *copies)}}
 
 
