@@ -195,8 +195,9 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
     cfg: model config (static).
     params: model params (``lm.init_params``), or a geometric mixture of two models'
       (``selfplay.mixture``'s ``{"mixture_a", "mixture_b", "beta"}``), sampled token by token.
-    prompt_BP: int32[B, P] prompts, left-padded with 0 (see ``left_pad``).
-    prompt_lengths_B: int32[B] number of real tokens per row, each in ``1..P``.
+    prompt_BP: int32[U, P] prompts, left-padded with 0 (see ``left_pad``): the ``U`` distinct
+      prompts, ``B = U * group_size`` rows of output (``U = B`` with the default group of 1).
+    prompt_lengths_B: int32[U] number of real tokens per prompt, each in ``1..P``.
     max_new_tokens: N (static).
     rng: PRNG key; unused when ``temperature == 0``.
     temperature: 0 for greedy argmax, else sample from ``softmax(logits / temperature)`` (static).
