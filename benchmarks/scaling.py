@@ -13,8 +13,7 @@ the plan ``scaling.best_plan`` picks (``scaling.report``), or with ``--markdown`
 ``baseline`` and ``accum4``) on one CPU device with the f32 matmul peak measured in the same
 process, and prints one JSON line with, per setting, the calculator's figures beside XLA's: its
 compute-time floor (the executed FLOPs at the measured peak) and the measured step time, and its
-per-device bytes (params and AdamW state; gradients, the accumulator, fused weights and
-activations) beside
+per-device bytes (params and AdamW state; gradients, the accumulator and activations) beside
 ``memory_analysis()``'s arguments and temporaries.
 """
 from __future__ import annotations
@@ -53,7 +52,7 @@ def _plan_row(name: str, hw: scaling.Hardware, plan: scaling.Plan, efficiency: f
           f"{plan.grad_accumulation} x {plan.rows_per_microbatch} | "
           f"{_gib(m['params'])} / {_gib(m['opt_state'])} / "
           f"{_gib(m['grads'] + m['grad_accumulator'])} / "
-          f"{_gib(m['gathered_params'] + m['fused_weights'])} / {_gib(m['activations'])} | "
+          f"{_gib(m['gathered_params'])} / {_gib(m['activations'])} | "
           f"**{_gib(m['total'])}** of {_gib(hw.memory_bytes)} | "
           f"{t['compute']:.3f} / {t['comm_fsdp'] + t['comm_data']:.3f} / {t['comm_tensor']:.3f}"
           f" / {t['optimizer']:.4f} | **{t['step']:.3f}** | {t['tokens_per_s']:,.0f} | "
@@ -109,8 +108,7 @@ def cpu(args) -> dict:
     plan = scaling.Plan(cfg, args.batch, args.seq_len, (1, 1, 1), accumulate)
     m = scaling.memory(plan)
     floor = scaling.step_time(plan, host, efficiency=1.0)["compute"]
-    estimated_temp = (m["grads"] + m["grad_accumulator"] + m["fused_weights"]
-                      + m["activations"])
+    estimated_temp = m["grads"] + m["grad_accumulator"] + m["activations"]
     out["settings"][name] = {
         "predicted_compute_floor_s": floor, "measured_step_s": measured["seconds_per_step"],
         "measured_mfu": measured["mfu"],

@@ -48,8 +48,6 @@ ASSUMED_EFFICIENCY = 0.4
 # The share of a device's memory a plan may fill (the rest: XLA's workspace, fragmentation).
 USABLE_MEMORY = 0.9
 REMATS = ("none", "dots", "full")
-# The weights a block concatenates into one GEMM's (q, k and v; gate and up).
-FUSED = ("wq", "wk", "wv", "w_gate", "w_up")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,9 +156,8 @@ def state_bytes(cfg: LlamaConfig, mesh_shape: MeshShape, state_dtype: str | None
 
   Also ``gathered_params``: what one device holds of the largest decoder block and of the
   embedding and LM head once gathered over ``fsdp`` (the params at ``fsdp=1``), the transient
-  working set FSDP adds while a layer runs; and ``fused_weights``: its share of every block's
-  ``wq | wk | wv`` and ``w_gate | w_up``, which the forward concatenates into one GEMM's weight
-  (``llama.Attention``, ``llama.MLP``) and ``kernels.dense`` keeps for the backward."""
+  working set FSDP adds while a layer runs. (The weights a block multiplies as one GEMM are
+  stored as one, ``llama.fused_storage``: no step concatenates them into copies.)"""
   mesh = tuple(int(mesh_shape.get(a, 1)) for a in sharding.AXES)
   return dict(_state_bytes(_storage_config(cfg), mesh, state_dtype))
 
@@ -181,11 +178,7 @@ def _state_bytes(cfg: LlamaConfig, mesh: tuple[int, int, int], state_dtype: str 
     blocks = [b for k, b in full.items() if k.startswith("block_")]
     gathered = max(blocks, default=0) + sum(b for k, b in full.items()
                                             if k in ("embedding", "lm_head"))
-  fused = sum(device_bytes(x, spec, mesh_shape) for (path, x), spec in zip(
-      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(
-          specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)))
-      if sharding.path_keys(path)[-1] in FUSED)
-  return (("params", held), ("grads", held), ("fused_weights", fused),
+  return (("params", held), ("grads", held),
           ("opt_state", device_bytes(opt, sharding.mirrored_specs(opt, params, mesh_shape),
                                      mesh_shape)),
           ("gathered_params", gathered))
@@ -250,8 +243,7 @@ def activation_bytes(cfg: LlamaConfig, rows: int, seq_len: int, tensor: int) -> 
 def memory(plan: Plan) -> dict[str, float]:
   """Bytes per device: params, AdamW state and gradients as sharded (``state_bytes``), the
   float32 accumulator of ``grad_accumulation > 1`` (``step.loss_and_grads``), FSDP's gathered
-  working set, the fused weights the blocks keep (every block's without remat, the one block
-  being recomputed with it), and one microbatch's activations (``activation_bytes``); ``total``
+  working set and one microbatch's activations (``activation_bytes``); ``total``
   their sum."""
   held = state_bytes(plan.cfg, plan.mesh_shape, plan.state_dtype)
   itemsize = np.dtype(plan.cfg.param_dtype).itemsize
@@ -259,8 +251,6 @@ def memory(plan: Plan) -> dict[str, float]:
          "grad_accumulator": (held["params"] * max(4, itemsize) // itemsize
                               if plan.grad_accumulation > 1 else 0),
          "gathered_params": held["gathered_params"],
-         "fused_weights": held["fused_weights"] // (1 if plan.cfg.remat == "none"
-                                                    else plan.cfg.n_layers),
          "activations": activation_bytes(plan.cfg, plan.rows_per_microbatch, plan.seq_len,
                                          plan.mesh[2])}
   out["total"] = float(sum(out.values()))

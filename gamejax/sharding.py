@@ -2,7 +2,7 @@
 axis names, batch shardings.
 
 Every parameter dimension a model family names (its ``PARAM_AXES`` table, beside its Hugging Face
-name map: ``"attn/wq": ("embed", "heads", "head_dim")``) is mapped to mesh axes by one rules table,
+name map: ``"attn/wo": ("heads", "head_dim", "embed")``) is mapped to mesh axes by one rules table,
 ``RULES``, Megatron-style: attention heads, the MLP hidden dimension and the vocabulary over
 ``tensor``; the model dimension over ``fsdp``; a batch's rows over ``data`` and ``fsdp``. The
 forward passes put the same names on their activations (``gamejax.models.partitioning``).
@@ -13,7 +13,11 @@ replicated. Optimizer states take the sharding of the parameter they mirror (Ada
 
 A named dimension that its axes do not divide is an error naming the parameter, except GQA's kv
 heads when there are fewer of them than ``tensor`` devices: those are replicated (each device
-holds every kv head; its query heads read theirs), as Megatron and vLLM do.
+holds every kv head; its query heads read theirs), as Megatron and vLLM do. Weights stored fused
+(Llama's ``wqkv = wq | wk | wv``, ``w_gate_up``; ``gamejax.models.fusion``) are split by their
+own names: ``w_gate_up [D, 2, F]`` over ``mlp``; ``wqkv [D, H + 2G, K]``'s ``qkv_heads`` in
+even chunks over ``tensor`` (replicated when they do not divide), the forward re-splitting its
+output into query and kv heads.
 
 The same code runs on one CPU device (a 1x1x1 mesh), simulated CPU devices, a GPU or a TPU slice.
 
@@ -22,7 +26,7 @@ The same code runs on one CPU device (a 1x1x1 mesh), simulated CPU devices, a GP
 ('data', 'fsdp', 'tensor')
 >>> logical_spec(("batch", "length", "embed"), (8, 16, 32), {"data": 2, "fsdp": 4, "tensor": 1})
 P(('data', 'fsdp'), None, None)
->>> param_spec_at(("block_0", "attn", "wq"), (32, 4, 8), {"data": 1, "fsdp": 4, "tensor": 2})
+>>> param_spec_at(("block_0", "attn", "wqkv"), (32, 8, 8), {"data": 1, "fsdp": 4, "tensor": 2})
 P('fsdp', 'tensor', None)
 """
 from __future__ import annotations
@@ -48,6 +52,7 @@ RULES = (
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
+    ("qkv_heads", "tensor"),
     ("mlp", "tensor"),
     ("embed", "fsdp"),
     ("length", None),
@@ -57,6 +62,10 @@ RULES = (
 )
 # Names that are replicated, not an error, when there are fewer of them than devices on their axes.
 REPLICATE_WHEN_FEWER = ("kv_heads",)
+# Names that are replicated, not an error, when their axes do not divide them: the fused q | k | v
+# heads of Llama's ``wqkv`` (``H + 2G`` of them; split over ``tensor`` only to share the weight's
+# memory and its GEMM, the forward re-splits q, k and v by heads).
+REPLICATE_WHEN_UNEVEN = ("qkv_heads",)
 
 
 class ShardingError(ValueError):
@@ -154,6 +163,7 @@ def param_spec_at(path: Sequence[str], shape: Sequence[int], mesh_shape: Mapping
   try:
     return partitioning.spec(mesh_shape, rules, names, shape, strict=True,
                              replicate_when_fewer=REPLICATE_WHEN_FEWER,
+                             replicate_when_uneven=REPLICATE_WHEN_UNEVEN,
                              what=f"param {'/'.join(path)}")
   except partitioning.AxisError as e:
     raise ShardingError(str(e)) from None

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from gamejax import sharding
-from gamejax.models import partitioning
+from gamejax.models import fusion, partitioning
 from gamejax.payoffs.base import Payoff, Play
 from gamejax.records import GameRecord
 
@@ -86,6 +86,10 @@ class Learner:
   epochs: int = 1
   minibatches: int = 1
   accumulate: int = 1
+  # The model's weights stored fused (``lm.fused_storage``): the gradient's global norm (the
+  # ``grad_norm`` metric, the non-finite check) is summed over the standard layout
+  # (``fusion.global_norm``), as the optimizer's clipping sums it.
+  fused: tuple = ()
   halves: bool = False
 
   def __post_init__(self):
@@ -188,7 +192,7 @@ def update(learner: Learner, params, opt_state, play: Play):
   non-finite value in any microbatch skips the whole update).
   """
   (loss, m), grads = loss_and_grads(learner, params, play)
-  grad_norm = optax.tree.norm(grads)
+  grad_norm = fusion.global_norm(grads, learner.fused)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)   # a NaN/inf anywhere makes the norm so
   updates, new_opt = learner.optimizer.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)

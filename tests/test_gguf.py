@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gamejax.interop import gguf as gguf_in
-from gamejax.interop.hf import CheckpointFormatError, _get
+from gamejax.interop.hf import CheckpointFormatError, hf_arrays
 from gamejax.models import llama
 
 gguf = pytest.importorskip("gguf")
@@ -75,9 +75,8 @@ def test_gguf_matches_transformers_gguf_reader(tmp_path, tied):
   model = transformers.AutoModelForCausalLM.from_pretrained(
       str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
   state = {k: v.numpy() for k, v in model.state_dict().items()}
-  for t in llama.hf_tensors(cfg):
-    np.testing.assert_array_equal(np.asarray(t.to_hf(_get(params, t.path))), state[t.name],
-                                  err_msg=t.name)
+  for name, x in hf_arrays(cfg, params).items():
+    np.testing.assert_array_equal(np.asarray(x), state[name], err_msg=name)
   tokens = np.random.default_rng(1).integers(0, V, (1, 512)).astype(np.int32)
   with torch.no_grad():
     want = model(input_ids=torch.tensor(tokens, dtype=torch.long)).logits.numpy()

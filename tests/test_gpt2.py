@@ -167,11 +167,10 @@ def test_gradients_match_torch_autograd(tmp_path):
       -1, torch.tensor(tokens[:, 1:, None], dtype=torch.long)).sum()
   torch_loss.backward()
   torch_grads = dict(model.named_parameters())
-  for t in gpt2.hf_tensors(cfg):
-    want = torch_grads[t.name].grad.numpy()
-    got = np.asarray(t.to_hf(hf._get(grads, t.path)))
+  for name, got in hf.hf_arrays(cfg, grads).items():
+    want = torch_grads[name].grad.numpy()
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=1e-3,
-                               err_msg=t.name)
+                               err_msg=name)
 
 
 def _tensors(directory):

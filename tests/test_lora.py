@@ -14,7 +14,7 @@ import pytest
 
 from gamejax import sharding, step as game_step
 from gamejax.interop import hf
-from gamejax.models import llama, lm, lora
+from gamejax.models import fusion, llama, lm, lora
 from gamejax.payoffs import imitation
 from gamejax.payoffs.base import Play
 from gamejax.records import GameRecord
@@ -73,6 +73,7 @@ def test_gradient_at_init_is_the_full_gradient_projected_through_the_adapter():
   adapters = state.params["agent"]
   grads = jax.grad(lambda p: payoff(p, Play(bound, moves, {}, jax.random.key(0), frozen))[0])(
       adapters)
+  full = fusion.unfuse(full, adapters.fused)                   # adapters name standard weights
   for path, pair in lora._pairs(grads.adapters):
     g_w = full
     for part in path:
@@ -165,8 +166,14 @@ def test_a_lora_grpo_stage_from_gin_keeps_its_base_as_the_reference_and_resumes(
   assert sorted(frozen) == ["reference"]                       # the base, held once
   merged = straight.params["agent"]                            # what the next stage starts from
   base = frozen["reference"]
-  assert not np.array_equal(merged["block_0"]["attn"]["wq"], base["block_0"]["attn"]["wq"])
-  np.testing.assert_array_equal(merged["block_0"]["mlp"]["w_up"], base["block_0"]["mlp"]["w_up"])
+  # q and v adapted: their parts of the stored wqkv moved, k's did not; the MLP is untouched.
+  assert adapters.fused                                        # wq, wk, wv stored as wqkv
+  std_merged, std_base = (fusion.unfuse(p, adapters.fused) for p in (merged, base))
+  assert not np.array_equal(std_merged["block_0"]["attn"]["wq"], std_base["block_0"]["attn"]["wq"])
+  assert not np.array_equal(std_merged["block_0"]["attn"]["wv"], std_base["block_0"]["attn"]["wv"])
+  np.testing.assert_array_equal(std_merged["block_0"]["attn"]["wk"], std_base["block_0"]["attn"]["wk"])
+  np.testing.assert_array_equal(merged["block_0"]["mlp"]["w_gate_up"],
+                                base["block_0"]["mlp"]["w_gate_up"])
   jax.tree.map(np.testing.assert_array_equal, run.restore_params(exp, index, str(tmp_path / "a"))["agent"],
                merged)
 

@@ -3,6 +3,7 @@ optimizer states as their params, activation constraints that are no-ops off the
 and non-dividing parameters as exit 2; on 8 simulated devices the SFT (GPT-2) and GRPO (Llama)
 steps match one device on 8x1x1, 2x4x1 and 2x2x2 meshes, and parameters really shrink per device.
 (The pre-training and two-player steps run the same meshes in test_step.py and test_matrix.py.)"""
+import dataclasses
 import functools
 import os
 
@@ -35,9 +36,12 @@ def _abstract(fn, cfg):
 def test_rules_split_heads_mlp_and_vocab_over_tensor_and_embed_over_fsdp():
   specs = sharding.param_specs(_abstract(llama.init_params, LLAMA), MESH_222)
   attn, mlp = specs["block_0"]["attn"], specs["block_0"]["mlp"]
-  assert attn["wq"] == P("fsdp", "tensor", None) and attn["wk"] == P("fsdp", "tensor", None)
-  assert attn["wo"] == P("tensor", None, "fsdp")
-  assert mlp["w_gate"] == P("fsdp", "tensor") and mlp["w_down"] == P("tensor", "fsdp")
+  # q | k | v stored fused: its H + 2G = 8 heads in even chunks over tensor; gate | up over mlp.
+  assert attn["wqkv"] == P("fsdp", "tensor", None) and attn["wo"] == P("tensor", None, "fsdp")
+  assert mlp["w_gate_up"] == P("fsdp", None, "tensor") and mlp["w_down"] == P("tensor", "fsdp")
+  # The standard layout's names (checkpoints, LoRA), as a Hugging Face import places them.
+  assert sharding.param_spec_at(("attn", "wq"), (32, 4, 8), MESH_222) == P("fsdp", "tensor", None)
+  assert sharding.param_spec_at(("mlp", "w_gate"), (32, 64), MESH_222) == P("fsdp", "tensor")
   assert specs["embedding"] == P("tensor", "fsdp") and specs["final_norm"]["scale"] == P("fsdp")
   g = sharding.param_specs(_abstract(gpt2.init_params, GPT2), MESH_222)
   assert g["block_0"]["attn"]["w_qkv"] == P("fsdp", None, "tensor", None)
@@ -53,12 +57,17 @@ def test_fewer_kv_heads_than_tensor_are_replicated_other_params_keep_the_fsdp_ru
   cfg = llama.LlamaConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=1, d_ff=64)
   mesh = {"data": 1, "fsdp": 2, "tensor": 2}
   attn = sharding.param_specs(_abstract(llama.init_params, cfg), mesh)["block_0"]["attn"]
-  assert attn["wk"] == P("fsdp", None, None) and attn["wq"] == P("fsdp", "tensor", None)
+  assert sharding.param_spec_at(("attn", "wk"), (32, 1, 8), mesh) == P("fsdp", None, None)
+  assert sharding.param_spec_at(("attn", "wq"), (32, 4, 8), mesh) == P("fsdp", "tensor", None)
+  assert attn["wqkv"] == P("fsdp", "tensor", None)             # 4 + 2 * 1 = 6 heads split in 2
+  odd = dataclasses.replace(cfg, n_heads=3, d_model=24, d_ff=66, vocab_size=63)  # 3 + 2 = 5: replicated
+  assert sharding.param_specs(_abstract(llama.init_params, odd), {"data": 1, "fsdp": 2, "tensor": 3}
+                              )["block_0"]["attn"]["wqkv"] == P("fsdp", None, None)
   # A value head, LoRA adapters: no table names them; their largest fsdp-divisible dim is split.
   pv = sharding.param_specs(jax.eval_shape(lambda: policy_value.init_params(
       cfg, jax.random.key(0))), mesh)
   assert pv["value"]["w"] == P("fsdp") and pv["value"]["b"] == P()
-  assert pv["policy"]["block_0"]["attn"]["wk"] == P("fsdp", None, None)
+  assert pv["policy"]["block_0"]["attn"]["wo"] == P("tensor", None, "fsdp")
   adapters = jax.eval_shape(lambda: lora.init(cfg, lora.LoraConfig(rank=4), jax.random.key(0),
                                               "base"))
   for path, spec in jax.tree_util.tree_leaves_with_path(sharding.param_specs(adapters, mesh),
@@ -82,10 +91,14 @@ def test_optimizer_state_takes_the_specs_of_the_params_it_mirrors():
 def test_a_dimension_that_does_not_divide_is_an_error_naming_the_parameter():
   cfg = llama.LlamaConfig(vocab_size=64, d_model=48, n_layers=1, n_heads=6, n_kv_heads=3, d_ff=64)
   with pytest.raises(sharding.ShardingError,
-                     match=r"param block_0/attn/wk: dim 1 \(kv_heads=3\) is not divisible by "
-                           r"mesh tensor=2"):
-    sharding.check_params(_abstract(llama.init_params, cfg), {"data": 1, "fsdp": 1, "tensor": 2})
-  with pytest.raises(sharding.ShardingError, match=r"param block_0/attn/wk: dim 0 \(embed=48\) "
+                     match=r"param block_0/attn/wo: dim 0 \(heads=6\) is not divisible by "
+                           r"mesh tensor=4"):
+    sharding.check_params(_abstract(llama.init_params, cfg), {"data": 1, "fsdp": 1, "tensor": 4})
+  # The standard layout's names keep their rule: an HF import places wk by it.
+  with pytest.raises(sharding.ShardingError,
+                     match=r"param attn/wk: dim 1 \(kv_heads=3\) is not divisible by mesh tensor=2"):
+    sharding.param_spec_at(("attn", "wk"), (48, 3, 8), {"data": 1, "fsdp": 1, "tensor": 2})
+  with pytest.raises(sharding.ShardingError, match=r"param block_0/attn/wo: dim 2 \(embed=48\) "
                                                    r"is not divisible by mesh fsdp=32"):
     sharding.check_params(_abstract(llama.init_params, cfg), {"data": 1, "fsdp": 32, "tensor": 1})
 

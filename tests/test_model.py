@@ -47,8 +47,9 @@ def _np_rope(x_THK, pos_T, theta):
 
 
 def _np_forward_row(cfg, p, tokens_T, pos_T, seg_T):
-  """One row: logits [T, V]; a query attends keys <= it in its own (non-zero) segment."""
-  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), p)
+  """One row: logits [T, V]; a query attends keys <= it in its own (non-zero) segment. Reads
+  the standard layout (``wq``, ``wk``, ``wv``, ``w_gate``, ``w_up``) of the stored params."""
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), llama.unfuse(cfg, p))
   t = len(tokens_T)
   h, kv, k = cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads
   x = p["embedding"][tokens_T]
@@ -239,7 +240,7 @@ def test_init_params_matches_module_initializers_in_tree_and_distribution():
       assert abs(x.std() - 0.05) < 0.01 and abs(x.mean()) < 0.01, path
   other = llama.init_params(cfg, jax.random.key(1))
   assert not np.array_equal(other["embedding"], params["embedding"])
-  assert not np.array_equal(params["block_0"]["attn"]["wq"], params["block_1"]["attn"]["wq"])
+  assert not np.array_equal(params["block_0"]["attn"]["wqkv"], params["block_1"]["attn"]["wqkv"])
 
 
 def test_param_count_and_flops_match_hand_formulas():

@@ -11,7 +11,7 @@ import numpy as np
 
 from gamejax import config, run, sharding
 from gamejax.interop import hf
-from gamejax.models import llama
+from gamejax.models import fusion, llama
 from gamejax.payoffs import imitation
 
 CFG = llama.LlamaConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
@@ -48,28 +48,33 @@ def test_each_tensor_goes_straight_into_its_sharding_on_eight_devices(tmp_path):
   assert "SHARDED_LOAD_OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
 
-def test_no_more_than_one_tensor_is_on_the_host_at_a_time(tmp_path):
+def test_no_more_than_one_weight_is_on_the_host_at_a_time(tmp_path):
+  """Each tensor is placed before the next is read, except the parts of one weight stored fused
+  (q, k, v; gate, up), placed together once all are read."""
   path = str(tmp_path / "model")
   hf.save(CFG, llama.init_params(CFG, jax.random.key(0)), path)
   family, cfg = hf.model_config(path)
   files = hf._tensor_files(path)                 # pylint: disable=protected-access
   handle = hf._open(os.path.join(path, hf.SINGLE), "numpy")
-  events, held = [], []
+  stored = {t.name: fusion.locate(t.path, llama.fused_storage(cfg))[0]
+            for t in family.hf_tensors(cfg)}
+  placed, held = [], []
 
   def read(name):
-    events.append("read")
     held.append(name)
-    assert len(held) == 1, held                # the previous tensor was placed and let go
+    assert len({stored[n] for n in held}) == 1, held   # only parts of one stored weight
     return handle.get_tensor(name)
 
   def place(p, x):
-    events.append("place")
-    held.pop()
+    assert [stored[n] for n in held] and all(stored[n] == tuple(p) for n in held), (p, held)
+    held.clear()
+    placed.append(tuple(p))
     assert isinstance(x, np.ndarray) and x.dtype == np.float32
     return jax.device_put(x)
 
   params = hf.assemble(family, cfg, files, read, path, place)
-  assert events == ["read", "place"] * len(family.hf_tensors(cfg))
+  assert not held and sorted(placed) == sorted(set(stored.values()))
+  assert ("block_0", "attn", "wqkv") in placed and ("block_0", "mlp", "w_gate_up") in placed
   jax.tree.map(np.testing.assert_array_equal, params, hf.load(path)[1])
 
 

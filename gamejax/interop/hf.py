@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from gamejax.models import families
+from gamejax.models import families, fusion, lm
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -131,7 +131,8 @@ def assemble(family, cfg, files: Mapping[str, str], read: Callable[[str], Any],
   maps each available name to the file that holds it, ``read(name)`` gives the array. Every
   expected tensor must be there with its shape, and nothing else. ``place(path, host_array)``
   (``sharded``): each tensor is laid out on the host and placed before the next is read, so no
-  more than one tensor is ever on the host; else each is laid out on the default device."""
+  more than one tensor (or the parts of one weight stored fused, ``lm.fused_storage``) is ever
+  on the host; else each is laid out on the default device."""
   expected = family.hf_tensors(cfg)
   known = {t.name for t in expected}
   prefix = getattr(family, "HF_BASE_PREFIX", "")     # some exports drop the base model's prefix
@@ -153,16 +154,25 @@ def assemble(family, cfg, files: Mapping[str, str], read: Callable[[str], Any],
                                 f"{len(missing) - 1} more)")
   params: dict = {}
   dtype = jnp.dtype(cfg.param_dtype)
+  specs = lm.fused_storage(cfg)
+  waiting: dict = {}    # a fused weight's parts read so far: stored path -> {part index: array}
   for t in expected:
     x = read(t.name)
     if tuple(x.shape) != t.hf_shape:
       raise CheckpointFormatError(f"{files[t.name]}: tensor {t.name!r} has shape "
                                   f"{tuple(x.shape)}; the config implies {t.hf_shape}")
-    if place is None:
-      _set(params, t.path, t.to_gamejax(jnp.asarray(x)).astype(dtype))
-    else:
-      _set(params, t.path, place(t.path, t.to_gamejax(np.asarray(x)).astype(dtype)))
-      del x
+    value = t.to_gamejax(jnp.asarray(x) if place is None else np.asarray(x)).astype(dtype)
+    del x
+    path, spec, i = fusion.locate(t.path, specs)
+    if spec is not None:     # a part of a weight stored fused: placed once all its parts are read
+      parts = waiting.setdefault(path, {})
+      parts[i] = value
+      if len(parts) < len(spec.parts):
+        continue
+      parts = waiting.pop(path)
+      value = spec.join([parts[j] for j in range(len(spec.parts))])
+    _set(params, path, value if place is None else place(path, value))
+    del value
   if tied_head in files:
     head = read(tied_head)
     if tuple(head.shape) != tuple(params["embedding"].shape) or not bool(
@@ -206,6 +216,14 @@ def write_tokenizer(spec: str | None, directory: str) -> None:
   raise CheckpointFormatError(f"{spec!r}: a tokenizer is 'byte', 'hf:DIR' or 'gguf:FILE'")
 
 
+def hf_arrays(cfg, params) -> dict:
+  """Every tensor of the HF checkpoint of ``cfg`` and ``params``: HF name -> array in HF's
+  layout (weights stored fused, ``lm.fused_storage``, split back into their standard parts)."""
+  standard = fusion.unfuse(params, lm.fused_storage(cfg))
+  return {t.name: jnp.asarray(t.to_hf(_get(standard, t.path)))
+          for t in families.of_config(cfg).hf_tensors(cfg)}
+
+
 def save(cfg, params, directory: str, max_shard_bytes: int = 5 * 2**30,
          tokenizer_from: str | None = None) -> None:
   """Writes ``cfg`` and ``params`` as an HF directory (``config.json`` and safetensors, sharded
@@ -214,8 +232,7 @@ def save(cfg, params, directory: str, max_shard_bytes: int = 5 * 2**30,
   from safetensors.flax import save_file
   if os.path.exists(directory):
     raise FileExistsError(f"{directory} exists; choose a new directory to export to")
-  family = families.of_config(cfg)
-  tensors = {t.name: jnp.asarray(t.to_hf(_get(params, t.path))) for t in family.hf_tensors(cfg)}
+  tensors = hf_arrays(cfg, params)
   shards, size = [[]], 0
   for name, x in tensors.items():
     if shards[-1] and size + x.nbytes > max_shard_bytes:
@@ -235,7 +252,7 @@ def save(cfg, params, directory: str, max_shard_bytes: int = 5 * 2**30,
       index = {"metadata": {"total_size": int(sum(x.nbytes for x in tensors.values()))},
                "weight_map": {n: f for f, shard in zip(names, shards) for n in shard}}
       _write_text(os.path.join(tmp, INDEX), json.dumps(index, indent=2))
-    config = family.config_to_hf(cfg)
+    config = families.of_config(cfg).config_to_hf(cfg)
     write_tokenizer(tokenizer_from, tmp)
     if os.path.isfile(os.path.join(tmp, "tokenizer.json")):
       # The tokenizer's special ids, so that transformers' generate stops where gamejax does.

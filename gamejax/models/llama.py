@@ -39,6 +39,7 @@ import numpy as np
 from gamejax.models.kernels import (ATTENTION_IMPLEMENTATIONS, attention_mask, cached_attention,
                                     dense, init_kv_cache, library_attention, rope_tables,
                                     self_attention, swiglu)
+from gamejax.models import fusion
 from gamejax.models import remat as remat_lib
 from gamejax.models.partitioning import constrain
 
@@ -166,8 +167,9 @@ class Attention(nn.Module):
   """Grouped-query attention; query head ``h`` uses kv head ``h // (n_heads // n_kv_heads)``;
   optional q/k/v biases (``qkv_bias``) and per-head q/k RMSNorm before RoPE (``qk_norm``).
 
-  ``q``, ``k`` and ``v`` come from one GEMM (the three weights concatenated: one bigger matmul
-  runs faster on CPU than three small ones).
+  ``q``, ``k`` and ``v`` come from one GEMM, their weights stored as one: ``wqkv [D, H + 2G,
+  K]`` holds ``wq | wk | wv`` (``fused_storage``; checkpoints see the three), so that no step
+  concatenates them (one bigger matmul runs faster on CPU than three small ones).
   """
   cfg: LlamaConfig
 
@@ -176,20 +178,15 @@ class Attention(nn.Module):
     cfg = self.cfg
     d, h, kv, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     init = nn.initializers.normal(cfg.init_std)
-    wq = self.param("wq", init, (d, h, k), cfg.weight_dtype)
-    wk = self.param("wk", init, (d, kv, k), cfg.weight_dtype)
-    wv = self.param("wv", init, (d, kv, k), cfg.weight_dtype)
+    wqkv = self.param("wqkv", init, (d, h + 2 * kv, k), cfg.weight_dtype)
     wo = self.param("wo", init, (h, k, d), cfg.weight_dtype)
     dt = cfg.compute_dtype
     b, t = x_BTD.shape[:2]
 
-    w_qkv = jnp.concatenate([wq, wk, wv], axis=1).reshape(d, (h + 2 * kv) * k)
-    qkv_BTNK = dense(x_BTD.astype(dt), w_qkv).reshape(b, t, h + 2 * kv, k)
+    qkv_BTNK = dense(x_BTD.astype(dt), wqkv.reshape(d, (h + 2 * kv) * k)).reshape(
+        b, t, h + 2 * kv, k)
     if cfg.qkv_bias:
-      zeros = nn.initializers.zeros
-      b_qkv = jnp.concatenate([self.param("q_bias", zeros, (h, k), cfg.weight_dtype),
-                               self.param("k_bias", zeros, (kv, k), cfg.weight_dtype),
-                               self.param("v_bias", zeros, (kv, k), cfg.weight_dtype)], axis=0)
+      b_qkv = self.param("qkv_bias", nn.initializers.zeros, (h + 2 * kv, k), cfg.weight_dtype)
       qkv_BTNK = qkv_BTNK + b_qkv.astype(dt)[None, None]
     if cfg.qk_norm:
       qkv_BTNK = jnp.concatenate([RMSNorm(cfg, name="q_norm")(qkv_BTNK[:, :, :h]),
@@ -207,18 +204,18 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-  """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate and up as one GEMM."""
+  """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate and up as one GEMM, their weights stored as
+  one: ``w_gate_up [D, 2, F]`` holds ``w_gate`` and ``w_up`` (``fused_storage``)."""
   cfg: LlamaConfig
 
   @nn.compact
   def __call__(self, x_BTD):
     cfg = self.cfg
+    d, f = cfg.d_model, cfg.d_ff
     init = nn.initializers.normal(cfg.init_std)
-    w_gate = self.param("w_gate", init, (cfg.d_model, cfg.d_ff), cfg.weight_dtype)
-    w_up = self.param("w_up", init, (cfg.d_model, cfg.d_ff), cfg.weight_dtype)
-    w_down = self.param("w_down", init, (cfg.d_ff, cfg.d_model), cfg.weight_dtype)
-    dt = cfg.compute_dtype
-    gate_up_BTF = dense(x_BTD.astype(dt), jnp.concatenate([w_gate, w_up], axis=1))
+    w_gate_up = self.param("w_gate_up", init, (d, 2, f), cfg.weight_dtype)
+    w_down = self.param("w_down", init, (f, d), cfg.weight_dtype)
+    gate_up_BTF = dense(x_BTD.astype(cfg.compute_dtype), w_gate_up.reshape(d, 2 * f))
     hidden_BTF = constrain(swiglu(gate_up_BTF), ("batch", "length", "mlp"))
     return dense(hidden_BTF, w_down)
 
@@ -328,8 +325,46 @@ def _param_shapes(cfg: LlamaConfig):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _init_params(cfg: LlamaConfig, rng) -> Params:
-  return single_draw_init(_param_shapes(cfg), rng, cfg.init_std,
-                          {"scale": 1, "q_bias": 0, "k_bias": 0, "v_bias": 0})
+  # Drawn in the standard layout (``wq``, ``wk``, ... in their tree order), then fused: the same
+  # values as before the weights were stored fused.
+  specs = fused_storage(cfg)
+  standard = jax.eval_shape(lambda: fusion.unfuse(jax.tree.map(
+      lambda x: jnp.zeros(x.shape, x.dtype), _param_shapes(cfg)), specs))
+  return fusion.fuse(single_draw_init(standard, rng, cfg.init_std,
+                                      {"scale": 1, "q_bias": 0, "k_bias": 0, "v_bias": 0}), specs)
+
+
+def fused_storage(cfg: LlamaConfig) -> tuple[fusion.Fused, ...]:
+  """The weights stored fused (``gamejax.models.fusion``): ``attn/wqkv [D, H + 2G, K] = wq | wk
+  | wv`` (and ``attn/qkv_bias [H + 2G, K]`` with ``qkv_bias``), ``mlp/w_gate_up [D, 2, F]``
+  stacking ``w_gate`` and ``w_up``. Checkpoints, PARAM_AXES' standard names and LoRA targets see
+  the standard layout.
+
+  >>> cfg = LlamaConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
+  >>> params = init_params(cfg, jax.random.key(0))
+  >>> {k: v.shape for k, v in params["block_0"]["attn"].items()}
+  {'wo': (2, 8, 16), 'wqkv': (16, 4, 8)}
+  >>> {k: v.shape for k, v in unfuse(cfg, params)["block_0"]["attn"].items()}
+  {'wo': (2, 8, 16), 'wq': (16, 2, 8), 'wk': (16, 1, 8), 'wv': (16, 1, 8)}
+  """
+  h, kv = cfg.n_heads, cfg.n_kv_heads
+  specs = [fusion.Fused("wqkv", ("wq", "wk", "wv"), axis=1, sizes=(h, kv, kv)),
+           fusion.Fused("w_gate_up", ("w_gate", "w_up"), axis=1)]
+  if cfg.qkv_bias:
+    specs.append(fusion.Fused("qkv_bias", ("q_bias", "k_bias", "v_bias"), axis=0,
+                              sizes=(h, kv, kv)))
+  return tuple(specs)
+
+
+def fuse(cfg: LlamaConfig, params: Params) -> Params:
+  """Params as stored (``fused_storage``) from the standard layout."""
+  return fusion.fuse(params, fused_storage(cfg))
+
+
+def unfuse(cfg: LlamaConfig, params: Params) -> Params:
+  """Params in the standard layout (``wq``, ``wk``, ``wv``, ``w_gate``, ``w_up``, separate
+  biases) from the stored ones; ``fuse`` inverts it."""
+  return fusion.unfuse(params, fused_storage(cfg))
 
 
 def single_draw_init(shapes, rng, std: float, constants) -> Params:
@@ -491,6 +526,10 @@ HF_ARCHITECTURES = ("LlamaForCausalLM",)
 PARAM_AXES = {
     "embedding": ("vocab", "embed"),
     "lm_head": ("embed", "vocab"),
+    "attn/wqkv": ("embed", "qkv_heads", "head_dim"),
+    "attn/qkv_bias": ("qkv_heads", "head_dim"),
+    "mlp/w_gate_up": ("embed", None, "mlp"),
+    # The standard layout's (checkpoints, LoRA): each a part of a fused weight as stored.
     "attn/wq": ("embed", "heads", "head_dim"),
     "attn/wk": ("embed", "kv_heads", "head_dim"),
     "attn/wv": ("embed", "kv_heads", "head_dim"),

@@ -64,6 +64,13 @@ def decode_params(cfg: Config, params: Params) -> Params:
   return family.decode_params(cfg, params) if hasattr(family, "decode_params") else params
 
 
+def fused_storage(cfg: Config) -> tuple:
+  """The weights the family stores fused (``gamejax.models.fusion.Fused`` specs; ``()`` for
+  none): checkpoints and LoRA name the standard weights, the params tree holds their join."""
+  family = families.of_config(cfg)
+  return tuple(family.fused_storage(cfg)) if hasattr(family, "fused_storage") else ()
+
+
 def param_count(cfg: Config) -> int:
   return families.of_config(cfg).param_count(cfg)
 

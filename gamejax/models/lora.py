@@ -27,7 +27,7 @@ base is also the KL reference: at ``B = 0`` the adapted model is the base.
 ((16, 4), (4, 16))
 >>> base = init_params(cfg, jax.random.key(1))
 >>> merged = lora.with_frozen({"agent/base": base})
->>> bool((merged["block_0"]["attn"]["wq"] == base["block_0"]["attn"]["wq"]).all())  # B = 0
+>>> bool((merged["block_0"]["attn"]["wqkv"] == base["block_0"]["attn"]["wqkv"]).all())  # B = 0
 True
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gamejax.models import families
+from gamejax.models import families, fusion, lm
 
 Params = Any
 
@@ -97,12 +97,15 @@ def targets(cfg, lcfg: LoraConfig) -> list:
 
 @flax.struct.dataclass
 class LoraParams:
-  """A learner's adapters (``{path...: {"a": [in, r], "b": [r, out]}}`` along the base's param
-  paths), the frozen player holding its base (``base``) and the delta's scale; ``base`` and
-  ``scale`` are static (not leaves)."""
+  """A learner's adapters (``{path...: {"a": [in, r], "b": [r, out]}}`` along the standard
+  layout's param paths, ``hf_tensors``' ``path``), the frozen player holding its base (``base``),
+  the delta's scale and the family's weights stored fused (``lm.fused_storage``: an adapter of
+  ``wq`` adds its delta to ``wq``'s part of the stored ``wqkv``); all but ``adapters`` are
+  static (not leaves)."""
   adapters: dict
   base: str = flax.struct.field(pytree_node=False)
   scale: float = flax.struct.field(pytree_node=False)
+  fused: tuple = flax.struct.field(pytree_node=False, default=())
 
   def with_frozen(self, frozen) -> Params:
     """The adapted model's params: the base (``frozen[self.base]``) with every delta added."""
@@ -134,7 +137,7 @@ def init(cfg, lcfg: LoraConfig, rng, base: str) -> LoraParams:
       node = node.setdefault(part, {})
     node["a"] = jax.random.uniform(key, (fan_in, lcfg.rank), jnp.float32, -bound, bound).astype(dtype)
     node["b"] = jnp.zeros((lcfg.rank, fan_out), dtype)
-  return LoraParams(adapters=adapters, base=base, scale=lcfg.scale)
+  return LoraParams(adapters=adapters, base=base, scale=lcfg.scale, fused=lm.fused_storage(cfg))
 
 
 def _pairs(adapters: dict, prefix=()):
@@ -154,15 +157,22 @@ def delta(pair: dict, scale: float, shape) -> jax.Array:
 
 
 def merge(base: Params, lora: LoraParams) -> Params:
-  """The base with every adapter's delta added (in the base's dtype)."""
+  """The base with every adapter's delta added (in the base's dtype); a weight stored fused gets
+  its delta on its part (``lora.fused``), the other parts untouched."""
   out = jax.tree.map(lambda x: x, base)          # a new tree of the same leaves
   for path, pair in _pairs(lora.adapters):
+    stored, spec, i = fusion.locate(path, lora.fused)
     node = out
-    for part in path[:-1]:
+    for part in stored[:-1]:
       node[part] = dict(node[part])
       node = node[part]
-    w = node[path[-1]]
-    node[path[-1]] = (w.astype(jnp.float32) + delta(pair, lora.scale, w.shape)).astype(w.dtype)
+    w = node[stored[-1]]
+    if spec is None:
+      node[stored[-1]] = (w.astype(jnp.float32) + delta(pair, lora.scale, w.shape)).astype(w.dtype)
+    else:
+      x = fusion.part(w, spec, i)
+      x = (x.astype(jnp.float32) + delta(pair, lora.scale, x.shape)).astype(w.dtype)
+      node[stored[-1]] = fusion.set_part(w, spec, i, x)
   return out
 
 

@@ -49,13 +49,15 @@ def mesh_axes_of(rules: Rules, name: str | None) -> tuple[str, ...]:
 
 def spec(mesh_shape: Mapping[str, int], rules: Rules, names: Sequence[str | None],
          shape: Sequence[int], strict: bool = False, replicate_when_fewer: Sequence[str] = (),
+         replicate_when_uneven: Sequence[str] = (),
          what: str = "array") -> P:
   """The ``PartitionSpec`` of an array of ``shape`` whose dimensions are called ``names``.
 
   Each mesh axis splits at most one dimension (the first that names it: batch before embed);
   axes of size 1 are left out. A dimension that its axes do not divide is replicated when its
   name is in ``replicate_when_fewer`` and it is smaller than the axes (GQA's kv heads fewer than
-  the tensor axis), else left unconstrained (``strict=False``, activations) or an ``AxisError``
+  the tensor axis) or in ``replicate_when_uneven`` (a fused ``q | k | v`` heads axis), else left
+  unconstrained (``strict=False``, activations) or an ``AxisError``
   naming ``what`` (``strict=True``, parameters).
   """
   if len(names) != len(shape):
@@ -65,7 +67,7 @@ def spec(mesh_shape: Mapping[str, int], rules: Rules, names: Sequence[str | None
     axes = tuple(a for a in mesh_axes_of(rules, name) if a not in used and mesh_shape.get(a, 1) > 1)
     n = math.prod(mesh_shape[a] for a in axes)
     if axes and size % n:
-      if name in replicate_when_fewer and size < n:
+      if (name in replicate_when_fewer and size < n) or name in replicate_when_uneven:
         axes = ()
       elif strict:
         where = " x ".join(f"{a}={mesh_shape[a]}" for a in axes)

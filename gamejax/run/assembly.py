@@ -19,7 +19,7 @@ from gamejax.data.loader import PackedLoader
 from gamejax.data.pairs import PairLoader
 from gamejax.data.prompts import DemonstrationLoader, PromptLoader
 from gamejax.evaluation import arena as arena_eval
-from gamejax.models import lora
+from gamejax.models import lm, lora
 from gamejax.players import (judges, policy, reference as reference_player, selfplay, spin,
                              verifiers, versus)
 from gamejax.run import registry
@@ -109,12 +109,14 @@ def pair_rows(stage: Stage) -> bool:
 def stage_game(exp: Experiment, index: int) -> game_step.Game:
   """The game of stage ``index``: its learners, how moves are made and who responds."""
   stage, cfg = exp.stages[index], exp.model
+  fused = lm.fused_storage(cfg)   # the gradient norm is summed over the standard layout
   learners = {
       name: game_step.Learner(apply=learner_apply(exp, stage, p.model, learner_seat(stage, name)),
                               payoff=p.payoff,
-                              optimizer=p.optimizer.build(stage.steps), prepare=p.prepare,
+                              optimizer=p.optimizer.build(stage.steps, fused), prepare=p.prepare,
                               epochs=p.epochs, minibatches=p.minibatches,
-                              accumulate=p.grad_accumulation, halves=pair_rows(stage))
+                              accumulate=p.grad_accumulation, halves=pair_rows(stage),
+                              fused=fused)
       for name, p in stage.players.items()}
   if stage.game is not None:
     followers = stage.all_followers

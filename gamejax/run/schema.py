@@ -28,7 +28,7 @@ from gamejax.data import sources
 from gamejax.data import tokenizer as tokenizers
 from gamejax.data.tokenizer import VOCAB_SIZE
 from gamejax.games.base import GameConfigError, Scripted
-from gamejax.models import families, lm, lora as lora_lib
+from gamejax.models import families, fusion, lm, lora as lora_lib
 from gamejax.payoffs.base import Payoff
 from gamejax.players import judges, selfplay, verifiers
 from gamejax.run import registry
@@ -65,12 +65,15 @@ class Optimizer:
   # bfloat16 params (``param_dtype='bfloat16'``) keeps Adam's moments in float32.
   state_dtype: str | None = None
 
-  def build(self, total_steps: int) -> optax.GradientTransformation:
+  def build(self, total_steps: int, fused: tuple = ()) -> optax.GradientTransformation:
+    """The optimizer of ``total_steps`` updates; ``fused``: the model's weights stored fused
+    (``lm.fused_storage``), whose gradient's global norm is summed over the standard layout
+    (``fusion.clip_by_global_norm``: the same clipping, bit for bit, as unfused weights get)."""
     warmup = min(self.warmup_steps, max(total_steps - 1, 0))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, self.learning_rate, warmup, max(total_steps, warmup + 1),
         end_value=self.learning_rate * self.end_factor)
-    inner = optax.chain(optax.clip_by_global_norm(self.grad_clip),
+    inner = optax.chain(fusion.clip_by_global_norm(self.grad_clip, fused),
                         optax.adamw(schedule, self.b1, self.b2, self.eps,
                                     weight_decay=self.weight_decay))
     return inner if self.state_dtype is None else in_dtype(inner, self.state_dtype)
