@@ -185,14 +185,17 @@ def test_kv_cache_prefill_chunks_and_decode_match_full_forward():
   assert cache["layers"][0]["v"].shape == (2, CFG.n_kv_heads, 12, CFG.head_dim)
 
 
-def test_decode_params_give_the_same_logits_and_a_head_only_to_tied_models():
-  """``decode_params``: a tied model decodes from its embedding's transpose, stored as
-  ``lm_head`` on XLA:CPU; the cached logits are those of the params as they are (float32
-  rounding apart), prefill and one step. An untied model's params come back unchanged."""
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_decode_params_give_the_same_logits_and_a_head_only_to_tied_models(family):
+  """``decode_params``: a tied model (Llama, GPT-2) decodes from its embedding's transpose,
+  stored as ``lm_head`` on XLA:CPU; the cached logits are those of the params as they are
+  (float32 rounding apart), prefill and one step. An untied model's params come back unchanged."""
   import dataclasses
-  from gamejax.models import lm
-  params = llama.init_params(CFG, jax.random.key(3))
-  prepared = lm.decode_params(CFG, params)
+  from gamejax.models import gpt2, lm
+  cfg = CFG if family == "llama" else gpt2.GPT2Config(vocab_size=CFG.vocab_size, d_model=32,
+                                                      n_layers=2, n_heads=4, max_positions=16)
+  params = lm.init_params(cfg, jax.random.key(3))
+  prepared = lm.decode_params(cfg, params)
   if jax.default_backend() == "cpu":
     np.testing.assert_array_equal(prepared["lm_head"], np.asarray(params["embedding"]).T)
   tokens = np.array([[5, 6, 7, 8], [9, 10, 11, 12]], np.int32)
@@ -200,14 +203,19 @@ def test_decode_params_give_the_same_logits_and_a_head_only_to_tied_models():
   ones = np.ones((2, 4), np.int32)
 
   def prefill_and_step(p):
-    cache = llama.init_cache(CFG, 2, 6)
-    first, cache = llama.apply_with_cache(CFG, p, tokens, positions, ones, cache, 0)
-    second, _ = llama.apply_with_cache(CFG, p, tokens[:, :1], positions[:, :1] + 4, ones[:, :1],
-                                       cache, 4)
+    cache = lm.init_cache(cfg, 2, 6)
+    first, cache = lm.apply_with_cache(cfg, p, tokens, positions, ones, cache, 0)
+    second, _ = lm.apply_with_cache(cfg, p, tokens[:, :1], positions[:, :1] + 4, ones[:, :1],
+                                    cache, 4)
     return np.concatenate([first, second], axis=1)
 
   np.testing.assert_allclose(prefill_and_step(prepared), prefill_and_step(params), atol=1e-5,
                              rtol=1e-5)
+  if "lm_head" in prepared:      # the decode path reads the head it is given
+    doubled = prefill_and_step({**prepared, "lm_head": prepared["lm_head"] * 2.0})
+    np.testing.assert_allclose(doubled, 2.0 * prefill_and_step(prepared), rtol=1e-5, atol=1e-5)
+  if family == "gpt2":
+    return
   untied = dataclasses.replace(CFG, tie_embeddings=False)
   untied_params = llama.init_params(untied, jax.random.key(3))
   assert lm.decode_params(untied, untied_params) is untied_params

@@ -279,7 +279,12 @@ class GPT2(nn.Module):
     x_BTD = LayerNorm(cfg, name="final_norm")(x_BTD)
     if self.hidden_only and cache is None:
       return x_BTD
-    logits_BTV = constrain(dense(x_BTD, embedding, 1, jnp.float32), ("batch", "length", "vocab"))
+    if self.has_variable("params", "lm_head"):    # ``decode_params``: the embedding's transpose
+      head = self.param("lm_head", init, (cfg.d_model, cfg.vocab_size), cfg.weight_dtype)
+      logits_BTV = dense(x_BTD, head, 0, jnp.float32)
+    else:
+      logits_BTV = dense(x_BTD, embedding, 1, jnp.float32)
+    logits_BTV = constrain(logits_BTV, ("batch", "length", "vocab"))
     if cache is None:
       return logits_BTV
     return logits_BTV, {"layers": tuple(new_layers), "segment_ids": k_segment_BS}
@@ -367,6 +372,22 @@ def init_cache(cfg: GPT2Config, batch: int, max_len: int) -> Cache:
   return {"layers": tuple(init_kv_cache(batch, cfg.n_heads, max_len, cfg.head_dim,
                                        cfg.compute_dtype) for _ in range(cfg.n_layers)),
           "segment_ids": jnp.zeros((batch, max_len), jnp.int32)}
+
+
+def decode_params(cfg: GPT2Config, params: Params) -> Params:
+  """``params`` for many cached steps (``lm.decode_params``): on XLA:CPU the tied LM head as the
+  embedding's transpose, ``lm_head [D, V]``, materialised once, so that every decode step's
+  LM-head GEMM reads its weight as it lies (as ``llama.decode_params``); other backends get the
+  params as they are.
+
+  >>> cfg = GPT2Config(vocab_size=32, d_model=16, n_layers=1, n_heads=2, max_positions=8)
+  >>> p = decode_params(cfg, init_params(cfg, jax.random.key(0)))
+  >>> p["lm_head"].shape == (16, 32) or jax.default_backend() != "cpu"
+  True
+  """
+  if jax.default_backend() == "cpu" and "lm_head" not in params:
+    return {**params, "lm_head": params["embedding"].T}
+  return params
 
 
 def apply_with_cache(cfg: GPT2Config, params: Params, tokens_BT, positions_BT, segment_ids_BT,
