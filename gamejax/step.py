@@ -194,11 +194,18 @@ def update(learner: Learner, params, opt_state, play: Play):
   (loss, m), grads = loss_and_grads(learner, params, play)
   grad_norm = fusion.global_norm(grads, learner.fused)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)   # a NaN/inf anywhere makes the norm so
-  updates, new_opt = learner.optimizer.update(grads, opt_state, params)
-  new_params = optax.apply_updates(params, updates)
+  # A conditional, not a select between the new state and the old: a select reads the old
+  # optimizer moments twice (to update them, then to keep them), and XLA then copies every moment
+  # every step rather than update the donated buffers in place.
+  def apply(operands):
+    params, opt_state = operands
+    updates, new_opt = learner.optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_opt
+
+  new_params, new_opt = jax.lax.cond(finite, apply, lambda operands: operands, (params, opt_state))
   metrics = {**m, "loss": loss, "grad_norm": grad_norm,
              "skipped_nonfinite": 1.0 - finite.astype(jnp.float32)}
-  return _select(finite, new_params, params), _select(finite, new_opt, opt_state), metrics
+  return new_params, new_opt, metrics
 
 
 # Metrics (by the last part of their name) that count something over the rows: with gradient
