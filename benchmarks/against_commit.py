@@ -11,8 +11,8 @@ calls). Prints one JSON line: per case the commit's and this tree's seconds and 
 commit's seconds over this tree's; above 1 is faster here), and the ``target`` speedup the case
 is held to (``meets_target``). Where both trees' benchmark also prints its fastest call
 (``sample``'s ``best_seconds_per_call``), ``best_call_speedup`` is the ratio of the fastest calls
-over all rounds (``meets_target_best_call``): on a machine shared with other jobs a median can fall on a
-busy moment, the fastest call rarely does.
+over all rounds (``meets_target_best_call``): on a machine shared with other jobs a median can
+fall on a busy moment, the fastest call rarely does.
 
 The cases are the shapes issue 12 sets: a GRPO step of 2 prompts x 8 completions x 8 prompt
 tokens x 32 new and of 4 x 4 x 8 x 64 (target 1.25x), and the sampler at batch 16, prompt 16,
