@@ -46,7 +46,7 @@ from gamejax.models.kernels import (attention_mask, cached_attention, dense, ini
                                     self_attention)
 from gamejax.models import remat as remat_lib
 from gamejax.models.partitioning import constrain
-from gamejax.models.llama import HFTensor, single_draw_init
+from gamejax.models.llama import HFTensor, single_draw_init, with_transposed_head
 
 Params = Any
 Cache = dict
@@ -385,9 +385,8 @@ def decode_params(cfg: GPT2Config, params: Params) -> Params:
   >>> p["lm_head"].shape == (16, 32) or jax.default_backend() != "cpu"
   True
   """
-  if jax.default_backend() == "cpu" and "lm_head" not in params:
-    return {**params, "lm_head": params["embedding"].T}
-  return params
+  del cfg
+  return with_transposed_head(params)
 
 
 def apply_with_cache(cfg: GPT2Config, params: Params, tokens_BT, positions_BT, segment_ids_BT,

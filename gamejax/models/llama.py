@@ -451,7 +451,14 @@ def decode_params(cfg: LlamaConfig, params: Params) -> Params:
   >>> decode_params(cfg, params)["lm_head"].shape == (16, 32) or jax.default_backend() != "cpu"
   True
   """
-  if cfg.tie_embeddings and jax.default_backend() == "cpu" and "lm_head" not in params:
+  return with_transposed_head(params) if cfg.tie_embeddings else params
+
+
+def with_transposed_head(params: Params) -> Params:
+  """A tied model's params with, on XLA:CPU, ``lm_head = embedding.T`` materialised (every
+  family's ``decode_params`` for a tied head: Llama's, GPT-2's); other backends, or params that
+  already have one, as they are."""
+  if jax.default_backend() == "cpu" and "lm_head" not in params:
     return {**params, "lm_head": params["embedding"].T}
   return params
 
