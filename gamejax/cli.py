@@ -280,6 +280,10 @@ def reproduce_run(args) -> int:
   elif changes:
     print(f"gamejax: package versions differ from the run's: {json.dumps(changes)}",
           file=sys.stderr)
+  if recorded.get("host_cpu", now["host_cpu"]) != now["host_cpu"]:
+    print(f"gamejax: the run's host CPU was {json.dumps(recorded['host_cpu'])}, this one is "
+          f"{json.dumps(now['host_cpu'])}: XLA:CPU's kernels may round differently, so the "
+          "comparison is within tolerance", file=sys.stderr)
   operative = open(os.path.join(workdir, "config.gin")).read()
   run.prepare_data(exp)
   _start_run_files(new, operative)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gamejax.models import lm
+from gamejax.models import kernels, lm
 from gamejax.players.selfplay import is_mixture, mix_logprobs
 
 PAD_ID = 0
@@ -50,13 +50,14 @@ def _decode_params(cfg: lm.Config, params):
   return lm.decode_params(cfg, params)
 
 
-def _apply_cached(cfg: lm.Config, params, tokens, positions, segments, cache, slot):
+def _apply_cached(cfg: lm.Config, params, tokens, positions, segments, cache, slot, **ahead):
   """``(logits, cache)`` of one model, or of the geometric mixture ``p_a^(1-beta) p_b^beta``
   (``selfplay.mixture``, Nash-MD's opponent) token by token: its normalised log-probs, from both
-  models' forward passes over their own caches."""
+  models' forward passes over their own caches. ``ahead``: ``lm.apply_with_cache``'s ``rope``
+  and ``bias``, computed before the decode loop."""
   if not is_mixture(params):
-    return lm.apply_with_cache(cfg, params, tokens, positions, segments, cache, slot)
-  out = [lm.apply_with_cache(cfg, params[k], tokens, positions, segments, c, slot)
+    return lm.apply_with_cache(cfg, params, tokens, positions, segments, cache, slot, **ahead)
+  out = [lm.apply_with_cache(cfg, params[k], tokens, positions, segments, c, slot, **ahead)
          for k, c in zip(("mixture_a", "mixture_b"), cache)]
   logp = [jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1) for logits, _ in out]
   return mix_logprobs(logp[0], logp[1], params["beta"]), (out[0][1], out[1][1])
@@ -210,8 +211,9 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
       log-probs (static; the convention of RL scoring, see ``gamejax.players.policy``).
     group_size: G (static): each prompt is continued G times, rows ``u * G .. u * G + G - 1`` of
       the output continuing prompt ``u``. The prompt is prefilled once and its KV cache broadcast
-      to the group: the same output as G copies of each prompt with ``group_size=1``, at
-      ``1 / G`` of the prefill's FLOPs.
+      to the group: the same output as G copies of each prompt with ``group_size=1`` (the
+      log-probs up to float32 rounding: on some CPUs XLA's GEMM rounds a row differently with
+      the number of rows), at ``1 / G`` of the prefill's FLOPs.
 
   Returns:
     ``{"tokens": int32[B, N], "lengths": int32[B], "logprobs": float32[B, N],
@@ -266,13 +268,26 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
   def is_stop(tokens):
     return jnp.any(tokens[..., None] == stops_S.reshape((1,) * tokens.ndim + (-1,)), axis=-1)
 
+  # What a decode step needs of its position, computed here for every step: token i - 1 goes in
+  # at position length + i - 1 (its RoPE tables, ``rope_N``), at cache slot P - 1 + i, and it
+  # sees its row's slots from the prompt's first real token to its own (``start_bias_BS``, cut
+  # at the step's own slot in the loop: one compare, where the cached forward would write the
+  # slot's segment id and compare the segments of all slots).
+  positions_NB = prompt_lengths_B[None, :] + jnp.arange(n, dtype=jnp.int32)[:, None] - 1
+  rope_N = lm.rope_tables(cfg, positions_NB)
+  slots_S = jnp.arange(p + n - 1, dtype=jnp.int32)
+  start_bias_BS = kernels.attention_bias(
+      slots_S[None, :] >= jnp.repeat(first_U, group_size)[:, None])
+
   def step(i, token_B, tokens_BN, logprobs_BN, cache):
     # Feed token i-1 (cache slot P - 1 + i, position length + i - 1), then choose token i. Rows
     # that have ended keep going; what they emit is masked out after the loop.
-    position_B1 = (prompt_lengths_B + i - 1)[:, None]
+    slot = p - 1 + i
+    bias_B1S = jnp.where(slots_S <= slot, start_bias_BS, kernels.attention_bias(False))[:, None]
+    rope_B1 = None if rope_N is None else tuple(x[i][:, None] for x in rope_N)
     logits_B1V, cache = _apply_cached(
-        cfg, params, token_B[:, None], position_B1, jnp.ones((b, 1), jnp.int32), cache,
-        p - 1 + i)
+        cfg, params, token_B[:, None], positions_NB[i][:, None], jnp.ones((b, 1), jnp.int32),
+        cache, slot, rope=rope_B1, bias=bias_B1S)
     token_B, tokens_BN, logprobs_BN = emit(i, logits_B1V[:, 0], tokens_BN, logprobs_BN)
     return token_B, tokens_BN, logprobs_BN, cache
 

@@ -197,9 +197,14 @@ def update(learner: Learner, params, opt_state, play: Play):
   # A conditional, not a select between the new state and the old: a select reads the old
   # optimizer moments twice (to update them, then to keep them), and XLA then copies every moment
   # every step rather than update the donated buffers in place.
+  # An optimizer that takes extra arguments is given the norm (``fusion.clip_by_global_norm``
+  # uses it rather than read the gradients again).
+  extra = ({"grad_norm": grad_norm}
+           if isinstance(learner.optimizer, optax.GradientTransformationExtraArgs) else {})
+
   def apply(operands):
     params, opt_state = operands
-    updates, new_opt = learner.optimizer.update(grads, opt_state, params)
+    updates, new_opt = learner.optimizer.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), new_opt
 
   new_params, new_opt = jax.lax.cond(finite, apply, lambda operands: operands, (params, opt_state))

@@ -304,6 +304,29 @@ def test_reproduce_reruns_a_finished_run_and_compares_it_bitwise(uninterrupted, 
                    f"--new_workdir={tmp_path / 'again'}"]) == 2
 
 
+def test_a_run_from_another_kind_of_host_cpu_is_not_held_to_bitwise(tmp_path):
+  """XLA:CPU picks kernels by the host's instruction sets, and they round differently: the
+  environment names the host CPU (``reproduce.host_cpu``, from Linux's cpuinfo), and runs on the
+  CPU backend are held to bitwise equality only on the same kind of CPU (records without it, as
+  written before, are taken as the same)."""
+  from gamejax.run import reproduce
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n"
+                     "model\t\t: 17\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2 fma "
+                     "avx512f avx512_bf16 rdrand\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+  cpu = reproduce.host_cpu(str(cpuinfo))
+  assert cpu == {"model": "vendor_id AuthenticAMD / cpu family 25 / model 17 / model name AMD EPYC",
+                 "features": ["avx", "avx2", "avx512_bf16", "avx512f", "fma", "sse4_2"]}
+  assert reproduce.host_cpu(str(tmp_path / "none"))["features"] == []
+  here = reproduce.environment()
+  assert here["host_cpu"] == reproduce.host_cpu()
+  other = {**here, "host_cpu": cpu if here["host_cpu"] != cpu else {**cpu, "features": []}}
+  assert reproduce.same_platform(here, here)
+  assert reproduce.same_platform(here, other) == (here["backend"] != "cpu")
+  older = {k: v for k, v in here.items() if k != "host_cpu"}
+  assert reproduce.same_platform(older, here) and reproduce.same_platform(here, older)
+
+
 def test_resume_on_another_mesh_is_allowed_any_other_change_refused(tmp_path, capsys):
   """Only the mesh may change across a resume (orbax reshards the checkpoint onto it; restoring
   a run written on 8 devices, by 2 processes, onto one device is what tests/test_multiprocess.py

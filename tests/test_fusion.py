@@ -77,3 +77,27 @@ def test_clipping_a_fused_gradient_is_bitwise_clipping_the_unfused_one(name):
   plain = {"w": jnp.ones(3) * 5.0}
   np.testing.assert_array_equal(fusion.clip_by_global_norm(1.0, ()).update(plain, None)[0]["w"],
                                 optax.clip_by_global_norm(1.0).update(plain, None)[0]["w"])
+
+
+def test_clipping_takes_the_norm_the_step_computed():
+  """The game step computes the gradient's norm for its metric and passes it on (``grad_norm``,
+  an extra argument ``optax.chain`` and ``schema.in_dtype`` forward): the same update as the
+  norm computed inside; a norm passed is the norm used. ``in_dtype`` drops a norm of gradients
+  it casts (theirs would differ)."""
+  from gamejax.run import schema
+  grads = {"w": jnp.arange(1.0, 5.0), "b": jnp.full((2,), -3.0)}
+  norm = optax.tree.norm(grads)
+  clip = fusion.clip_by_global_norm(1.0)
+  np.testing.assert_array_equal(clip.update(grads, None, grad_norm=norm)[0]["w"],
+                                clip.update(grads, None)[0]["w"])
+  np.testing.assert_array_equal(clip.update(grads, None, grad_norm=2 * norm)[0]["w"],
+                                clip.update(grads, None)[0]["w"] / 2)
+  opt = schema.Optimizer(learning_rate=0.1, warmup_steps=0).build(10)
+  state = opt.init(grads)
+  step = lambda **kw: opt.update(grads, state, grads, **kw)[0]["w"]
+  np.testing.assert_array_equal(step(grad_norm=norm), step())
+  assert not np.array_equal(step(grad_norm=1e3 * norm), step())
+  cast = schema.Optimizer(learning_rate=0.1, warmup_steps=0, state_dtype="bfloat16").build(10)
+  state = cast.init(grads)
+  np.testing.assert_array_equal(cast.update(grads, state, grads, grad_norm=1e3 * norm)[0]["w"],
+                                cast.update(grads, state, grads)[0]["w"])

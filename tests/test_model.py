@@ -1,4 +1,5 @@
 """Tests of gamejax.models.llama against an independent NumPy reference (and HF Llama if present)."""
+import dataclasses
 import functools
 
 import jax
@@ -219,6 +220,54 @@ def test_decode_params_give_the_same_logits_and_a_head_only_to_tied_models(famil
   untied = dataclasses.replace(CFG, tie_embeddings=False)
   untied_params = llama.init_params(untied, jax.random.key(3))
   assert lm.decode_params(untied, untied_params) is untied_params
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_a_decode_step_given_its_rope_and_bias_ahead_gives_the_same_logits(family):
+  """``apply_with_cache(rope=, bias=)``, as the sampler's decode loop calls it with RoPE's tables
+  and the attention bias computed before the loop: the same logits, bit for bit, as the step that
+  computes them from positions and segment ids; the cache's segment ids left as they are. Rows
+  left-padded (row 1's first real slot is 2), step at slot 5 of 8."""
+  from gamejax.models import gpt2, lm, qwen3
+  cfg = {"llama": dataclasses.replace(CFG, rope_scaling=(8.0, 1.0, 4.0, 4)),
+         "qwen3": qwen3.Qwen3Config(vocab_size=40, d_model=32, n_layers=2, n_heads=4,
+                                    n_kv_heads=2, head_dim=16, d_ff=48),
+         "gpt2": gpt2.GPT2Config(vocab_size=40, d_model=32, n_layers=2, n_heads=4,
+                                 max_positions=16)}[family]
+  params = lm.decode_params(cfg, lm.init_params(cfg, jax.random.key(3)))
+  tokens = np.array([[5, 6, 7, 8, 9], [0, 0, 11, 12, 13]], np.int32)
+  segments = (tokens > 0).astype(np.int32)
+  positions = np.array([[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]], np.int32)
+  _, cache = lm.apply_with_cache(cfg, params, tokens, positions, segments,
+                                 lm.init_cache(cfg, 2, 8), 0)
+  token, position, one = np.array([[4], [3]], np.int32), np.array([[5], [3]], np.int32), \
+      np.ones((2, 1), np.int32)
+
+  def step(cache, ahead, rope_shift=0, hidden=0):
+    if not ahead:
+      return lm.apply_with_cache(cfg, params, token, position, one, cache, 5)
+    slots = np.arange(8)
+    visible = (slots >= np.array([[hidden], [2]])) & (slots <= 5)
+    return lm.apply_with_cache(cfg, params, token, position, one, cache, 5,
+                               rope=lm.rope_tables(cfg, position + np.array([[rope_shift], [0]])),
+                               bias=kernels.attention_bias(jnp.asarray(visible))[:, None])
+
+  step = jax.jit(step, static_argnums=(1, 2, 3))
+  (want, want_cache), (got, got_cache) = step(cache, False), step(cache, True)
+  np.testing.assert_array_equal(got, want)
+  # What is given is used: row 0 told to skip its slot 0, or (with RoPE) to rotate by one more
+  # position, gets other logits; row 1, told the same as before, the same.
+  for shifts in [(0, 1)] + ([(1, 0)] if family != "gpt2" else []):
+    other = step(cache, True, *shifts)[0]
+    assert np.abs(other[0] - want[0]).max() > 1e-4, shifts
+    np.testing.assert_array_equal(other[1], want[1])
+  np.testing.assert_array_equal(got_cache["segment_ids"], cache["segment_ids"])
+  assert want_cache["segment_ids"][:, 5].tolist() == [1, 1]
+  for new, old in zip(jax.tree.leaves(got_cache["layers"]), jax.tree.leaves(want_cache["layers"])):
+    np.testing.assert_array_equal(new, old)
+  assert (lm.rope_tables(cfg, position) is None) == (family == "gpt2")
+  with pytest.raises(ValueError, match=r"bias must be \[B, T, cache slots\] = \[2, 1, 8\]"):
+    lm.apply_with_cache(cfg, params, token, position, one, cache, 5, bias=jnp.zeros((2, 1, 7)))
 
 
 def test_same_params_tree_for_both_paths():

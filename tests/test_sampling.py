@@ -438,7 +438,10 @@ def test_a_geometric_mixture_samples_token_by_token_from_both_models(params):
 @pytest.mark.parametrize("mixed", [False, True])
 def test_a_group_shares_its_prompts_prefill_and_samples_what_copies_would(params, mixed):
   """``group_size=G``: each prompt prefilled once, its cache broadcast to its G rows; the same
-  tokens, log-probs and lengths as G copies of every prompt, from the same key."""
+  tokens, lengths and stops as G copies of every prompt, from the same key, and the same
+  log-probs up to float32 rounding. (Bit for bit on some CPUs; on others XLA:CPU's GEMM rounds a
+  row differently with the number of rows it multiplies, and the U prompts' prefill and the G * U
+  copies' then differ by a few ulps.)"""
   from gamejax.players import selfplay
   g = 3
   if mixed:
@@ -452,7 +455,10 @@ def test_a_group_shares_its_prompts_prefill_and_samples_what_copies_would(params
                              np.repeat(lengths_B, g), N, jax.random.key(5), **options)
   for key in ("tokens", "lengths", "logprobs", "mask_BN", "stopped_B"):
     assert shared[key].shape[0] == len(PROMPTS) * g
-    np.testing.assert_array_equal(shared[key], copies[key], key)
+    if key == "logprobs":
+      np.testing.assert_allclose(shared[key], copies[key], rtol=1e-6, atol=1e-6)
+    else:
+      np.testing.assert_array_equal(shared[key], copies[key], key)
   # the group's rows differ from each other (they are samples, not one sample copied)
   tokens = np.asarray(shared["tokens"]).reshape(len(PROMPTS), g, N)
   assert any(len({tuple(r) for r in group}) > 1 for group in tokens)
@@ -478,7 +484,8 @@ def test_a_shared_prefill_costs_one_prompt_per_group(params):
 def test_a_decode_step_runs_no_more_kernels_than_before():
   """The kernels XLA runs per decode step (``benchmarks.sample.decode_step_kernels``) on the
   benchmark's model, per layer and outside the layers: only ever lowered. Ceilings: 22 per layer
-  (23.7 before the cache became head-major) and 30 for the embedding, LM head and sampling."""
+  (23.7 before the cache became head-major) and 23 for the embedding, LM head and sampling (28
+  before RoPE's tables and the attention bias were computed ahead of the loop)."""
   import dataclasses
   from benchmarks import sample
   cfg = llama.LlamaConfig(vocab_size=320, d_model=256, d_ff=688, n_layers=1, n_heads=4,
@@ -487,4 +494,4 @@ def test_a_decode_step_runs_no_more_kernels_than_before():
                 for n in (1, 3))
   per_layer = (three - one) / 2
   assert per_layer <= 22, (one, three)
-  assert one - per_layer <= 30, (one, three)
+  assert one - per_layer <= 23, (one, three)

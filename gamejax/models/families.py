@@ -4,7 +4,8 @@ to (``init_params``, ``apply``, ``hidden``, ``lm_head``, ``init_cache``, ``apply
 ``param_count``, ``matmul_params``, ``flops_per_token``) with its Hugging Face names
 (``hf_tensors``, ``config_from_hf``, ``config_to_hf``) and optionally its GGUF names
 (``GGUF_ARCHITECTURE``, ``gguf_name``, ``from_gguf_layout``, ``config_from_gguf``) and
-``decode_params`` (params prepared for a decode loop; ``lm.decode_params``) and
+``decode_params`` (params prepared for a decode loop; ``lm.decode_params``), ``rope_tables``
+(RoPE's tables, computed ahead of a decode loop; ``lm.rope_tables``) and
 ``fused_storage`` (weights stored as one leaf; ``lm.fused_storage``, ``gamejax.models.fusion``).
 
 Families are found by looking: adding one is adding its file, nothing else.

@@ -120,18 +120,21 @@ def global_norm(tree, specs: Specs) -> jax.Array:
   return optax.tree.norm(unfuse(tree, specs) if specs else tree)
 
 
-def clip_by_global_norm(max_norm: float, specs: Specs) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float, specs: Specs = ()
+                        ) -> optax.GradientTransformationExtraArgs:
   """``optax.clip_by_global_norm(max_norm)`` with the norm of ``global_norm``: the update of the
-  unfused tree, bitwise, on the stored one."""
-  if not specs:
-    return optax.clip_by_global_norm(max_norm)
+  unfused tree, bitwise, on the stored one.
 
-  def update_fn(updates, state, params=None):
-    del params
-    g_norm = global_norm(updates, specs)
+  A caller that has computed that norm already (the game step logs it) passes it as the extra
+  argument ``grad_norm`` (``optax.chain`` forwards extra arguments), and the updates are not read
+  a second time to compute it again.
+  """
+  def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    g_norm = global_norm(updates, specs) if grad_norm is None else grad_norm
     trigger = jnp.squeeze(g_norm < max_norm)
     return jax.tree.map(
         lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm),
         updates), state
 
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)

@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gamejax.models.kernels import (attention_mask, cached_attention, dense, init_kv_cache,
-                                    self_attention)
+from gamejax.models.kernels import (attention_bias, attention_mask, cached_attention, cached_bias,
+                                    dense, init_kv_cache, self_attention)
 from gamejax.models import remat as remat_lib
 from gamejax.models.partitioning import constrain
 from gamejax.models.llama import HFTensor, single_draw_init, with_transposed_head
@@ -240,7 +240,8 @@ class GPT2(nn.Module):
   hidden_only: bool = False
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT, segment_ids_BT, cache=None, cache_index=None):
+  def __call__(self, tokens_BT, positions_BT, segment_ids_BT, cache=None, cache_index=None,
+               bias=None):
     cfg = self.cfg
     b, t = tokens_BT.shape
     init = nn.initializers.normal(cfg.init_std)
@@ -256,15 +257,9 @@ class GPT2(nn.Module):
 
     if cache is None:
       slots_T = jnp.arange(t, dtype=jnp.int32)
-      mask_BTS = attention_mask(segment_ids_BT, slots_T, segment_ids_BT, slots_T)
+      bias_BTS = attention_bias(attention_mask(segment_ids_BT, slots_T, segment_ids_BT, slots_T))
     else:
-      index = jnp.asarray(cache_index, jnp.int32)
-      k_segment_BS = jax.lax.dynamic_update_slice(
-          cache["segment_ids"], segment_ids_BT.astype(jnp.int32), (jnp.zeros((), jnp.int32), index))
-      k_slot_S = jnp.arange(k_segment_BS.shape[1], dtype=jnp.int32)
-      mask_BTS = attention_mask(segment_ids_BT, index + jnp.arange(t, dtype=jnp.int32),
-                                k_segment_BS, k_slot_S)
-    bias_BTS = jnp.where(mask_BTS, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+      bias_BTS, k_segment_BS = cached_bias(segment_ids_BT, cache["segment_ids"], cache_index, bias)
     # No RoPE: the kernels rotate by angle 0 (cos = 1, sin = 0), which is exact.
     half = (b, t, 1, cfg.head_dim // 2)
     identity_BT = (jnp.ones(half, jnp.float32), jnp.zeros(half, jnp.float32))
@@ -390,17 +385,18 @@ def decode_params(cfg: GPT2Config, params: Params) -> Params:
 
 
 def apply_with_cache(cfg: GPT2Config, params: Params, tokens_BT, positions_BT, segment_ids_BT,
-                     cache: Cache, cache_index):
+                     cache: Cache, cache_index, *, bias=None):
   """KV-cached forward: writes the ``T`` new tokens' keys/values at slots ``cache_index ..
   cache_index + T - 1`` and returns ``(float32[B, T, V] logits, cache)``; prefill then one-token
-  steps give the full forward's logits (the semantics of ``llama.apply_with_cache``)."""
+  steps give the full forward's logits (the semantics of ``llama.apply_with_cache``, whose
+  ``bias`` this takes too; GPT-2 has no RoPE tables)."""
   _check_inputs(tokens_BT, positions_BT, segment_ids_BT)
   b, t = jnp.shape(tokens_BT)
   b_cache, s = cache["segment_ids"].shape
   if b_cache != b or t > s:
     raise ValueError(f"cache of batch {b_cache}, length {s} cannot take tokens of shape {(b, t)}")
   return GPT2(cfg).apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT, cache,
-                         cache_index)
+                         cache_index, bias)
 
 
 def param_count(cfg: GPT2Config) -> int:

@@ -173,6 +173,35 @@ def attention_mask(q_segment_BT, q_slot_T, k_segment_BS, k_slot_S):
   return (causal_TS[None] & same_BTS) | itself_TS[None]
 
 
+def attention_bias(mask_BTS):
+  """The additive attention bias of a visibility mask: 0 where visible, float32's lowest else."""
+  return jnp.where(mask_BTS, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def cached_bias(segment_ids_BT, k_segment_BS, cache_index, bias_BTS=None):
+  """``(bias float32[B, T, S], the cache's segment ids)`` for ``T`` tokens written at slots
+  ``cache_index ..`` of a cache whose slots hold segments ``k_segment_BS``: the new tokens'
+  segments are written there, and each query sees the slots ``attention_mask`` allows.
+
+  ``bias_BTS`` given: a caller that tracks what each query sees itself (the sampler's decode loop,
+  whose bias is a range of slots per row): that bias, and the segment ids left as they are.
+  """
+  if bias_BTS is not None:
+    want = (*segment_ids_BT.shape, k_segment_BS.shape[1])
+    if tuple(bias_BTS.shape) != want:
+      raise ValueError(f"a cached forward's bias must be [B, T, cache slots] = {list(want)}; got "
+                       f"{list(bias_BTS.shape)}")
+    return bias_BTS, k_segment_BS
+  t = segment_ids_BT.shape[1]
+  index = jnp.asarray(cache_index, jnp.int32)
+  k_segment_BS = jax.lax.dynamic_update_slice(
+      k_segment_BS, segment_ids_BT.astype(jnp.int32), (jnp.zeros((), jnp.int32), index))
+  k_slot_S = jnp.arange(k_segment_BS.shape[1], dtype=jnp.int32)
+  mask_BTS = attention_mask(segment_ids_BT, index + jnp.arange(t, dtype=jnp.int32),
+                            k_segment_BS, k_slot_S)
+  return attention_bias(mask_BTS), k_segment_BS
+
+
 def heads(qkv_BTNK, cos_BT1F, sin_BT1F, n_heads: int, n_kv_heads: int):
   """Split the fused projection ``[B, T, H + 2G, K]`` into head-major RoPE'd queries scaled by
   ``1/sqrt(K)``, ``[B, G, T*R, K]`` (rows: time, then the ``R = H/G`` query heads of kv head

@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gamejax.models.kernels import (ATTENTION_IMPLEMENTATIONS, attention_mask, cached_attention,
-                                    dense, init_kv_cache, library_attention, rope_tables,
-                                    self_attention, swiglu)
-from gamejax.models import fusion
+from gamejax.models.kernels import (ATTENTION_IMPLEMENTATIONS, attention_bias, attention_mask,
+                                    cached_attention, cached_bias, dense, init_kv_cache,
+                                    library_attention, self_attention, swiglu)
+from gamejax.models import fusion, kernels
 from gamejax.models import remat as remat_lib
 from gamejax.models.partitioning import constrain
 
@@ -242,7 +242,8 @@ class Llama(nn.Module):
   hidden_only: bool = False
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT, segment_ids_BT, cache=None, cache_index=None):
+  def __call__(self, tokens_BT, positions_BT, segment_ids_BT, cache=None, cache_index=None,
+               rope=None, bias=None):
     cfg = self.cfg
     t = tokens_BT.shape[1]
     embedding = self.param("embedding", nn.initializers.normal(cfg.init_std),
@@ -252,24 +253,21 @@ class Llama(nn.Module):
         cfg.compute_dtype)
     x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
 
+    # Shared by every layer: the mask as an additive bias, and the RoPE tables (either may come
+    # computed ahead: ``apply_with_cache``'s ``bias`` and ``rope``).
     if cache is None:
       slots_T = jnp.arange(t, dtype=jnp.int32)
-      mask_BTS = attention_mask(segment_ids_BT, slots_T, segment_ids_BT, slots_T)
+      bias_BTS = attention_bias(attention_mask(segment_ids_BT, slots_T, segment_ids_BT, slots_T))
     else:
-      index = jnp.asarray(cache_index, jnp.int32)
-      k_segment_BS = jax.lax.dynamic_update_slice(
-          cache["segment_ids"], segment_ids_BT.astype(jnp.int32), (jnp.zeros((), jnp.int32), index))
-      k_slot_S = jnp.arange(k_segment_BS.shape[1], dtype=jnp.int32)
-      mask_BTS = attention_mask(segment_ids_BT, index + jnp.arange(t, dtype=jnp.int32),
-                                k_segment_BS, k_slot_S)
-    # Shared by every layer: the mask as an additive bias, and the RoPE tables. The tables go
-    # through a product with the identity (exact, and a fusion boundary): else XLA fuses their
-    # cos/sin into every layer's RoPE and evaluates them once per head and channel.
-    bias_BTS = jnp.where(mask_BTS, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-    eye = jnp.eye(cfg.head_dim // 2, dtype=jnp.float32)
-    rope_BT = tuple(jnp.einsum("btnf,fg->btng", x, eye, precision="highest")
-                    for x in rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta,
-                                        cfg.rope_scaling, cfg.rope_on_host))
+      bias_BTS, k_segment_BS = cached_bias(segment_ids_BT, cache["segment_ids"], cache_index, bias)
+    # Tables computed here go through a product with the identity (exact, and a fusion boundary):
+    # else XLA fuses their cos/sin into every layer's RoPE and evaluates them once per head and
+    # channel.
+    rope_BT = rope
+    if rope_BT is None:
+      eye = jnp.eye(cfg.head_dim // 2, dtype=jnp.float32)
+      rope_BT = tuple(jnp.einsum("btnf,fg->btng", x, eye, precision="highest")
+                      for x in rope_tables(cfg, positions_BT))
 
     new_layers = []
     block = remat_lib.block_class(Block, cfg.remat, decoding=cache is not None)
@@ -463,8 +461,15 @@ def with_transposed_head(params: Params) -> Params:
   return params
 
 
+def rope_tables(cfg: LlamaConfig, positions_BT):
+  """RoPE's ``(cos, sin)`` at ``positions``, each ``float32[B, T, 1, head_dim/2]``: what a forward
+  computes from the positions, and what ``apply_with_cache(rope=)`` takes computed ahead."""
+  return kernels.rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                             cfg.rope_on_host)
+
+
 def apply_with_cache(cfg: LlamaConfig, params: Params, tokens_BT, positions_BT, segment_ids_BT,
-                     cache: Cache, cache_index):
+                     cache: Cache, cache_index, *, rope=None, bias=None):
   """KV-cached forward: writes the ``T`` new tokens' keys/values at slots ``cache_index ..
   cache_index + T - 1`` (the same for every row) and returns ``(float32[B, T, V] logits, cache)``.
 
@@ -473,6 +478,11 @@ def apply_with_cache(cfg: LlamaConfig, params: Params, tokens_BT, positions_BT, 
   the full forward on the whole sequence. ``cache_index`` may be traced; ``cache_index + T`` must
   not exceed the cache length (``dynamic_update_slice`` would clamp the write). See the module
   docstring for an example.
+
+  A decode loop can compute ahead what does not depend on the step's activations: ``rope``, the
+  ``rope_tables`` of ``positions_BT`` (then not computed here), and ``bias``, the additive
+  attention bias ``float32[B, T, S]`` (then the cache's segment ids are neither read nor
+  written: the caller tracks which slots each query sees; see ``kernels.cached_bias``).
   """
   _check_inputs(tokens_BT, positions_BT, segment_ids_BT)
   b, t = jnp.shape(tokens_BT)
@@ -480,7 +490,7 @@ def apply_with_cache(cfg: LlamaConfig, params: Params, tokens_BT, positions_BT, 
   if b_cache != b or t > s:
     raise ValueError(f"cache of batch {b_cache}, length {s} cannot take tokens of shape {(b, t)}")
   return Llama(cfg).apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT, cache,
-                          cache_index)
+                          cache_index, rope, bias)
 
 
 def param_count(cfg: LlamaConfig) -> int:

@@ -49,11 +49,24 @@ def init_cache(cfg: Config, batch: int, max_len: int):
 
 
 def apply_with_cache(cfg: Config, params: Params, tokens_BT, positions_BT, segment_ids_BT, cache,
-                     cache_index):
+                     cache_index, *, rope=None, bias=None):
   """Cached forward: writes the new tokens at ``cache_index ..`` and returns ``(logits, cache)``;
-  prefill then one-token steps give the full forward's logits."""
+  prefill then one-token steps give the full forward's logits.
+
+  A decode loop may pass what it computed ahead of the loop: ``rope``, the ``rope_tables`` of
+  ``positions_BT`` (families with RoPE), and ``bias``, the attention's additive bias ``float32[B,
+  T, S]`` (the cache's segment ids are then left as they are; ``llama.apply_with_cache``).
+  """
+  extra = {"bias": bias} if rope is None else {"bias": bias, "rope": rope}
   return families.of_config(cfg).apply_with_cache(cfg, params, tokens_BT, positions_BT,
-                                                  segment_ids_BT, cache, cache_index)
+                                                  segment_ids_BT, cache, cache_index, **extra)
+
+
+def rope_tables(cfg: Config, positions_BT):
+  """RoPE's ``(cos, sin)`` at ``positions`` as ``apply_with_cache(rope=)`` takes them, or None for
+  a family without RoPE."""
+  family = families.of_config(cfg)
+  return family.rope_tables(cfg, positions_BT) if hasattr(family, "rope_tables") else None
 
 
 def decode_params(cfg: Config, params: Params) -> Params:

@@ -17,7 +17,7 @@ import dataclasses
 from gamejax.models.llama import (LlamaConfig, LlamaConfigError, apply, apply_with_cache,  # noqa: F401
                                   decode_params, decoder_config, decoder_hf, flops_per_token,
                                   fused_storage, hf_tensors, hidden, init_cache, init_params, lm_head,
-                                  matmul_params, param_count)
+                                  matmul_params, param_count, rope_tables)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,13 @@ git commit of gamejax, Python, the platform and its devices (``environment()``),
 too. ``gamejax reproduce`` re-runs a finished run from its ``config.gin`` (its seed included) into
 a new directory and compares the two (``compare_runs``): every ``metrics.jsonl`` row but the
 timings, and each stage's final params. On the same platform (the same JAX backend, device kind
-and count, and the same jax/jaxlib) they must be bitwise equal; elsewhere within ``TOLERANCE``.
+and count, the same jax/jaxlib, and on the CPU backend the same kind of host CPU) they must be
+bitwise equal; elsewhere within ``TOLERANCE``.
+
+The host CPU matters: XLA:CPU picks its kernels by the instruction sets it finds, and they round
+differently. On an AMD EPYC with AVX-512 a row of a GEMM rounds differently with the number of
+rows multiplied, and the arithmetic pipeline's pre-training ends at held-out 0.980 there where
+another 2-core host gave 0.642 (same commit, same packages).
 """
 from __future__ import annotations
 
@@ -42,6 +48,36 @@ def git_commit(path: str) -> dict | None:
   return {"commit": commit, "dirty": dirty}
 
 
+# Instruction sets XLA:CPU chooses kernels by (the width of its GEMMs' and reductions' vectors):
+# hosts that differ in them can give different bits from one program.
+CPU_FEATURES = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "asimd", "sve", "sve2")
+
+
+def host_cpu(cpuinfo: str = "/proc/cpuinfo") -> dict:
+  """``{"model", "features"}`` of the host CPU: its vendor, family, model and name as Linux's
+  ``cpuinfo`` gives them, and which of ``CPU_FEATURES`` it has (elsewhere: the platform's
+  processor name and no features)."""
+  fields, flags = {}, set()
+  try:
+    with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        if not line.strip():
+          break                            # the first processor is enough
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key in ("flags", "Features"):
+          flags = set(value.split())
+        elif key in ("vendor_id", "cpu family", "model", "model name", "CPU implementer",
+                     "CPU part"):
+          fields[key] = value
+  except OSError:
+    pass
+  model = " / ".join(f"{k} {v}" for k, v in fields.items()) or (
+      platform.processor() or platform.machine())
+  return {"model": model, "features": sorted(flags & set(CPU_FEATURES))}
+
+
 def environment() -> dict:
   """This process's package versions, gamejax's git commit, Python, platform and devices."""
   versions = {}
@@ -56,7 +92,7 @@ def environment() -> dict:
           "python": sys.version.split()[0], "system": f"{platform.system()} {platform.machine()}",
           "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
           "device_count": len(devices), "process_count": jax.process_count(),
-          "command": sys.argv}
+          "host_cpu": host_cpu(), "command": sys.argv}
 
 
 def record_environment(workdir: str) -> None:
@@ -74,9 +110,13 @@ def record_environment(workdir: str) -> None:
 
 
 def same_platform(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-  """Whether two environments should give bitwise-equal runs."""
+  """Whether two environments should give bitwise-equal runs: the same backend, devices and
+  jax/jaxlib, and on the CPU backend the same host CPU (when both records name it; records
+  written before gamejax recorded it do not)."""
   keys = ("backend", "device_kind", "device_count", "process_count")
-  return (all(a.get(k) == b.get(k) for k in keys)
+  same_cpu = (a.get("backend") != "cpu" or "host_cpu" not in a or "host_cpu" not in b
+              or a["host_cpu"] == b["host_cpu"])
+  return (all(a.get(k) == b.get(k) for k in keys) and same_cpu
           and all(a.get("packages", {}).get(p) == b.get("packages", {}).get(p)
                   for p in ("jax", "jaxlib")))
 

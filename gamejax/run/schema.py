@@ -21,6 +21,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from gamejax import interop, records, sharding
@@ -90,18 +91,22 @@ def in_dtype(inner: optax.GradientTransformation, dtype: str) -> optax.GradientT
   >>> state[0].mu["w"].dtype, opt.update(params, state, params)[0]["w"].dtype
   (dtype('float32'), dtype(bfloat16))
   """
-  import jax
+  inner = optax.with_extra_args_support(inner)
   cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)
 
   def init(params):
     return inner.init(cast(params))
 
-  def update(grads, state, params=None):
-    updates, state = inner.update(cast(grads), state, None if params is None else cast(params))
+  def update(grads, state, params=None, **extra_args):
+    # A norm computed of the gradients as they came (``grad_norm``) is not that of the cast ones.
+    if any(g.dtype != jnp.dtype(dtype) for g in jax.tree.leaves(grads)):
+      extra_args.pop("grad_norm", None)
+    updates, state = inner.update(cast(grads), state, None if params is None else cast(params),
+                                  **extra_args)
     like = grads if params is None else params
     return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, like), state
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 ANSWER_WIDTH = judges.ANSWER_WIDTH     # digits of the judge's answer key
