@@ -112,7 +112,8 @@ def main(argv=None) -> int:
             best[case][side].append(out[best_field])
           last[case, side] = out
   report = {"benchmark": "against_commit", "commit": full, "rounds": args.rounds,
-            "device": last[cases[0], "here"].get("device"), "cases": {}}
+            "device": last[cases[0], "here"].get("device"),
+            "host_cpu": last[cases[0], "here"].get("host_cpu"), "cases": {}}
   for case in cases:
     module, case_args, field, best_field, target = CASES[case]
     before, after = min(seconds[case]["commit"]), min(seconds[case]["here"])

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from gamejax import config, hostenv
+from gamejax.run import reproduce
 from gamejax.models import llama, lm
 
 
@@ -24,6 +25,11 @@ MODEL_FLAGS = ("vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_hea
 class BenchmarkFailed(RuntimeError):
   """A benchmark process exited non-zero or printed no JSON line."""
 
+
+def device_info() -> dict:
+  """Where a benchmark ran, for its JSON line: JAX's device kind and the host CPU
+  (``reproduce.host_cpu``; on the CPU backend the figures depend on which CPU it is)."""
+  return {"device": jax.devices()[0].device_kind, "host_cpu": reproduce.host_cpu()}
 
 def run_benchmark(module: str, args: list[str], cwd: str, env: dict | None = None,
                   timeout: float | None = None) -> dict:

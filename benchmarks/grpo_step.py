@@ -91,7 +91,7 @@ def main(argv=None):
   step_flops = sample_flops + train_flops + train_flops / 3
   sample_secs = parts["sample_prefill"] + parts["sample_decode"]
   print(json.dumps({
-      "benchmark": "grpo_step", "device": jax.devices()[0].device_kind,
+      "benchmark": "grpo_step", **common.device_info(),
       "params": lm.param_count(cfg), "prompts": args.prompts, "group_size": g,
       "prompt_len": length, "new_tokens": n,
       "seconds_per_step": secs, "completion_tokens_per_s": rows * n / secs,

@@ -53,7 +53,7 @@ import numpy as np
 
 from benchmarks import common
 from gamejax import hostenv, sampling
-from gamejax.models import llama, lm
+from gamejax.models import lm
 
 
 def decode_flops(cfg: lm.Config, batch: int, prompt_len: int, new_tokens: int) -> float:
@@ -176,7 +176,7 @@ def main(argv=None):
   flops = decode_flops(cfg, args.batch, args.prompt_len, args.new_tokens)
   tokens = args.batch * args.new_tokens
   print(json.dumps({
-      "benchmark": "sample", "device": jax.devices()[0].device_kind,
+      "benchmark": "sample", **common.device_info(),
       "config": {"vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "d_ff": cfg.d_ff,
                  "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                  "n_kv_heads": cfg.n_kv_heads},

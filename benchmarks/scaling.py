@@ -19,7 +19,6 @@ per-device bytes (params and AdamW state; gradients, the accumulator and activat
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 from benchmarks import common
@@ -93,14 +92,13 @@ def markdown(batch: int, seq_len: int, efficiency: float) -> str:
 
 def cpu(args) -> dict:
   """The calculator beside a compiled step measured on this machine's one CPU device."""
-  import jax
   from benchmarks import train_step
   from gamejax import sharding
   cfg = common.model_config(args)
   mesh = sharding.make_mesh()
   peak = common.matmul_peak_flops()
   host = scaling.Hardware("this CPU", 1, peak, 0.0, 1.0, 1.0)
-  out = {"benchmark": "scaling_cpu", "device": jax.devices()[0].device_kind,
+  out = {"benchmark": "scaling_cpu", **common.device_info(),
          "params": lm.param_count(cfg), "batch": args.batch, "seq_len": args.seq_len,
          "matmul_peak_flops_per_s": peak, "settings": {}}
   for name, accumulate in (("baseline", 1), ("accum4", 4)):

@@ -115,7 +115,7 @@ def main(argv=None):
   theirs = _transformers(args.checkpoint, args, prompt_BP, tokens_BT)
   sampled, trained = args.batch * args.new_tokens, args.train_batch * args.seq_len
   out = {"benchmark": "smollm2", "checkpoint": args.checkpoint, "params": lm.param_count(cfg),
-         "device": jax.devices()[0].device_kind, "batch": args.batch,
+         **common.device_info(), "batch": args.batch,
          "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
          "train_batch": args.train_batch, "seq_len": args.seq_len,
          "sample_tokens_per_s": {"gamejax": sampled / ours[0], "transformers": sampled / theirs[0]},

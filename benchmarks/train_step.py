@@ -140,7 +140,7 @@ def main(argv=None):
   top = {k: results["baseline"][k] for k in ("seconds_per_step", "tokens_per_s",
                                              "model_flops_per_s", "mfu")} if "baseline" in results else {}
   print(json.dumps({
-      "benchmark": "train_step", "device": jax.devices()[0].device_kind,
+      "benchmark": "train_step", **common.device_info(),
       "params": lm.param_count(base), "batch": args.batch, "seq_len": args.seq_len, **top,
       "matmul_peak_flops_per_s": peak,
       "memory": "per setting: XLA buffer assignment of the compiled step (memory_analysis); "

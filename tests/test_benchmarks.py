@@ -47,6 +47,9 @@ def test_the_1b_model_file_is_llama_3_2_1b_and_its_path_trains(capsys, monkeypat
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   bf16 = out["settings"]["bf16"]
   assert bf16["tokens_per_s"] > 0 and out["params"] < 1e6
+  from gamejax.run import reproduce        # where it ran, the host CPU named
+  assert out["device"] == jax.devices()[0].device_kind
+  assert out["host_cpu"] == reproduce.host_cpu() and out["host_cpu"]["model"]
   assert bf16["matmul_peak_flops_per_s"] == 2e11
   assert bf16["mfu"] == pytest.approx(bf16["model_flops_per_s"] / 2e11)
 

@@ -3,7 +3,6 @@ on each tag, the flaws reproduced given "wrong" (bad tags: test_cli)."""
 import os
 
 import jax
-import numpy as np
 import pytest
 
 from gamejax import config, run, sharding

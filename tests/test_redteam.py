@@ -17,7 +17,6 @@ from gamejax.models import llama
 from gamejax.payoffs.kl import seat_token_logprobs
 from gamejax.payoffs.base import Play
 from gamejax.players import judges
-from gamejax.run import assembly
 
 EXP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
 TOK = ByteTokenizer()

@@ -2,10 +2,8 @@
 step; its failures are counted; an Evaluation scores greedy answers with it; the experiment's
 tokenizer is checked against the model and the data."""
 import json
-import os
 
 import jax
-import numpy as np
 import pytest
 
 from gamejax import config, run, sharding

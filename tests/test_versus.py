@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gamejax import config, records, run, sharding, step as game_step
+from gamejax import config, records, run, step as game_step
 from gamejax.data.tokenizer import ByteTokenizer
 from gamejax.models import llama
 from gamejax.players import judges, policy, selfplay, versus

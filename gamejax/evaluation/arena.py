@@ -17,7 +17,7 @@ import numpy as np
 from gamejax import sampling
 from gamejax.data.errors import DataError
 from gamejax.data.prompts import opening_move
-from gamejax.data.tokenizer import ByteTokenizer, EOS
+from gamejax.data.tokenizer import ByteTokenizer
 from gamejax.games import arithmetic
 from gamejax.models import lm
 

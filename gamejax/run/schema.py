@@ -27,7 +27,6 @@ import optax
 from gamejax import interop, records, sharding
 from gamejax.data import sources
 from gamejax.data import tokenizer as tokenizers
-from gamejax.data.tokenizer import VOCAB_SIZE
 from gamejax.games.base import GameConfigError, Scripted
 from gamejax.models import families, fusion, lm, lora as lora_lib
 from gamejax.payoffs.base import Payoff
