@@ -12,7 +12,10 @@ commit's seconds over this tree's; above 1 is faster here), and the ``target`` s
 is held to (``meets_target``). Where both trees' benchmark also prints its fastest call
 (``sample``'s ``best_seconds_per_call``), ``best_call_speedup`` is the ratio of the fastest calls
 over all rounds (``meets_target_best_call``): on a machine shared with other jobs a median can
-fall on a busy moment, the fastest call rarely does.
+fall on a busy moment, the fastest call rarely does. A GRPO case also reports
+``speedup_if_sampling_at_floor`` (``sampling_bound``): the speedup this tree's step would have
+with its training half as measured and sampling at its FLOP floor, the most any sampler could
+give on this machine.
 
 The cases are the shapes issue 12 sets: a GRPO step of 2 prompts x 8 completions x 8 prompt
 tokens x 32 new and of 4 x 4 x 8 x 64 (target 1.25x), and the sampler at batch 16, prompt 16,
@@ -78,6 +81,24 @@ def run_case(tree: str, module: str, args: list[str]) -> dict:
     raise CommitError(f"in {tree}: {e}") from None
 
 
+def sampling_bound(commit_seconds: float, here: dict) -> float | None:
+  """The commit's seconds over this tree's step as it would be with sampling at its FLOP floor
+  (every decode GEMM at the matmul peak, nothing else in the loop) and no host overhead: the
+  training half as measured (``grpo_step``'s breakdown: the reference's forward, the policy's
+  forward and backward, the optimizer) plus the sampler's floor (``sample_efficiency`` x
+  ``sample_seconds``). None for a benchmark without that breakdown.
+
+  >>> sampling_bound(0.3, {"breakdown": {"reference_forward": 0.04, "policy_forward_backward":
+  ...     0.15, "optimizer": 0.01}, "sample_seconds": 0.1, "sample_efficiency": 0.5})
+  1.2
+  """
+  parts = here.get("breakdown") or {}
+  if "policy_forward_backward" not in parts or "sample_efficiency" not in here:
+    return None
+  training = parts["reference_forward"] + parts["policy_forward_backward"] + parts["optimizer"]
+  return commit_seconds / (training + here["sample_efficiency"] * here["sample_seconds"])
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,6 +144,9 @@ def main(argv=None) -> int:
         "target": target, "meets_target": before / after >= target,
         "commit_rounds": seconds[case]["commit"], "here_rounds": seconds[case]["here"],
         "here_breakdown": last[case, "here"].get("breakdown")}
+    bound = sampling_bound(before, last[case, "here"])
+    if bound is not None:
+      report["cases"][case]["speedup_if_sampling_at_floor"] = bound
     if best_field:
       fastest = {side: min(best[case][side]) for side in ("commit", "here")}
       speedup = fastest["commit"] / fastest["here"]

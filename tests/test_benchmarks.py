@@ -27,6 +27,17 @@ def test_a_commit_that_does_not_exist_exits_2(capsys):
     against_commit.main(["--cases", "grpo_a,nonsense"])
 
 
+def test_the_bound_a_sampler_could_give_the_grpo_step():
+  """``against_commit.sampling_bound``: the commit's step time over this tree's training half
+  plus sampling at its FLOP floor (efficiency x seconds); none for the sampler's own benchmark."""
+  from benchmarks import against_commit
+  here = {"breakdown": {"sample_prefill": 0.01, "sample_decode": 0.09, "reference_forward": 0.04,
+                        "policy_forward_backward": 0.15, "optimizer": 0.01, "host_and_rest": 0.02},
+          "sample_seconds": 0.1, "sample_efficiency": 0.4}
+  assert against_commit.sampling_bound(0.36, here) == pytest.approx(0.36 / (0.2 + 0.04))
+  assert against_commit.sampling_bound(0.1, {"breakdown": {"prefill": 0.01, "decode": 0.05}}) is None
+
+
 def test_the_1b_model_file_is_llama_3_2_1b_and_its_path_trains(capsys, monkeypatch):
   """experiments/models/1b.gin: Llama 3.2 1B's sizes (1,235,814,400 parameters, the plan of
   docs/scaling.md), bf16 compute, library attention; a narrow slice of it (same settings, the
