@@ -280,7 +280,7 @@ def reproduce_run(args) -> int:
   elif changes:
     print(f"gamejax: package versions differ from the run's: {json.dumps(changes)}",
           file=sys.stderr)
-  if recorded.get("host_cpu", now["host_cpu"]) != now["host_cpu"]:
+  if now["backend"] == "cpu" and recorded.get("host_cpu", now["host_cpu"]) != now["host_cpu"]:
     print(f"gamejax: the run's host CPU was {json.dumps(recorded['host_cpu'])}, this one is "
           f"{json.dumps(now['host_cpu'])}: XLA:CPU's kernels may round differently, so the "
           "comparison is within tolerance", file=sys.stderr)

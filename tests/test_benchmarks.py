@@ -35,7 +35,8 @@ def test_the_bound_a_sampler_could_give_the_grpo_step():
                         "policy_forward_backward": 0.15, "optimizer": 0.01, "host_and_rest": 0.02},
           "sample_seconds": 0.1, "sample_efficiency": 0.4}
   assert against_commit.sampling_bound(0.36, here) == pytest.approx(0.36 / (0.2 + 0.04))
-  assert against_commit.sampling_bound(0.1, {"breakdown": {"prefill": 0.01, "decode": 0.05}}) is None
+  sampler_only = {"breakdown": {"prefill": 0.01, "decode": 0.05}}
+  assert against_commit.sampling_bound(0.1, sampler_only) is None
 
 
 def test_the_1b_model_file_is_llama_3_2_1b_and_its_path_trains(capsys, monkeypatch):

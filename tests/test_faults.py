@@ -285,6 +285,20 @@ def test_reproduce_reruns_a_finished_run_and_compares_it_bitwise(uninterrupted, 
   report = json.loads(out[out.index("{"):])
   assert report["match"] and report["same_platform"] and report["mode"] == "bitwise"
   assert report["metrics"]["rows"] == 12 and set(report["params"]) == {"pretrain", "grpo"}
+  # On the CPU backend, a run recorded on another kind of host CPU is compared within
+  # tolerance, and told so.
+  if jax.default_backend() == "cpu":
+    moved = tmp_path / "moved"
+    shutil.copytree(straight, moved)
+    env = json.load(open(moved / "environment.json"))
+    env["started"]["host_cpu"] = {"model": "another CPU", "features": ["avx2"]}
+    (moved / "environment.json").write_text(json.dumps(env))
+    assert cli.main(["reproduce", f"--workdir={moved}",
+                     f"--new_workdir={tmp_path / 'again_moved'}", "--no_progress"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out[captured.out.index("{"):])
+    assert report["match"] and not report["same_platform"] and report["mode"].startswith("within")
+    assert "the run's host CPU was" in captured.err and "another CPU" in captured.err
   # A run that was not what it claims: one loss and one weight changed.
   altered = tmp_path / "altered"
   shutil.copytree(straight, altered)
