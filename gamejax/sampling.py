@@ -276,8 +276,7 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
   positions_NB = prompt_lengths_B[None, :] + jnp.arange(n, dtype=jnp.int32)[:, None] - 1
   rope_N = lm.rope_tables(cfg, positions_NB)
   slots_S = jnp.arange(p + n - 1, dtype=jnp.int32)
-  start_bias_BS = kernels.attention_bias(
-      slots_S[None, :] >= jnp.repeat(first_U, group_size)[:, None])
+  start_bias_BS = kernels.attention_bias(slots_S[None, :] >= (p - prompt_lengths_B)[:, None])
 
   def step(i, token_B, tokens_BN, logprobs_BN, cache):
     # Feed token i-1 (cache slot P - 1 + i, position length + i - 1), then choose token i. Rows
