@@ -20,7 +20,9 @@ give on this machine.
 The cases are the shapes issue 12 sets: a GRPO step of 2 prompts x 8 completions x 8 prompt
 tokens x 32 new and of 4 x 4 x 8 x 64 (target 1.25x), and the sampler at batch 16, prompt 16,
 64 new (target 1.4x), all on the benchmarks' default model (``experiments/models/
-bench_sampling.gin``).
+bench_sampling.gin``). ``grpo_a_shared`` and ``grpo_b_shared`` (run only when named) are the GRPO
+shapes with this tree's step computing each group's prompt once (``--share_prompt``, an option the
+commit does not have: ``here_only_args``).
 """
 from __future__ import annotations
 
@@ -46,6 +48,15 @@ CASES = {
     "sample": ("sample", ["--batch=16", "--prompt_len=16", "--new_tokens=64"],
                "seconds_per_call", "best_seconds_per_call", 1.4),
 }
+# Cases run only when named (``--cases``): this tree's step with an option the commit lacks, given
+# to this tree alone (``HERE_ONLY``), against the commit's step at the same shape.
+EXTRA_CASES = {
+    "grpo_a_shared": CASES["grpo_a"],
+    "grpo_b_shared": CASES["grpo_b"],
+}
+HERE_ONLY = {"grpo_a_shared": ["--share_prompt"], "grpo_b_shared": ["--share_prompt"]}
+DEFAULT_CASES = tuple(CASES)
+CASES = {**CASES, **EXTRA_CASES}
 
 
 class CommitError(RuntimeError):
@@ -104,7 +115,8 @@ def main(argv=None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--commit", default=BASELINE)
   p.add_argument("--rounds", type=int, default=3)
-  p.add_argument("--cases", default=",".join(CASES), help=f"some of {', '.join(CASES)}")
+  p.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                 help=f"some of {', '.join(CASES)} (default {', '.join(DEFAULT_CASES)})")
   args = p.parse_args(argv)
   cases = common.parse_cases(p, args.cases, CASES)
   if args.rounds < 1:
@@ -127,7 +139,8 @@ def main(argv=None) -> int:
       for case in cases:
         module, case_args, field, best_field, _ = CASES[case]
         for side, tree in (("commit", old), ("here", REPO)):
-          out = run_case(tree, module, case_args)
+          extra = HERE_ONLY.get(case, []) if side == "here" else []
+          out = run_case(tree, module, case_args + extra)
           seconds[case][side].append(out[field])
           if best_field:
             best[case][side].append(out[best_field])
@@ -139,7 +152,8 @@ def main(argv=None) -> int:
     module, case_args, field, best_field, target = CASES[case]
     before, after = min(seconds[case]["commit"]), min(seconds[case]["here"])
     report["cases"][case] = {
-        "benchmark": module, "args": case_args, "field": field,
+        "benchmark": module, "args": case_args, "here_only_args": HERE_ONLY.get(case, []),
+        "field": field,
         "commit_seconds": before, "here_seconds": after, "speedup": before / after,
         "target": target, "meets_target": before / after >= target,
         "commit_rounds": seconds[case]["commit"], "here_rounds": seconds[case]["here"],

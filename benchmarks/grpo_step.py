@@ -24,6 +24,9 @@ reference's forward pass is needed). Prints one JSON line:
 * ``breakdown``: seconds of the step's parts, each timed on its own (``breakdown`` below):
   ``sample_prefill``, ``sample_decode``, ``reference_forward``, ``policy_forward_backward``,
   ``optimizer``, and ``host_and_rest`` (the step less those);
+* ``--share_prompt``: the policy's and the reference's forwards compute each group's prompt once
+  (``sampled_play(share_prompt=True)``; the breakdown's forwards too), and the FLOP floor still
+  counts every row's (the same work done, fewer FLOPs spent on it);
 * ``prefill_flops`` / ``prefill_flops_unshared``: the prefill's FLOP floor with one prefill per
   prompt and with one per completion (G x more), and ``prefill_flops_xla``: XLA's own count of
   the compiled prefill both ways.
@@ -41,7 +44,7 @@ import optax
 
 from benchmarks import common
 from benchmarks.sample import decode_flops
-from gamejax import hostenv, sampling, sharding, step as game_step
+from gamejax import hostenv, records, sampling, sharding, step as game_step
 from gamejax.models import lm
 from gamejax.payoffs import grpo
 from gamejax.players import judges, policy, reference
@@ -55,33 +58,17 @@ def main(argv=None):
   for name, value in (("prompts", 2), ("group_size", 8), ("prompt_len", 16), ("new_tokens", 32),
                       ("steps", 7)):
     p.add_argument(f"--{name}", type=int, default=value)
+  p.add_argument("--share_prompt", action="store_true",
+                 help="the policy's and the reference's forwards compute each group's prompt once")
   args = common.parse_args(p, argv)
   cfg = common.model_config(args)
   g, n, length = args.group_size, args.new_tokens, args.prompt_len
   rows = args.prompts * g
-
-  apply = functools.partial(lm.apply, cfg)
-  half = cfg.vocab_size // 2
-  judge = judges.function_judge(
-      lambda moves, facts: (facts["completion"] < half).astype(jnp.float32).mean(axis=-1))
-  game = game_step.Game(
-      learners={"agent": game_step.Learner(apply, grpo(g, beta=0.04), optax.adamw(1e-5))},
-      play=policy.sampled_play(cfg, g, n, temperature=1.0, eos_id=NEVER),
-      respond=judges.responders(judge, reference.reference(apply)))
-  params = lm.init_params(cfg, jax.random.PRNGKey(0))
-  state = game_step.init_state(game, {"agent": params}, jax.random.PRNGKey(1),
-                               frozen={"reference": jax.tree.map(jnp.copy, params)})
-  mesh = sharding.make_mesh()
-  step, shardings = game_step.make_step(game, mesh, jax.eval_shape(lambda: state))
-  state = jax.device_put(state, shardings)
-  rng = np.random.default_rng(0)
-  batch = {"prompt": rng.integers(3, cfg.vocab_size, (1, args.prompts, length)).astype(np.int32),
-           "prompt_lengths": np.full((1, args.prompts), length, np.int32)}
-  batch = jax.device_put(batch, sharding.batch_sharding(mesh, leading=1))
+  step, state, batch = compiled_step(cfg, args.prompts, g, length, n, args.share_prompt)
 
   secs, state = common.median_step_seconds(step, state, batch, args.steps)
   parts = breakdown(cfg, state.params["agent"], batch["prompt"][0], batch["prompt_lengths"][0],
-                    g, n, args.steps)
+                    g, n, args.steps, args.share_prompt)
   peak = common.matmul_peak_flops(dtype=cfg.compute_dtype)
 
   t = length + n
@@ -100,9 +87,36 @@ def main(argv=None):
       "sample_seconds": sample_secs, "sample_efficiency": sample_flops / peak / sample_secs,
       "prefill_flops": prefill_flops(cfg, args.prompts, length),
       "prefill_flops_unshared": prefill_flops(cfg, rows, length),
-      "prefill_flops_xla": parts.pop("prefill_flops_xla"),
+      "prefill_flops_xla": parts.pop("prefill_flops_xla"), "share_prompt": args.share_prompt,
       "breakdown": {**parts, "host_and_rest": secs - sum(parts.values())},
       "malloc_hugepages": hostenv.malloc_hugepages_enabled()}))
+
+
+def compiled_step(cfg: lm.Config, prompts: int, group_size: int, prompt_len: int,
+                  new_tokens: int, share_prompt: bool = False):
+  """``(step, state, batch)``: the benchmark's GRPO game (the module docstring) as
+  ``game_step.make_step`` compiles it, its state on the mesh, and a batch of ``prompts`` random
+  full-length prompts. ``share_prompt``: the forwards compute each group's prompt once."""
+  apply = functools.partial(lm.apply, cfg)
+  half = cfg.vocab_size // 2
+  judge = judges.function_judge(
+      lambda moves, facts: (facts["completion"] < half).astype(jnp.float32).mean(axis=-1))
+  game = game_step.Game(
+      learners={"agent": game_step.Learner(apply, grpo(group_size, beta=0.04),
+                                           optax.adamw(1e-5))},
+      play=policy.sampled_play(cfg, group_size, new_tokens, temperature=1.0, eos_id=NEVER,
+                               share_prompt=share_prompt),
+      respond=judges.responders(judge, reference.reference(apply)))
+  params = lm.init_params(cfg, jax.random.PRNGKey(0))
+  state = game_step.init_state(game, {"agent": params}, jax.random.PRNGKey(1),
+                               frozen={"reference": jax.tree.map(jnp.copy, params)})
+  mesh = sharding.make_mesh()
+  step, shardings = game_step.make_step(game, mesh, jax.eval_shape(lambda: state))
+  state = jax.device_put(state, shardings)
+  rng = np.random.default_rng(0)
+  batch = {"prompt": rng.integers(3, cfg.vocab_size, (1, prompts, prompt_len)).astype(np.int32),
+           "prompt_lengths": np.full((1, prompts), prompt_len, np.int32)}
+  return step, state, jax.device_put(batch, sharding.batch_sharding(mesh, leading=1))
 
 
 def prefill_flops(cfg: lm.Config, prompts: int, prompt_len: int) -> float:
@@ -112,14 +126,15 @@ def prefill_flops(cfg: lm.Config, prompts: int, prompt_len: int) -> float:
 
 
 def breakdown(cfg: lm.Config, params, prompt_UP, lengths_U, group_size: int, new_tokens: int,
-              calls: int) -> dict:
+              calls: int, share_prompt: bool = False) -> dict:
   """Seconds of the step's parts, each compiled and timed on its own on the step's shapes (the
   fastest of ``calls``): the sampler's prefill (a one-token ``generate``: prefill, broadcast to
   the group, one choice) and its decode (the rest of a full ``generate``), the reference's
   forward, the policy's forward and backward, and the optimizer's update. The fused step
   overlaps and shares work, so ``seconds_per_step`` minus their sum (``host_and_rest``: the
   judge, the payoff, the host's dispatch) can be negative. Also XLA's FLOPs of the prefill
-  with the group sharing it and with G copies of each prompt (``prefill_flops_xla``)."""
+  with the group sharing it and with G copies of each prompt (``prefill_flops_xla``).
+  ``share_prompt``: the forwards compute each group's prompt once, as the step's do then."""
   key = jax.random.PRNGKey(2)
 
   def sampler(tokens, group):
@@ -138,10 +153,13 @@ def breakdown(cfg: lm.Config, params, prompt_UP, lengths_U, group_size: int, new
   tokens_BT = jnp.concatenate([copies[0], sampled["tokens"]], axis=1)
   positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
   segments_BT = jnp.ones_like(tokens_BT)
-  forward = jax.jit(lambda p, t: lm.apply(cfg, p, t, positions_BT, segments_BT))
+  shared = {"shared_prompt": records.SharedPrompt(
+      copies[1], group_size=group_size, width=prompt_UP.shape[1])} if share_prompt else {}
+  forward = jax.jit(lambda p, t: lm.apply(cfg, p, t, positions_BT, segments_BT, **shared))
 
   def log_likelihood(p, t):
-    logp = jax.nn.log_softmax(lm.apply(cfg, p, t, positions_BT, segments_BT)[:, :-1], axis=-1)
+    logp = jax.nn.log_softmax(lm.apply(cfg, p, t, positions_BT, segments_BT, **shared)[:, :-1],
+                              axis=-1)
     return jnp.take_along_axis(logp, t[:, 1:, None], axis=-1).mean()
 
   backward = jax.jit(jax.grad(log_likelihood))

@@ -12,6 +12,11 @@ Frozen players that never change during the stage (``constant``: a reference, a 
 judge, a snapshot) are written once, to ``<directory>.frozen``, not into every checkpoint; a
 restore reads them back from there.
 
+A model may store some weights fused (``fused``: ``lm.fused_storage``, e.g. Llama's ``wqkv``). A
+checkpoint written before they were (``wq``, ``wk``, ``wv``, in params, optimizer moments and
+frozen players alike) is restored by reading the standard leaves and joining them
+(``standard_target``, ``fusion.fuse``): the same state as if it had been written fused.
+
 >>> ckpt = Checkpointer("/tmp/run/checkpoints", keep=3)      # doctest: +SKIP
 >>> ckpt.save(100, state, {"data": loader.get_state()})      # doctest: +SKIP
 >>> state, extra = ckpt.restore(abstract_state)              # latest  # doctest: +SKIP
@@ -26,6 +31,8 @@ from typing import Any, Callable, Sequence
 import jax
 import orbax.checkpoint as ocp
 
+from gamejax.models import fusion
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint is missing, unreadable or does not match the run."""
@@ -38,9 +45,11 @@ class CheckpointWriteError(RuntimeError):
 class Checkpointer:
   """An orbax CheckpointManager keeping the newest ``keep`` checkpoints of one directory."""
 
-  def __init__(self, directory: str, keep: int = 3, constant: Sequence[str] = ()):
+  def __init__(self, directory: str, keep: int = 3, constant: Sequence[str] = (),
+               fused: fusion.Specs = ()):
     self.directory = os.path.abspath(directory)
     self.constant = tuple(constant)         # names of frozen players written once
+    self.fused = tuple(fused)               # weights the model stores fused (see the docstring)
     self.constant_directory = self.directory + ".frozen"
     self._writing = None                    # the step of the save in flight
     self._manager = ocp.CheckpointManager(
@@ -135,17 +144,33 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     target, constant = self._split(jax.tree.map(_abstract, abstract_state))
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
-      state = restored["state"]
-      if constant:
-        with ocp.StandardCheckpointer() as reader:
-          fixed = reader.restore(self.constant_directory, constant)
-        state = state.replace(frozen={**state.frozen, **fixed})
+      state, extra = self._read(step, target, constant)
     except Exception as e:  # orbax raises many types; name the checkpoint and the cause
-      raise CheckpointError(
-          f"cannot restore checkpoint step {step} from {self.directory}: "
-          f"{type(e).__name__}: {e}") from e
+      if not self.fused:
+        raise CheckpointError(
+            f"cannot restore checkpoint step {step} from {self.directory}: "
+            f"{type(e).__name__}: {e}") from e
+      try:          # written before the model stored these weights fused?
+        standard = [standard_target(t, self.fused) for t in (target, constant)]
+        state, extra = self._read(step, *standard)
+      except Exception:  # noqa: BLE001 - not that either: the first error is the one to report
+        raise CheckpointError(
+            f"cannot restore checkpoint step {step} from {self.directory}: "
+            f"{type(e).__name__}: {e}") from e
+      state = jax.device_put(fuse_state(state, self.fused),
+                             jax.tree.map(lambda x: _abstract(x).sharding, abstract_state))
+    return state, extra
+
+  def _read(self, step: int, target: Any, constant: dict) -> tuple[Any, dict]:
+    """Checkpoint ``step`` read into ``target`` and the constant frozen players into
+    ``constant`` (orbax's errors as they are)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
+    state = restored["state"]
+    if constant:
+      with ocp.StandardCheckpointer() as reader:
+        fixed = reader.restore(self.constant_directory, constant)
+      state = state.replace(frozen={**state.frozen, **fixed})
     return state, dict(restored["extra"])
 
   def _split(self, state: Any) -> tuple[Any, dict]:
@@ -168,3 +193,56 @@ def _abstract(x):
   if isinstance(x, jax.ShapeDtypeStruct):
     return x
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
+def _dict_nodes(fn, tree):
+  """``fn`` applied to every dict of ``tree``, children first, at any depth and inside any
+  container (params, the optimizer's moments inside its state tuples, frozen players)."""
+  def visit(x):
+    if isinstance(x, dict):
+      return fn({k: visit(v) for k, v in x.items()})
+    if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x)):
+      return x
+    return jax.tree.map(visit, x, is_leaf=lambda y: y is not x and isinstance(y, dict))
+  return visit(tree)
+
+
+def standard_target(target: Any, specs: fusion.Specs) -> Any:
+  """``target`` (a state of ``jax.ShapeDtypeStruct``) as a checkpoint written before ``specs``
+  stored weights fused holds it: every fused leaf replaced by its standard parts, their shapes cut
+  from it (their sharding that of the fused leaf, the joined axis not split)."""
+  def part(x: jax.ShapeDtypeStruct, spec: fusion.Fused, i: int) -> jax.ShapeDtypeStruct:
+    shape, sharding = list(x.shape), x.sharding
+    if spec.sizes:
+      shape[spec.axis] = spec.sizes[i]
+    else:
+      del shape[spec.axis]
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      axes = list(sharding.spec) + [None] * (len(x.shape) - len(sharding.spec))
+      if spec.sizes:
+        axes[spec.axis] = None
+      else:
+        del axes[spec.axis]
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*axes))
+    return jax.ShapeDtypeStruct(tuple(shape), x.dtype, sharding=sharding)
+
+  def one(node: dict) -> dict:
+    for spec in specs:
+      x = node.get(spec.name)
+      if isinstance(x, jax.ShapeDtypeStruct):
+        node = {k: v for k, v in node.items() if k != spec.name} | {
+            p: part(x, spec, i) for i, p in enumerate(spec.parts)}
+    return node
+
+  return _dict_nodes(one, target)
+
+
+def fuse_state(state: Any, specs: fusion.Specs) -> Any:
+  """A state read in the standard layout (``standard_target``) with its weights joined as
+  ``specs`` store them (``fusion.fuse`` of every dict)."""
+  return _dict_nodes(lambda node: fusion.fuse(node, specs), state)
+
+
+def unfuse_state(state: Any, specs: fusion.Specs) -> Any:
+  """``fuse_state`` inverted: the state as a checkpoint in the standard layout holds it."""
+  return _dict_nodes(lambda node: fusion.unfuse(node, specs), state)

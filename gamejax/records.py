@@ -33,12 +33,30 @@ OTHER_SEAT = {"agent": "opponent", "opponent": "agent"}
 
 
 @flax.struct.dataclass
+class SharedPrompt:
+  """What a record's rows share: row ``i`` opens with its group's prompt, the ``prompt_lengths[i]``
+  tokens that the ``group_size`` rows ``g*G .. g*G+G-1`` all open with (prompts of at most ``width``
+  tokens, the play's prompt batch). A sampled play's record says so (``sampled_play(...,
+  share_prompt=True)``), and a forward may then compute each group's prompt once
+  (``gamejax.models.shared_prompt``) for the same logits as a forward over every row.
+
+  The rows are right-aligned, one transcript each (a sampled play's record): row ``i``'s tokens fill
+  its last ``sum(segment_ids[i] > 0)`` slots, its prompt first."""
+  prompt_lengths: jnp.ndarray                                  # int32[B]
+  group_size: int = flax.struct.field(pytree_node=False)
+  width: int = flax.struct.field(pytree_node=False)
+
+
+@flax.struct.dataclass
 class GameRecord:
-  """A batch of (possibly packed) transcripts; every field is ``int32[B, T]``."""
+  """A batch of (possibly packed) transcripts; every field is ``int32[B, T]``, except
+  ``shared_prompt``: None, or what the rows share (``SharedPrompt``), so that a forward over them
+  may compute a group's prompt once."""
   tokens: jnp.ndarray
   positions: jnp.ndarray
   segment_ids: jnp.ndarray
   players: jnp.ndarray
+  shared_prompt: SharedPrompt | None = None
 
   @property
   def shape(self):

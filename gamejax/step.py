@@ -56,7 +56,7 @@ def with_frozen(params, frozen):
 def bind_frozen(apply: Callable[..., jax.Array], frozen) -> Callable[..., jax.Array]:
   """``apply`` of params that may need the frozen players (LoRA adapters on a frozen base): the
   frozen params are the step's traced state, never constants of the compiled step."""
-  return lambda params, *inputs: apply(with_frozen(params, frozen), *inputs)
+  return lambda params, *inputs, **options: apply(with_frozen(params, frozen), *inputs, **options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,10 +234,12 @@ def loss_and_grads(learner: Learner, params, play: Play):
     return grad_fn(params, play)
   rows = play.moves.tokens.shape[0]
   order = microbatch_rows(rows, n, learner.halves)                  # [n, rows // n]
+  share = play.moves.shared_prompt
+  whole_groups = share is not None and not learner.halves and (rows // n) % share.group_size == 0
 
   def one(total, xs):
     j, idx = xs
-    sub = play._replace(moves=_take_rows(play.moves, idx, rows),
+    sub = play._replace(moves=take_moves(play.moves, idx, rows, whole_groups),
                         judgments=_take_rows(play.judgments, idx, rows),
                         rng=jax.random.fold_in(play.rng, j))
     (loss, m), grads = grad_fn(params, sub)
@@ -288,7 +290,7 @@ def learner_updates(learner: Learner, params, opt_state, play: Play):
 
   def one_update(carry, idx):
     params, opt_state, key = carry
-    sub = play._replace(moves=_take_rows(play.moves, idx, rows),
+    sub = play._replace(moves=take_moves(play.moves, idx, rows, whole_groups=False),
                         judgments=_take_rows(play.judgments, idx, rows),
                         rng=jax.random.fold_in(play.rng, key))
     params, opt_state, metrics = update(learner, params, opt_state, sub)
@@ -301,6 +303,16 @@ def learner_updates(learner: Learner, params, opt_state, play: Play):
       one_update, (params, opt_state, jnp.zeros((), jnp.int32)), batches)
   metrics = {k: v.sum() if k == "skipped_nonfinite" else v.mean() for k, v in metrics.items()}
   return params, opt_state, metrics
+
+
+def take_moves(moves: GameRecord, idx, rows: int, whole_groups: bool) -> GameRecord:
+  """Rows ``idx`` of ``moves``; what the rows share (``shared_prompt``: each group's prompt
+  computed once) is kept only when ``whole_groups`` (the rows taken are whole groups, in order: a
+  microbatch of contiguous rows that groups divide), else dropped, and the forward over them runs
+  over every row (a random minibatch splits the groups)."""
+  if moves.shared_prompt is not None and not whole_groups:
+    moves = moves.replace(shared_prompt=None)
+  return _take_rows(moves, idx, rows)
 
 
 def _take_rows(tree, idx, rows: int):

@@ -75,3 +75,16 @@ def test_device_run_reports_a_case_that_runs_out_of_its_time(capsys):
   assert "past its 0 s share" in lines[0]["error"] and lines[-1]["failed"] == ["sample_b64"]
   smoke = device_run.case_args("sample", device_run.CASES["sample_b64"][1], smoke=True)
   assert "--model=models/1b.gin" in smoke and "--no_baseline" in smoke and "--batch=4" in smoke
+
+
+def test_the_share_prompt_benchmark_runs_both_steps_and_counts_fewer_flops(capsys, monkeypatch):
+  """benchmarks.share_prompt on a toy model: both steps timed, and XLA counts fewer FLOPs in the
+  step that computes each group's prompt once (a long prompt, a group of 16)."""
+  from benchmarks import share_prompt
+  monkeypatch.setitem(share_prompt.CASES, "long_group", (1, 4, 12, 4))
+  share_prompt.main(["--cases=long_group", "--calls=1", "--vocab_size=64", "--d_model=32",
+                     "--d_ff=64", "--n_layers=1", "--n_heads=2", "--n_kv_heads=1"])
+  case = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cases"]["long_group"]
+  assert case["full_seconds"] > 0 and case["shared_seconds"] > 0
+  assert case["speedup"] == pytest.approx(case["full_seconds"] / case["shared_seconds"])
+  assert case["shared_flops"] < 0.9 * case["full_flops"]

@@ -43,3 +43,45 @@ def test_constant_frozen_players_are_written_once_and_restored(tmp_path):
   with pytest.raises(CheckpointError, match="cannot restore checkpoint step 2"):
     again.restore(abstract)
   again.close()
+
+
+def test_a_checkpoint_written_before_weights_were_stored_fused_restores_fused(tmp_path):
+  """A checkpoint holding ``wq``, ``wk``, ``wv``, ``w_gate``, ``w_up`` (params, Adam's moments and a
+  frozen reference written once) restores into the fused tree, bit for bit the state it was;
+  without the model's fused specs it fails with the checkpoint named, as before."""
+  import optax
+  from gamejax import sharding
+  from gamejax.checkpoint import standard_target, unfuse_state
+  from gamejax.models import lm
+  from gamejax.models.llama import LlamaConfig
+  cfg = LlamaConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32)
+  specs = lm.fused_storage(cfg)
+  params = lm.init_params(cfg, jax.random.PRNGKey(0))
+  opt = optax.adamw(1e-2)
+  grads = jax.tree.map(jnp.ones_like, params)
+  opt_state = opt.update(grads, opt.init(params), params)[1]      # moments that are not zeros
+  state = game_step.GameState(
+      params={"agent": params}, opt_state={"agent": opt_state},
+      frozen={"reference": jax.tree.map(lambda x: x + 1.0, params)},
+      rng=jax.random.PRNGKey(3), step=jnp.asarray(7, jnp.int32))
+  unfused = unfuse_state(state, specs)
+  assert "wq" in unfused.opt_state["agent"][0].mu["block_1"]["attn"]
+  old = Checkpointer(str(tmp_path / "stage"), constant=("reference",))
+  old.save(7, unfused, {"data": {"position": 3}}, wait=True)
+  old.close()
+  mesh = sharding.make_mesh(1, 1)
+  here = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), state)
+  assert jax.tree.structure(standard_target(target, specs)) == jax.tree.structure(unfused)
+
+  new = Checkpointer(str(tmp_path / "stage"), constant=("reference",), fused=specs)
+  restored, extra = new.restore(target)
+  new.close()
+  assert extra == {"data": {"position": 3}}
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  plain = Checkpointer(str(tmp_path / "stage"), constant=("reference",))
+  with pytest.raises(CheckpointError, match="cannot restore checkpoint step 7"):
+    plain.restore(target)
+  plain.close()

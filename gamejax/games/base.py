@@ -83,8 +83,8 @@ def legal_moves(apply: Callable, legal_after: np.ndarray) -> Callable:
   ``MASKED`` (``legal_after[current, next]``): the policy is a softmax over legal moves only."""
   table = jnp.asarray(legal_after)
 
-  def masked(params, tokens, positions, segment_ids):
-    out = apply(params, tokens, positions, segment_ids)
+  def masked(params, tokens, positions, segment_ids, **options):
+    out = apply(params, tokens, positions, segment_ids, **options)
     logits = out[0] if isinstance(out, tuple) else out
     legal = table[tokens]
     logits = jnp.where(legal[..., :logits.shape[-1]], logits, MASKED)

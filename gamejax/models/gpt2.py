@@ -238,6 +238,7 @@ class GPT2(nn.Module):
   ``hidden_only``: the full forward stops after the final LayerNorm (``hidden``)."""
   cfg: GPT2Config
   hidden_only: bool = False
+  trained: bool = False     # a cached forward that is differentiated: blocks rematerialise
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT, segment_ids_BT, cache=None, cache_index=None,
@@ -265,7 +266,8 @@ class GPT2(nn.Module):
     identity_BT = (jnp.ones(half, jnp.float32), jnp.zeros(half, jnp.float32))
 
     new_layers = []
-    block = remat_lib.block_class(Block, cfg.remat, decoding=cache is not None)
+    block = remat_lib.block_class(Block, cfg.remat,
+                                  decoding=cache is not None and not self.trained)
     for i in range(cfg.n_layers):
       layer_cache = None if cache is None else cache["layers"][i]
       x_BTD, new_layer = block(cfg, name=f"block_{i}")(
@@ -385,18 +387,18 @@ def decode_params(cfg: GPT2Config, params: Params) -> Params:
 
 
 def apply_with_cache(cfg: GPT2Config, params: Params, tokens_BT, positions_BT, segment_ids_BT,
-                     cache: Cache, cache_index, *, bias=None):
+                     cache: Cache, cache_index, *, bias=None, trained: bool = False):
   """KV-cached forward: writes the ``T`` new tokens' keys/values at slots ``cache_index ..
   cache_index + T - 1`` and returns ``(float32[B, T, V] logits, cache)``; prefill then one-token
   steps give the full forward's logits (the semantics of ``llama.apply_with_cache``, whose
-  ``bias`` this takes too; GPT-2 has no RoPE tables)."""
+  ``bias`` and ``trained`` this takes too; GPT-2 has no RoPE tables)."""
   _check_inputs(tokens_BT, positions_BT, segment_ids_BT)
   b, t = jnp.shape(tokens_BT)
   b_cache, s = cache["segment_ids"].shape
   if b_cache != b or t > s:
     raise ValueError(f"cache of batch {b_cache}, length {s} cannot take tokens of shape {(b, t)}")
-  return GPT2(cfg).apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT, cache,
-                         cache_index, bias)
+  return GPT2(cfg, trained=trained).apply({"params": params}, tokens_BT, positions_BT,
+                                         segment_ids_BT, cache, cache_index, bias)
 
 
 def param_count(cfg: GPT2Config) -> int:

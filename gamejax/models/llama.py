@@ -240,6 +240,7 @@ class Llama(nn.Module):
   """
   cfg: LlamaConfig
   hidden_only: bool = False
+  trained: bool = False     # a cached forward that is differentiated: blocks rematerialise
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT, segment_ids_BT, cache=None, cache_index=None,
@@ -270,7 +271,8 @@ class Llama(nn.Module):
                       for x in rope_tables(cfg, positions_BT))
 
     new_layers = []
-    block = remat_lib.block_class(Block, cfg.remat, decoding=cache is not None)
+    block = remat_lib.block_class(Block, cfg.remat,
+                                  decoding=cache is not None and not self.trained)
     for i in range(cfg.n_layers):
       layer_cache = None if cache is None else cache["layers"][i]
       x_BTD, new_layer = block(cfg, name=f"block_{i}")(
@@ -469,7 +471,7 @@ def rope_tables(cfg: LlamaConfig, positions_BT):
 
 
 def apply_with_cache(cfg: LlamaConfig, params: Params, tokens_BT, positions_BT, segment_ids_BT,
-                     cache: Cache, cache_index, *, rope=None, bias=None):
+                     cache: Cache, cache_index, *, rope=None, bias=None, trained: bool = False):
   """KV-cached forward: writes the ``T`` new tokens' keys/values at slots ``cache_index ..
   cache_index + T - 1`` (the same for every row) and returns ``(float32[B, T, V] logits, cache)``.
 
@@ -483,14 +485,16 @@ def apply_with_cache(cfg: LlamaConfig, params: Params, tokens_BT, positions_BT, 
   ``rope_tables`` of ``positions_BT`` (then not computed here), and ``bias``, the additive
   attention bias ``float32[B, T, S]`` (then the cache's segment ids are neither read nor
   written: the caller tracks which slots each query sees; see ``kernels.cached_bias``).
+  ``trained``: the forward is differentiated (``gamejax.models.shared_prompt``), and its blocks
+  rematerialise as ``cfg.remat`` says, as the full forward's do (a decode never does).
   """
   _check_inputs(tokens_BT, positions_BT, segment_ids_BT)
   b, t = jnp.shape(tokens_BT)
   b_cache, s = cache["segment_ids"].shape
   if b_cache != b or t > s:
     raise ValueError(f"cache of batch {b_cache}, length {s} cannot take tokens of shape {(b, t)}")
-  return Llama(cfg).apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT, cache,
-                          cache_index, rope, bias)
+  return Llama(cfg, trained=trained).apply({"params": params}, tokens_BT, positions_BT,
+                                          segment_ids_BT, cache, cache_index, rope, bias)
 
 
 def param_count(cfg: LlamaConfig) -> int:

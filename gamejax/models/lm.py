@@ -28,8 +28,15 @@ def init_params(cfg: Config, rng) -> Params:
   return families.of_config(cfg).init_params(cfg, rng)
 
 
-def apply(cfg: Config, params: Params, tokens_BT, positions_BT, segment_ids_BT):
-  """``float32[B, T, V]``: next-token logits at every position (full forward)."""
+def apply(cfg: Config, params: Params, tokens_BT, positions_BT, segment_ids_BT, *,
+          shared_prompt=None):
+  """``float32[B, T, V]``: next-token logits at every position (full forward).
+
+  ``shared_prompt``: the record's ``records.SharedPrompt``; each group's prompt is then computed
+  once (``gamejax.models.shared_prompt``), for the same logits."""
+  if shared_prompt is not None:
+    from gamejax.models import shared_prompt as shared    # it calls back into this module
+    return shared.apply(cfg, params, tokens_BT, positions_BT, segment_ids_BT, shared_prompt)
   return families.of_config(cfg).apply(cfg, params, tokens_BT, positions_BT, segment_ids_BT)
 
 
@@ -49,15 +56,19 @@ def init_cache(cfg: Config, batch: int, max_len: int):
 
 
 def apply_with_cache(cfg: Config, params: Params, tokens_BT, positions_BT, segment_ids_BT, cache,
-                     cache_index, *, rope=None, bias=None):
+                     cache_index, *, rope=None, bias=None, trained: bool = False):
   """Cached forward: writes the new tokens at ``cache_index ..`` and returns ``(logits, cache)``;
   prefill then one-token steps give the full forward's logits.
 
   A decode loop may pass what it computed ahead of the loop: ``rope``, the ``rope_tables`` of
   ``positions_BT`` (families with RoPE), and ``bias``, the attention's additive bias ``float32[B,
   T, S]`` (the cache's segment ids are then left as they are; ``llama.apply_with_cache``).
+  ``trained``: the cached forward is differentiated (its blocks rematerialise as ``cfg.remat``
+  says).
   """
   extra = {"bias": bias} if rope is None else {"bias": bias, "rope": rope}
+  if trained:
+    extra["trained"] = True
   return families.of_config(cfg).apply_with_cache(cfg, params, tokens_BT, positions_BT,
                                                   segment_ids_BT, cache, cache_index, **extra)
 

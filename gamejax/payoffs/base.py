@@ -35,10 +35,18 @@ class Play(NamedTuple):
 Payoff = Callable[[Any, Play], tuple[jax.Array, Metrics]]
 
 
+def apply_moves(apply: Callable[..., Any], params: Any, moves: GameRecord) -> Any:
+  """``apply``'s output on ``moves``; where the record says what its rows share
+  (``moves.shared_prompt``), ``apply`` is told (``shared_prompt=``), and a language model then
+  computes each group's prompt once (``gamejax.models.shared_prompt``)."""
+  options = {} if moves.shared_prompt is None else {"shared_prompt": moves.shared_prompt}
+  return apply(params, moves.tokens, moves.positions, moves.segment_ids, **options)
+
+
 def moves_logits(apply: Callable[..., Any], params: Any, moves: GameRecord) -> jax.Array:
   """``float32[B, T, V]``: ``apply``'s next-token logits of ``moves`` (an actor-critic's values
   dropped)."""
-  out = apply(params, moves.tokens, moves.positions, moves.segment_ids)
+  out = apply_moves(apply, params, moves)
   return (out[0] if isinstance(out, tuple) else out).astype(jnp.float32)
 
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from gamejax import records
-from gamejax.payoffs.base import Payoff, Play
+from gamejax.payoffs.base import Payoff, Play, apply_moves
 from gamejax.payoffs.imitation import token_log_likelihood
 
 REFERENCE_TOKEN_LOGPROBS = "reference_token_logprobs"
@@ -62,7 +62,7 @@ def seat_token_logprobs(params: Any, play: Play,
   """
   moves = play.moves
   chex.assert_rank(moves.tokens, 2)
-  logits_BTV = play.apply(params, moves.tokens, moves.positions, moves.segment_ids)
+  logits_BTV = apply_moves(play.apply, params, moves)
   chex.assert_equal_shape_prefix([logits_BTV, moves.tokens], 2)
   mask_BT = records.next_token_weights(moves, (seat,))
   logp_BT = token_log_likelihood(logits_BTV, records.next_tokens(moves))

@@ -282,7 +282,7 @@ def ppo(clip_eps: float = 0.2, value_clip_eps: float | None = 0.2, value_coef: f
   def payoff(params: Any, play: Play):
     logits_BTV, values_BT = _apply_actor_critic(params, play, "ppo")
     # The shared reader of the agent's log-probs, fed the logits already computed.
-    logp_BT, mask_BT = seat_token_logprobs(params, play._replace(apply=lambda *_: logits_BTV),
+    logp_BT, mask_BT = seat_token_logprobs(params, play._replace(apply=lambda *_, **__: logits_BTV),
                                            seat)
     shape = mask_BT.shape
     read = functools.partial(read_judgment, play, shape=shape, payoff_name="ppo")

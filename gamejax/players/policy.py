@@ -56,8 +56,8 @@ def at_temperature(apply: Callable[..., Any], temperature: float) -> Callable[..
   if temperature in (0.0, 1.0):
     return apply
 
-  def scaled(params, tokens, positions, segment_ids):
-    out = apply(params, tokens, positions, segment_ids)
+  def scaled(params, tokens, positions, segment_ids, **options):
+    out = apply(params, tokens, positions, segment_ids, **options)
     if isinstance(out, tuple):      # (logits, values): an actor-critic
       return (out[0] / temperature,) + tuple(out[1:])
     return out / temperature
@@ -70,7 +70,7 @@ def sampled_play(cfg: lm.Config, group_size: int, max_new_tokens: int,
                  eos_id: int = EOS, stop_ids: Sequence[int] = (), player: str = "agent",
                  turns: int = 1, opponent: Opponent | None = None,
                  params_of: Callable[[Any], Any] = lambda params: params,
-                 scaled_logprobs: bool = True):
+                 scaled_logprobs: bool = True, share_prompt: bool = False):
   """``play(state, batch, rng) -> (moves, facts)`` sampling ``player``'s params: a learner's or
   a frozen player's (SPIN's previous iterate; ``step.player_params``).
 
@@ -84,6 +84,10 @@ def sampled_play(cfg: lm.Config, group_size: int, max_new_tokens: int,
   policy out of the player's params (e.g. an actor-critic's).
   ``scaled_logprobs``: behaviour log-probs of ``logits / temperature`` (score the learner with
   ``at_temperature(apply, temperature)`` then), else of the temperature-1 logits.
+  ``share_prompt`` (with ``group_size > 1``): the record says that each group's rows open with the
+  same prompt (``records.SharedPrompt``), and the forwards over it (the learner's, the
+  reference's) compute that prompt once per group (``gamejax.models.shared_prompt``): the same
+  logits up to float rounding, ``G`` times fewer prompt tokens.
   """
   if group_size < 1:
     raise ValueError(f"sampled_play group_size must be >= 1; got {group_size}")
@@ -133,9 +137,14 @@ def sampled_play(cfg: lm.Config, group_size: int, max_new_tokens: int,
       lengths_B = real_BL.sum(axis=1).astype(jnp.int32)
     t = tokens_BL.shape[1]
     positions_BL = jnp.where(real_BL, jnp.arange(t)[None, :] - (t - lengths_B)[:, None], 0)
+    shared = None
+    if share_prompt and group_size > 1:
+      shared = records.SharedPrompt(repeat(batch["prompt_lengths"]).astype(jnp.int32),
+                                    group_size=group_size, width=jnp.shape(batch["prompt"])[1])
     moves = records.GameRecord(tokens=tokens_BL.astype(jnp.int32),
                                positions=positions_BL.astype(jnp.int32),
-                               segment_ids=real_BL.astype(jnp.int32), players=players_BL)
+                               segment_ids=real_BL.astype(jnp.int32), players=players_BL,
+                               shared_prompt=shared)
     behaviour_BL = jnp.concatenate([logprobs_BL[:, 1:], jnp.zeros((b, 1), jnp.float32)], axis=1)
     facts.update({
         "behaviour_logprobs": behaviour_BL,

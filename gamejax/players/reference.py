@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from gamejax import records
+from gamejax.payoffs.base import apply_moves
 
 REFERENCE_TOKEN_LOGPROBS = "reference_token_logprobs"
 
@@ -21,7 +22,7 @@ def token_logprobs(apply: Callable, params, moves: records.GameRecord,
                    players=("agent",)) -> jax.Array:
   """``float32[B, T]``: at ``t``, log p(token t+1) under ``apply(params, ...)`` where ``players``
   moved token ``t+1``; 0 elsewhere."""
-  logits_BTV = apply(params, moves.tokens, moves.positions, moves.segment_ids).astype(jnp.float32)
+  logits_BTV = apply_moves(apply, params, moves).astype(jnp.float32)
   logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
   picked_BT = jnp.take_along_axis(logp_BTV, records.next_tokens(moves)[..., None], axis=-1)[..., 0]
   return picked_BT * records.next_token_weights(moves, records.player_ids(players))

@@ -142,7 +142,7 @@ def stage_game(exp: Experiment, index: int) -> game_step.Game:
                               r.top_k, r.top_p, eos_id=exp.text_tokenizer.eos_id,
                               params_of=registry.MODELS[stage.player].policy,
                               scaled_logprobs=r.score_at_temperature)
-  play = sampler(turns=r.turns, opponent=r.opponent)
+  play = sampler(turns=r.turns, opponent=r.opponent, share_prompt=r.share_prompt)
   if r.versus is not None:
     play = versus.versus_play(play, sampler(player=r.versus))
   if isinstance(r.judge, verifiers.Verifier):

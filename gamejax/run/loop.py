@@ -27,6 +27,7 @@ import numpy as np
 from gamejax import distributed, sharding, step as game_step
 from gamejax.checkpoint import Checkpointer
 from gamejax.data import sources
+from gamejax.models import lm
 from gamejax.run import assembly, evaluation, faults
 from gamejax.run.schema import COUNTED, Experiment
 
@@ -97,7 +98,8 @@ def run_stage(exp: Experiment, index: int, finals: Mapping[str, Any] | None, wor
   batch_sharding = sharding.batch_sharding(mesh, leading=1)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage.name), keep=exp.keep_checkpoints,
-                      constant=assembly.constant_players(exp, index))
+                      constant=assembly.constant_players(exp, index),
+                      fused=lm.fused_storage(exp.model))
   accuracy_at = {}             # held-out accuracy every eval_every steps: "step" -> accuracy
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, state_sharding)

@@ -14,7 +14,7 @@ import jax
 from gamejax import sharding
 from gamejax.checkpoint import CheckpointError, Checkpointer
 from gamejax.data import sources
-from gamejax.models import reward
+from gamejax.models import lm, reward
 from gamejax.run import assembly, faults
 from gamejax.run.evaluation import load_eval_examples, reference_accuracies
 from gamejax.run.loop import run_stage, write_json_atomic
@@ -82,7 +82,8 @@ def restore_players(exp: Experiment, index: int, workdir: str) -> tuple[dict, di
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here),
                           abstract)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage.name), keep=exp.keep_checkpoints,
-                      constant=assembly.constant_players(exp, index))
+                      constant=assembly.constant_players(exp, index),
+                      fused=lm.fused_storage(exp.model))
   try:
     restored = ckpt.restore_latest(abstract, log=lambda line: print(line, file=sys.stderr))
   finally:

@@ -147,6 +147,11 @@ class Rollout:
   # temperature 1 (gamejax 0.1), which scores the moves under another policy than the one that
   # sampled them whenever temperature != 1.
   score_at_temperature: bool = True
+  # The learner's and the reference's forwards compute each group's prompt once (the record says
+  # its rows share it: ``records.SharedPrompt``, ``gamejax.models.shared_prompt``): the same
+  # log-probs up to float rounding and ``group_size`` times fewer prompt tokens in those
+  # forwards. Off by default, so that a run's figures stay those of the full forward.
+  share_prompt: bool = False
 
   @property
   def score_temperature(self) -> float:
@@ -727,6 +732,10 @@ def _validate_rollout(s: Stage, earlier: Sequence[Stage]) -> None:
   if r.group_size < 1 or r.prompt_len < 1 or (r.max_new_tokens or 1) < 1:
     raise ExperimentError(f"Stage {s.name!r}: Rollout group_size, prompt_len and "
                           f"max_new_tokens must be positive; got {r}")
+  if r.share_prompt and (r.versus is not None or s.player != "policy"):
+    raise ExperimentError(f"Stage {s.name!r}: Rollout.share_prompt computes each group's prompt "
+                          "once in a language model's forward: it needs player='policy' and no "
+                          f"Rollout.versus; got player={s.player!r}, versus={r.versus!r}")
   if r.max_new_tokens is None and s.data.name != "arithmetic_arena":
     raise ExperimentError(f"Stage {s.name!r}: Rollout.max_new_tokens must be set for "
                           f"dataset {s.data.name!r} (only the arena implies it)")
