@@ -67,6 +67,7 @@ HEAVY = {
     "test_kuhn.py::test_kuhn_experiment_runs_from_gin_and_exports_a_policy_openspiel_agrees_with": 18,
     "test_play.py::test_sampled_moves_are_attributed_and_their_logprobs_match_a_forward_pass": 18,
     "test_step.py::test_eight_device_step_equals_one_device": 17,
+    "test_shared_prompt.py::test_a_groups_prompt_computed_once_on_eight_devices_matches_one_device": 21,
     "test_temperature.py::test_rollout_top_k_and_top_p_reach_the_sampler": 17,
     "test_run.py::test_resume_restores_the_counted_events": 16,
     "test_readme.py::test_readme_payoff_example_trains": 16,

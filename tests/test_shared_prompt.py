@@ -60,8 +60,7 @@ def _weighted_logprob(apply, moves, weights_BT):
   return objective
 
 
-@pytest.mark.parametrize("name", sorted(CFGS))
-@pytest.mark.parametrize("turns", [1, 2])
+@pytest.mark.parametrize("name,turns", [("llama", 1), ("llama", 2), ("gpt2", 1), ("qwen3", 2)])
 def test_a_groups_prompt_computed_once_gives_the_full_forwards_logits_and_gradients(name, turns):
   cfg = CFGS[name]
   params = lm.init_params(cfg, jax.random.PRNGKey(0))
@@ -210,13 +209,18 @@ def test_grpo_with_microbatches_of_whole_groups_computes_prompts_once_and_matche
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
-def test_a_run_with_share_prompt_trains_as_the_full_forward_does(tmp_path):
-  """``Rollout.share_prompt`` from the experiment to the compiled step: a GRPO stage's logged
-  metrics both ways, step for step, agree up to float rounding."""
+def test_a_run_with_share_prompt_trains_as_the_full_forward_does(tmp_path, monkeypatch):
+  """``Rollout.share_prompt`` from the experiment to the compiled step: the step computes the
+  prompts once (traced there, and only then), and a GRPO stage's logged metrics both ways, step
+  for step, agree up to float rounding."""
   from gamejax import config, run
   from gamejax.payoffs import grpo
+  traced = []
+  once = shared_prompt.once
+  monkeypatch.setattr(shared_prompt, "once", lambda *a, **k: traced.append(1) or once(*a, **k))
   metrics = {}
   for share in (False, True):
+    del traced[:]
     stage = run.Stage(name="rl", data=config.arena(players=[("perfect", 1.0)], num_train=50,
                                                    num_test=10, max_digits=2),
                       payoff=grpo(2, beta=0.1), reference=True, steps=2, batch_size=2,
@@ -230,7 +234,41 @@ def test_a_run_with_share_prompt_trains_as_the_full_forward_does(tmp_path):
     work = tmp_path / str(share)
     run.run_stage(exp, 0, None, str(work), mesh, progress=False, log=lambda _: None)
     metrics[share] = [json.loads(line) for line in open(work / "metrics.jsonl")]
+    assert bool(traced) == share     # the learner's and the reference's forwards
   assert len(metrics[True]) == len(metrics[False]) == 2
   for plain, shared in zip(metrics[False], metrics[True]):
     for key in ("agent/loss", "agent/kl", "agent/reward_mean", "agent/grad_norm"):
       assert shared[key] == pytest.approx(plain[key], rel=1e-3, abs=1e-6), key
+
+
+def run_on(mesh):
+  """Two GRPO steps with each group's prompt computed once, on ``mesh`` (``eight_devices``
+  compares meshes: data, FSDP, and FSDP with tensor parallelism): 8 prompts x 2 completions."""
+  from gamejax.payoffs import grpo
+  cfg = CFGS["llama"]
+  apply = functools.partial(lm.apply, cfg)
+  judge = judges.function_judge(lambda moves, facts: (facts["completion"] < 64).mean(axis=-1))
+  game = game_step.Game(
+      {"agent": game_step.Learner(apply, grpo(2, beta=0.1), optax.sgd(1.0))},
+      play=policy.sampled_play(cfg, 2, NEW, eos_id=EOS, share_prompt=True),
+      respond=judges.responders(judge, reference.reference(apply)))
+  params = lm.init_params(cfg, jax.random.PRNGKey(0))
+  state = game_step.init_state(game, {"agent": params}, jax.random.PRNGKey(1),
+                               frozen={"reference": jax.tree.map(jnp.copy, params)})
+  step, shardings = game_step.make_step(game, mesh, jax.eval_shape(lambda: state))
+  state = jax.device_put(state, shardings)
+  rng = np.random.default_rng(1)
+  lengths = rng.integers(1, WIDTH + 1, 8).astype(np.int32)
+  prompts = np.where(np.arange(WIDTH)[None] >= WIDTH - lengths[:, None],
+                     rng.integers(6, 128, (8, WIDTH)), 0).astype(np.int32)
+  batch = jax.device_put({"prompt": prompts[None], "prompt_lengths": lengths[None]},
+                         sharding.batch_sharding(mesh, leading=1))
+  for _ in range(2):
+    state, metrics = step(state, batch)
+  return np.asarray(metrics["agent/loss"]), jax.device_get(state.params)
+
+
+def test_a_groups_prompt_computed_once_on_eight_devices_matches_one_device():
+  import eight_devices
+  eight_devices.assert_eight_devices_match_one("test_shared_prompt", timeout=300,
+                                              meshes=eight_devices.MESHES)
