@@ -96,11 +96,12 @@ def test_rows_that_do_not_share_their_prompt_get_the_full_forward_when_checked()
   mixed = jax.tree.map(lambda x: x[order], moves)
   assert not bool(shared_prompt.layout_holds(*_inputs(mixed), mixed.shared_prompt))
   real = np.asarray(mixed.segment_ids) > 0
-  full = np.asarray(lm.apply(cfg, params, *_inputs(mixed)))
+  full = np.asarray(jax.jit(functools.partial(lm.apply, cfg))(params, *_inputs(mixed)))
   shared = np.asarray(jax.jit(lambda p: shared_prompt.apply(
       cfg, p, *_inputs(mixed), mixed.shared_prompt, checked=True))(params))
   np.testing.assert_allclose(shared[real], full[real], atol=2e-5)
-  wrong = np.asarray(shared_prompt.once(cfg, params, *_inputs(mixed), mixed.shared_prompt))
+  wrong = np.asarray(jax.jit(lambda p: shared_prompt.once(cfg, p, *_inputs(mixed),
+                                                         mixed.shared_prompt))(params))
   assert np.abs(wrong[real] - full[real]).max() > 1e-2
   # A record that is not right-aligned fails the check too.
   shifted = [jnp.roll(x, -1, axis=1) for x in _inputs(moves)]

@@ -35,8 +35,8 @@ smaller than a group).
 >>> segments = (tokens > 0).astype(np.int32)
 >>> positions = np.array([[0, 0, 1, 2, 3], [0, 1, 2, 3, 4]], np.int32)
 >>> share = records.SharedPrompt(np.array([3, 3], np.int32), group_size=2, width=3)
->>> full = lm.apply(cfg, params, tokens, positions, segments)
->>> once = apply(cfg, params, tokens, positions, segments, share)
+>>> full = jax.jit(lambda p: lm.apply(cfg, p, tokens, positions, segments))(params)
+>>> once = jax.jit(lambda p: apply(cfg, p, tokens, positions, segments, share))(params)
 >>> bool(np.allclose(full[segments > 0], once[segments > 0], atol=1e-5))
 True
 """
