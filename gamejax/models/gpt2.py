@@ -274,8 +274,10 @@ class GPT2(nn.Module):
           x_BTD, identity_BT, bias_BTS, layer_cache, cache_index)
       new_layers.append(new_layer)
     x_BTD = LayerNorm(cfg, name="final_norm")(x_BTD)
-    if self.hidden_only and cache is None:
-      return x_BTD
+    if self.hidden_only:
+      if cache is None:
+        return x_BTD
+      return x_BTD, {"layers": tuple(new_layers), "segment_ids": k_segment_BS}
     if self.has_variable("params", "lm_head"):    # ``decode_params``: the embedding's transpose
       head = self.param("lm_head", init, (cfg.d_model, cfg.vocab_size), cfg.weight_dtype)
       logits_BTV = dense(x_BTD, head, 0, jnp.float32)
@@ -387,18 +389,19 @@ def decode_params(cfg: GPT2Config, params: Params) -> Params:
 
 
 def apply_with_cache(cfg: GPT2Config, params: Params, tokens_BT, positions_BT, segment_ids_BT,
-                     cache: Cache, cache_index, *, bias=None, trained: bool = False):
+                     cache: Cache, cache_index, *, bias=None, trained: bool = False,
+                     hidden: bool = False):
   """KV-cached forward: writes the ``T`` new tokens' keys/values at slots ``cache_index ..
   cache_index + T - 1`` and returns ``(float32[B, T, V] logits, cache)``; prefill then one-token
   steps give the full forward's logits (the semantics of ``llama.apply_with_cache``, whose
-  ``bias`` and ``trained`` this takes too; GPT-2 has no RoPE tables)."""
+  ``bias``, ``trained`` and ``hidden`` this takes too; GPT-2 has no RoPE tables)."""
   _check_inputs(tokens_BT, positions_BT, segment_ids_BT)
   b, t = jnp.shape(tokens_BT)
   b_cache, s = cache["segment_ids"].shape
   if b_cache != b or t > s:
     raise ValueError(f"cache of batch {b_cache}, length {s} cannot take tokens of shape {(b, t)}")
-  return GPT2(cfg, trained=trained).apply({"params": params}, tokens_BT, positions_BT,
-                                         segment_ids_BT, cache, cache_index, bias)
+  return GPT2(cfg, hidden_only=hidden, trained=trained).apply(
+      {"params": params}, tokens_BT, positions_BT, segment_ids_BT, cache, cache_index, bias)
 
 
 def param_count(cfg: GPT2Config) -> int:

@@ -279,8 +279,10 @@ class Llama(nn.Module):
           x_BTD, rope_BT, bias_BTS, layer_cache, cache_index)
       new_layers.append(new_layer)
     x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
-    if self.hidden_only and cache is None:
-      return x_BTD
+    if self.hidden_only:
+      if cache is None:
+        return x_BTD
+      return x_BTD, {"layers": tuple(new_layers), "segment_ids": k_segment_BS}
 
     # A tied model has an ``lm_head`` only when ``decode_params`` made one: the embedding's
     # transpose, the same weights.
@@ -471,7 +473,8 @@ def rope_tables(cfg: LlamaConfig, positions_BT):
 
 
 def apply_with_cache(cfg: LlamaConfig, params: Params, tokens_BT, positions_BT, segment_ids_BT,
-                     cache: Cache, cache_index, *, rope=None, bias=None, trained: bool = False):
+                     cache: Cache, cache_index, *, rope=None, bias=None, trained: bool = False,
+                     hidden: bool = False):
   """KV-cached forward: writes the ``T`` new tokens' keys/values at slots ``cache_index ..
   cache_index + T - 1`` (the same for every row) and returns ``(float32[B, T, V] logits, cache)``.
 
@@ -487,14 +490,16 @@ def apply_with_cache(cfg: LlamaConfig, params: Params, tokens_BT, positions_BT, 
   written: the caller tracks which slots each query sees; see ``kernels.cached_bias``).
   ``trained``: the forward is differentiated (``gamejax.models.shared_prompt``), and its blocks
   rematerialise as ``cfg.remat`` says, as the full forward's do (a decode never does).
+  ``hidden``: the final norm's states ``[B, T, D]`` in place of the logits (``lm_head`` on them
+  gives the logits).
   """
   _check_inputs(tokens_BT, positions_BT, segment_ids_BT)
   b, t = jnp.shape(tokens_BT)
   b_cache, s = cache["segment_ids"].shape
   if b_cache != b or t > s:
     raise ValueError(f"cache of batch {b_cache}, length {s} cannot take tokens of shape {(b, t)}")
-  return Llama(cfg, trained=trained).apply({"params": params}, tokens_BT, positions_BT,
-                                          segment_ids_BT, cache, cache_index, rope, bias)
+  return Llama(cfg, hidden_only=hidden, trained=trained).apply(
+      {"params": params}, tokens_BT, positions_BT, segment_ids_BT, cache, cache_index, rope, bias)
 
 
 def param_count(cfg: LlamaConfig) -> int:

@@ -56,7 +56,8 @@ def init_cache(cfg: Config, batch: int, max_len: int):
 
 
 def apply_with_cache(cfg: Config, params: Params, tokens_BT, positions_BT, segment_ids_BT, cache,
-                     cache_index, *, rope=None, bias=None, trained: bool = False):
+                     cache_index, *, rope=None, bias=None, trained: bool = False,
+                     hidden: bool = False):
   """Cached forward: writes the new tokens at ``cache_index ..`` and returns ``(logits, cache)``;
   prefill then one-token steps give the full forward's logits.
 
@@ -64,11 +65,10 @@ def apply_with_cache(cfg: Config, params: Params, tokens_BT, positions_BT, segme
   ``positions_BT`` (families with RoPE), and ``bias``, the attention's additive bias ``float32[B,
   T, S]`` (the cache's segment ids are then left as they are; ``llama.apply_with_cache``).
   ``trained``: the cached forward is differentiated (its blocks rematerialise as ``cfg.remat``
-  says).
+  says); ``hidden``: the final norm's states ``[B, T, D]`` in place of the logits (``lm_head``).
   """
   extra = {"bias": bias} if rope is None else {"bias": bias, "rope": rope}
-  if trained:
-    extra["trained"] = True
+  extra.update({k: True for k, on in (("trained", trained), ("hidden", hidden)) if on})
   return families.of_config(cfg).apply_with_cache(cfg, params, tokens_BT, positions_BT,
                                                   segment_ids_BT, cache, cache_index, **extra)
 

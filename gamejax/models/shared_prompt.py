@@ -10,13 +10,15 @@ and in the reference's forward. When the record says what its rows share
    slots, left-aligned]``, so that the ``G`` rows of a group hold the same first ``L`` slots;
 2. the ``U = B / G`` prompts are prefilled into a KV cache (``apply_with_cache``, as the sampler
    does), the cache is repeated to the ``B`` rows, and each row's rest is run over it;
-3. the logits are gathered back to the record's slots.
+3. the final norm's states are gathered back to the record's slots and the LM head reads them
+   there: the logits take the memory of the full forward's (``[B, T, V]``, once), not more.
 
 A cached forward is the full forward's causal attention over the same tokens (each query sees the
 slots of its own segment up to its own), so the logits are those of ``lm.apply`` on the record, up
 to float rounding: a GEMM's rows round by how many rows it multiplies, and here the prompt's rows
 are ``G`` times fewer. The gradient of the prompt's keys and values sums the group's rows (the
-transpose of the repeat). Dense work falls from ``B*T`` token rows to ``U*L + B*N``.
+transpose of the repeat). The trunk's dense work falls from ``B*T`` token rows to ``U*L + B*N``;
+the LM head still reads ``B*T`` (a share of a step's FLOPs that grows with the vocabulary).
 
 The layout is what the play's record promises: rows right-aligned (their tokens in their last
 slots), each prompt no longer than ``L`` nor its row, the rest no longer than ``N``, and every row
@@ -123,18 +125,18 @@ def once(cfg: lm.Config, params: Any, tokens_BT, positions_BT, segment_ids_BT,
   g, width = share.group_size, share.width
   rows = unaligned_rows(tokens_BT, positions_BT, segment_ids_BT, share)
   cache = lm.init_cache(cfg, b // g, t)
-  prompt_ULV, cache = lm.apply_with_cache(cfg, params, *(x[::g, :width] for x in rows), cache, 0,
-                                          trained=True)
+  prompt_ULD, cache = lm.apply_with_cache(cfg, params, *(x[::g, :width] for x in rows), cache, 0,
+                                          trained=True, hidden=True)
   cache = jax.tree.map(lambda x: jnp.repeat(x, g, axis=0), cache)
-  rest_BNV, _ = lm.apply_with_cache(cfg, params, *(x[:, width:] for x in rows), cache, width,
-                                    trained=True)
-  v = rest_BNV.shape[-1]
-  flat = jnp.concatenate([prompt_ULV.reshape(-1, v), rest_BNV.reshape(-1, v)], axis=0)
+  rest_BND, _ = lm.apply_with_cache(cfg, params, *(x[:, width:] for x in rows), cache, width,
+                                    trained=True, hidden=True)
+  d = rest_BND.shape[-1]
+  flat = jnp.concatenate([prompt_ULD.reshape(-1, d), rest_BND.reshape(-1, d)], axis=0)
   _, _, slot_BT = unaligned_slots(jnp.asarray(segment_ids_BT), share.prompt_lengths, width)
   row_B1 = jnp.arange(b, dtype=jnp.int32)[:, None]
   index_BT = jnp.where(slot_BT < width, (row_B1 // g) * width + slot_BT,
                        (b // g) * width + row_B1 * (t - width) + slot_BT - width)
-  return jnp.take(flat, index_BT, axis=0)
+  return lm.lm_head(cfg, params, jnp.take(flat, index_BT, axis=0))
 
 
 def apply(cfg: lm.Config, params: Any, tokens_BT, positions_BT, segment_ids_BT,
