@@ -15,7 +15,8 @@ restore reads them back from there.
 A model may store some weights fused (``fused``: ``lm.fused_storage``, e.g. Llama's ``wqkv``). A
 checkpoint written before they were (``wq``, ``wk``, ``wv``, in params, optimizer moments and
 frozen players alike) is restored by reading the standard leaves and joining them
-(``standard_target``, ``fusion.fuse``): the same state as if it had been written fused.
+(``standard_target``, ``fusion.fuse`` of the state): the same state as if it had been written
+fused.
 
 >>> ckpt = Checkpointer("/tmp/run/checkpoints", keep=3)      # doctest: +SKIP
 >>> ckpt.save(100, state, {"data": loader.get_state()})      # doctest: +SKIP
@@ -144,22 +145,24 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     target, constant = self._split(jax.tree.map(_abstract, abstract_state))
     try:
-      state, extra = self._read(step, target, constant)
+      return self._read(step, target, constant)
     except Exception as e:  # orbax raises many types; name the checkpoint and the cause
-      if not self.fused:
+      standard = self._read_standard(step, target, constant) if self.fused else None
+      if standard is None:
         raise CheckpointError(
             f"cannot restore checkpoint step {step} from {self.directory}: "
             f"{type(e).__name__}: {e}") from e
-      try:          # written before the model stored these weights fused?
-        standard = [standard_target(t, self.fused) for t in (target, constant)]
-        state, extra = self._read(step, *standard)
-      except Exception:  # noqa: BLE001 - not that either: the first error is the one to report
-        raise CheckpointError(
-            f"cannot restore checkpoint step {step} from {self.directory}: "
-            f"{type(e).__name__}: {e}") from e
-      state = jax.device_put(fuse_state(state, self.fused),
-                             jax.tree.map(lambda x: _abstract(x).sharding, abstract_state))
-    return state, extra
+    state, extra = standard
+    return jax.device_put(fusion.fuse(state, self.fused),
+                          jax.tree.map(lambda x: _abstract(x).sharding, abstract_state)), extra
+
+  def _read_standard(self, step: int, target: Any, constant: dict) -> tuple[Any, dict] | None:
+    """Checkpoint ``step`` read as written before the model stored ``self.fused`` weights fused
+    (``standard_target``), not yet joined; None when it is not such a checkpoint either."""
+    try:
+      return self._read(step, *(standard_target(t, self.fused) for t in (target, constant)))
+    except Exception:  # noqa: BLE001 - not that either: the caller reports the first error
+      return None
 
   def _read(self, step: int, target: Any, constant: dict) -> tuple[Any, dict]:
     """Checkpoint ``step`` read into ``target`` and the constant frozen players into
@@ -195,18 +198,6 @@ def _abstract(x):
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
 
-def _dict_nodes(fn, tree):
-  """``fn`` applied to every dict of ``tree``, children first, at any depth and inside any
-  container (params, the optimizer's moments inside its state tuples, frozen players)."""
-  def visit(x):
-    if isinstance(x, dict):
-      return fn({k: visit(v) for k, v in x.items()})
-    if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x)):
-      return x
-    return jax.tree.map(visit, x, is_leaf=lambda y: y is not x and isinstance(y, dict))
-  return visit(tree)
-
-
 def standard_target(target: Any, specs: fusion.Specs) -> Any:
   """``target`` (a state of ``jax.ShapeDtypeStruct``) as a checkpoint written before ``specs``
   stored weights fused holds it: every fused leaf replaced by its standard parts, their shapes cut
@@ -234,15 +225,4 @@ def standard_target(target: Any, specs: fusion.Specs) -> Any:
             p: part(x, spec, i) for i, p in enumerate(spec.parts)}
     return node
 
-  return _dict_nodes(one, target)
-
-
-def fuse_state(state: Any, specs: fusion.Specs) -> Any:
-  """A state read in the standard layout (``standard_target``) with its weights joined as
-  ``specs`` store them (``fusion.fuse`` of every dict)."""
-  return _dict_nodes(lambda node: fusion.fuse(node, specs), state)
-
-
-def unfuse_state(state: Any, specs: fusion.Specs) -> Any:
-  """``fuse_state`` inverted: the state as a checkpoint in the standard layout holds it."""
-  return _dict_nodes(lambda node: fusion.unfuse(node, specs), state)
+  return fusion.map_dicts(target, one)

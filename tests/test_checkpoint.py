@@ -47,12 +47,13 @@ def test_constant_frozen_players_are_written_once_and_restored(tmp_path):
 
 def test_a_checkpoint_written_before_weights_were_stored_fused_restores_fused(tmp_path):
   """A checkpoint holding ``wq``, ``wk``, ``wv``, ``w_gate``, ``w_up`` (params, Adam's moments and a
-  frozen reference written once) restores into the fused tree, bit for bit the state it was;
-  without the model's fused specs it fails with the checkpoint named, as before."""
+  frozen reference written once) restores into the fused tree, bit for bit the state it was, and
+  LoRA adapters named by the standard weights (``wq: {a, b}``, ...) stay as they are; without the
+  model's fused specs it fails with the checkpoint named, as before."""
   import optax
   from gamejax import sharding
-  from gamejax.checkpoint import standard_target, unfuse_state
-  from gamejax.models import lm
+  from gamejax.checkpoint import standard_target
+  from gamejax.models import fusion, lm
   from gamejax.models.llama import LlamaConfig
   cfg = LlamaConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32)
   specs = lm.fused_storage(cfg)
@@ -60,11 +61,13 @@ def test_a_checkpoint_written_before_weights_were_stored_fused_restores_fused(tm
   opt = optax.adamw(1e-2)
   grads = jax.tree.map(jnp.ones_like, params)
   opt_state = opt.update(grads, opt.init(params), params)[1]      # moments that are not zeros
+  adapter = lambda: {"a": jnp.ones((16, 2)), "b": jnp.full((2, 16), 0.5)}
+  adapters = {"block_0": {"attn": {"wq": adapter(), "wk": adapter(), "wv": adapter()}}}
   state = game_step.GameState(
-      params={"agent": params}, opt_state={"agent": opt_state},
+      params={"agent": params, "lora": adapters}, opt_state={"agent": opt_state},
       frozen={"reference": jax.tree.map(lambda x: x + 1.0, params)},
       rng=jax.random.PRNGKey(3), step=jnp.asarray(7, jnp.int32))
-  unfused = unfuse_state(state, specs)
+  unfused = fusion.unfuse(state, specs)
   assert "wq" in unfused.opt_state["agent"][0].mu["block_1"]["attn"]
   old = Checkpointer(str(tmp_path / "stage"), constant=("reference",))
   old.save(7, unfused, {"data": {"position": 3}}, wait=True)

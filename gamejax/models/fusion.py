@@ -63,27 +63,32 @@ class Fused:
 Specs = Sequence[Fused]
 
 
-def _map_dicts(tree, fn):
-  """``fn`` applied to every dict of a nested-dict tree, children first."""
-  if not isinstance(tree, dict):
+def map_dicts(tree, fn):
+  """``fn`` applied to every dict of ``tree``, children first, at any depth and inside any pytree
+  container: a params tree, or a whole game state (the optimizer's moments inside its state
+  tuples, frozen players, LoRA adapters)."""
+  if isinstance(tree, dict):
+    return fn({k: map_dicts(v, fn) for k, v in tree.items()})
+  if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(tree)):
     return tree
-  return fn({k: _map_dicts(v, fn) for k, v in tree.items()})
+  return jax.tree.map(lambda x: map_dicts(x, fn), tree, is_leaf=lambda x: isinstance(x, dict))
 
 
 def fuse(params: Params, specs: Specs) -> Params:
-  """The stored tree of a standard one: in every dict holding all of a spec's parts, the parts
-  replaced by their joined leaf."""
+  """The stored tree of a standard one (params, or a state holding them): in every dict holding
+  all of a spec's parts as leaves, the parts replaced by their joined leaf. (A dict whose parts
+  are dicts, LoRA's adapters of ``wq``, ``wk``, ``wv``, stays as it is.)"""
   def one(node: dict) -> dict:
     for spec in specs:
-      if all(p in node for p in spec.parts):
+      if all(p in node and not isinstance(node[p], dict) for p in spec.parts):
         node = {k: v for k, v in node.items() if k not in spec.parts} | {
             spec.name: spec.join([node[p] for p in spec.parts])}
     return node
-  return _map_dicts(params, one)
+  return map_dicts(params, one)
 
 
 def unfuse(params: Params, specs: Specs) -> Params:
-  """The standard tree of a stored one (``fuse`` inverted)."""
+  """The standard tree of a stored one (``fuse`` inverted; params, or a state holding them)."""
   def one(node: dict) -> dict:
     for spec in specs:
       if spec.name in node and not isinstance(node[spec.name], dict):
@@ -91,7 +96,7 @@ def unfuse(params: Params, specs: Specs) -> Params:
         node = {k: v for k, v in node.items() if k != spec.name} | {
             p: x[spec.index(i, x.ndim)] for i, p in enumerate(spec.parts)}
     return node
-  return _map_dicts(params, one)
+  return map_dicts(params, one)
 
 
 def locate(path: Sequence[str], specs: Specs) -> tuple[tuple[str, ...], Fused | None, int]:
