@@ -89,12 +89,15 @@ def unaligned_slots(segment_ids_BT, prompt_lengths_B, width: int):
 
 
 def unaligned_rows(tokens_BT, positions_BT, segment_ids_BT, share: records.SharedPrompt):
-  """The record's ``(tokens, positions, segment ids)`` un-aligned (``unaligned_slots``): each row
-  its prompt left-padded to ``share.width``, then the rest left-aligned; padding 0."""
-  source_BT, real_BT, _ = unaligned_slots(segment_ids_BT, share.prompt_lengths, share.width)
-  return tuple(jnp.where(real_BT, jnp.take_along_axis(jnp.asarray(x, jnp.int32), source_BT,
+  """``((tokens, positions, segment ids), record_slot)``: the record's rows un-aligned
+  (``unaligned_slots``: each row its prompt left-padded to ``share.width``, then the rest
+  left-aligned; padding 0), and for each record slot the un-aligned slot that holds it."""
+  source_BT, real_BT, record_slot_BT = unaligned_slots(segment_ids_BT, share.prompt_lengths,
+                                                       share.width)
+  rows = tuple(jnp.where(real_BT, jnp.take_along_axis(jnp.asarray(x, jnp.int32), source_BT,
                                                       axis=1), 0)
                for x in (tokens_BT, positions_BT, segment_ids_BT))
+  return rows, record_slot_BT
 
 
 def layout_holds(tokens_BT, positions_BT, segment_ids_BT, share: records.SharedPrompt):
@@ -109,7 +112,7 @@ def layout_holds(tokens_BT, positions_BT, segment_ids_BT, share: records.SharedP
   aligned = ((jnp.asarray(segment_ids_BT) > 0)
              == (jnp.arange(t)[None, :] >= (t - length_B)[:, None])).all()
   fits = ((p_B >= 0) & (p_B <= jnp.minimum(width, length_B)) & (length_B - p_B <= t - width)).all()
-  rows = unaligned_rows(tokens_BT, positions_BT, segment_ids_BT, share)
+  rows, _ = unaligned_rows(tokens_BT, positions_BT, segment_ids_BT, share)
   shared = jnp.stack([(x[:, :width] == jnp.repeat(x[::g, :width], g, axis=0)).all()
                       for x in rows]).all()
   return aligned & fits & shared
@@ -123,7 +126,7 @@ def once(cfg: lm.Config, params: Any, tokens_BT, positions_BT, segment_ids_BT,
   check(share, jnp.shape(tokens_BT))
   b, t = jnp.shape(tokens_BT)
   g, width = share.group_size, share.width
-  rows = unaligned_rows(tokens_BT, positions_BT, segment_ids_BT, share)
+  rows, slot_BT = unaligned_rows(tokens_BT, positions_BT, segment_ids_BT, share)
   cache = lm.init_cache(cfg, b // g, t)
   prompt_ULD, cache = lm.apply_with_cache(cfg, params, *(x[::g, :width] for x in rows), cache, 0,
                                           trained=True, hidden=True)
@@ -132,7 +135,6 @@ def once(cfg: lm.Config, params: Any, tokens_BT, positions_BT, segment_ids_BT,
                                     trained=True, hidden=True)
   d = rest_BND.shape[-1]
   flat = jnp.concatenate([prompt_ULD.reshape(-1, d), rest_BND.reshape(-1, d)], axis=0)
-  _, _, slot_BT = unaligned_slots(jnp.asarray(segment_ids_BT), share.prompt_lengths, width)
   row_B1 = jnp.arange(b, dtype=jnp.int32)[:, None]
   index_BT = jnp.where(slot_BT < width, (row_B1 // g) * width + slot_BT,
                        (b // g) * width + row_B1 * (t - width) + slot_BT - width)
@@ -145,7 +147,7 @@ def apply(cfg: lm.Config, params: Any, tokens_BT, positions_BT, segment_ids_BT,
   computed once (``once``). ``checked``: only where ``layout_holds``, else the full forward
   (``lax.cond``; its branches cost copies of their operands and results, which is why the step
   does not check: it trusts the play's record and drops ``shared_prompt`` where it takes rows
-  that split groups, ``step.take_rows``)."""
+  that split groups, ``step.take_moves``)."""
   inputs = tuple(jnp.asarray(x, jnp.int32) for x in (tokens_BT, positions_BT, segment_ids_BT))
   if not checked:
     return once(cfg, params, *inputs, share)
