@@ -12,7 +12,10 @@ time is reported and the next one runs):
   (without the no-cache baseline, which would take minutes);
 * ``grpo_64x8``: ``benchmarks.grpo_step`` at 64 prompts x 8 completions x 256 prompt tokens x
   256 new, on the 26M benchmark model (``models/bench.gin``; the 1B model's forward and backward
-  over 512 x 512 tokens needs more memory than one GPU has without remat and accumulation).
+  over 512 x 512 tokens needs more memory than one GPU has without remat and accumulation);
+* ``memory_1b_grpo``: ``benchmarks.memory``, the GPU compiler's memory analysis of the 1B GRPO
+  step at that shape with remat, 8 microbatches, and the logits whole or read 32 positions at a
+  time (``logits_chunk``): whether it fits one GPU, compiled and not run.
 
 Prints each case's JSON line as it comes, then one summary line. ``--smoke`` runs the same cases
 at toy sizes (a CPU check that the script itself works).
@@ -37,10 +40,15 @@ CASES = {
                               "--new_tokens=256", "--calls=5", "--no_baseline"]),
     "grpo_64x8": ("grpo_step", ["--model=models/bench.gin", "--prompts=64", "--group_size=8",
                                 "--prompt_len=256", "--new_tokens=256", "--steps=3"]),
+    "memory_1b_grpo": ("memory", ["--model=models/1b.gin", "--prompts=64", "--group_size=8",
+                                  "--prompt_len=256", "--new_tokens=256", "--accumulate=8",
+                                  "--remat=full", "--logits_chunks=0,32"]),
 }
 SMOKE = ["--vocab_size=256", "--d_model=64", "--d_ff=128", "--n_layers=1", "--n_heads=4",
          "--n_kv_heads=2"]
-SMOKE_SHAPES = {"train_step": ["--batch=2", "--seq_len=32", "--steps=1"],
+SMOKE_SHAPES = {"memory": ["--prompts=2", "--group_size=2", "--prompt_len=8", "--new_tokens=8",
+                           "--accumulate=1", "--logits_chunks=0,4"],
+                "train_step": ["--batch=2", "--seq_len=32", "--steps=1"],
                 "sample": ["--batch=4", "--prompt_len=8", "--new_tokens=8", "--calls=5"],
                 "grpo_step": ["--prompts=2", "--group_size=2", "--prompt_len=8",
                               "--new_tokens=8", "--steps=2"]}
@@ -50,7 +58,7 @@ def case_args(module: str, args: list[str], smoke: bool) -> list[str]:
   """A case's arguments; at smoke sizes, its model file kept and every size made tiny."""
   if not smoke:
     return args
-  kept = [a for a in args if a.startswith(("--model", "--settings", "--no_baseline"))]
+  kept = [a for a in args if a.startswith(("--model", "--settings", "--no_baseline", "--remat"))]
   return kept + SMOKE + SMOKE_SHAPES[module]
 
 

@@ -34,7 +34,6 @@ reference's forward pass is needed). Prints one JSON line:
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 
 import jax
@@ -93,29 +92,39 @@ def main(argv=None):
 
 
 def compiled_step(cfg: lm.Config, prompts: int, group_size: int, prompt_len: int,
-                  new_tokens: int, share_prompt: bool = False):
+                  new_tokens: int, share_prompt: bool = False, accumulate: int = 1,
+                  abstract: bool = False):
   """``(step, state, batch)``: the benchmark's GRPO game (the module docstring) as
   ``game_step.make_step`` compiles it, its state on the mesh, and a batch of ``prompts`` random
-  full-length prompts. ``share_prompt``: the forwards compute each group's prompt once."""
-  apply = functools.partial(lm.apply, cfg)
+  full-length prompts. ``share_prompt``: the forwards compute each group's prompt once;
+  ``accumulate``: the gradient in that many microbatches (of whole groups when they divide);
+  ``abstract``: the state and batch as shapes only (``jax.eval_shape``; nothing allocated), for
+  ``step.lower(state, batch)``."""
+  apply = lm.bind(cfg)          # with cfg.logits_chunk, the payoffs read the logits in blocks
   half = cfg.vocab_size // 2
   judge = judges.function_judge(
       lambda moves, facts: (facts["completion"] < half).astype(jnp.float32).mean(axis=-1))
   game = game_step.Game(
       learners={"agent": game_step.Learner(apply, grpo(group_size, beta=0.04),
-                                           optax.adamw(1e-5))},
+                                           optax.adamw(1e-5), accumulate=accumulate)},
       play=policy.sampled_play(cfg, group_size, new_tokens, temperature=1.0, eos_id=NEVER,
                                share_prompt=share_prompt),
       respond=judges.responders(judge, reference.reference(apply)))
-  params = lm.init_params(cfg, jax.random.PRNGKey(0))
-  state = game_step.init_state(game, {"agent": params}, jax.random.PRNGKey(1),
-                               frozen={"reference": jax.tree.map(jnp.copy, params)})
+
+  def init():
+    params = lm.init_params(cfg, jax.random.PRNGKey(0))
+    return game_step.init_state(game, {"agent": params}, jax.random.PRNGKey(1),
+                                frozen={"reference": jax.tree.map(jnp.copy, params)})
+
   mesh = sharding.make_mesh()
-  step, shardings = game_step.make_step(game, mesh, jax.eval_shape(lambda: state))
-  state = jax.device_put(state, shardings)
+  shapes = jax.eval_shape(init)
+  step, shardings = game_step.make_step(game, mesh, shapes)
   rng = np.random.default_rng(0)
   batch = {"prompt": rng.integers(3, cfg.vocab_size, (1, prompts, prompt_len)).astype(np.int32),
            "prompt_lengths": np.full((1, prompts), prompt_len, np.int32)}
+  if abstract:
+    return step, shapes, jax.eval_shape(lambda: batch)
+  state = jax.device_put(init(), shardings)
   return step, state, jax.device_put(batch, sharding.batch_sharding(mesh, leading=1))
 
 

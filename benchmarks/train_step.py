@@ -8,7 +8,8 @@ several memory/speed settings measured in one run.
 
 Settings (join several with ``+``: ``remat_full+accum4``): ``baseline`` (f32, no remat, one pass),
 ``remat_full`` / ``remat_dots`` (``LlamaConfig.remat``), ``bf16`` (``dtype='bfloat16'`` compute on
-float32 params and optimizer state), ``accumN`` (``Learner.accumulate=N`` microbatches per update).
+float32 params and optimizer state), ``accumN`` (``Learner.accumulate=N`` microbatches per update),
+``chunkC`` (``LlamaConfig.logits_chunk=C``: the loss reads the logits ``C`` positions at a time).
 
 Prints one JSON line: per setting, tokens/s, model FLOPs/s, MFU = model FLOPs/s / the matmul peak
 of the setting's compute dtype (f32, or bf16 for ``bf16``) measured in this process, and the
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import resource
 import time
@@ -55,7 +55,8 @@ CPU_REMAT_NOTE = ("XLA:CPU expands remat's optimization barriers away: the remat
 
 
 def parse_setting(name: str) -> dict:
-  """``{"remat", "dtype", "accumulate"}`` of a setting name (``remat_full+accum4``)."""
+  """``{"remat", "dtype", "accumulate"}`` of a setting name (``remat_full+accum4``), and
+  ``"logits_chunk"`` where it names one (``chunk32``; else the model file's)."""
   out = {"remat": "none", "dtype": "float32", "accumulate": 1}
   for part in name.split("+"):
     if part == "baseline":
@@ -66,15 +67,17 @@ def parse_setting(name: str) -> dict:
       out["dtype"] = "bfloat16"
     elif part.startswith("accum") and part[len("accum"):].isdigit():
       out["accumulate"] = int(part[len("accum"):])
+    elif part.startswith("chunk") and part[len("chunk"):].isdigit():
+      out["logits_chunk"] = int(part[len("chunk"):])
     else:
       raise SystemExit(f"--settings: unknown setting {part!r} in {name!r}; expected baseline, "
-                       "remat_<policy>, bf16, accum<N>, joined with '+'")
+                       "remat_<policy>, bf16, accum<N>, chunk<C>, joined with '+'")
   return out
 
 
 def measure(cfg, accumulate: int, args, mesh, peak: float) -> dict:
   """One setting: compile the step, read XLA's memory figures, time ``args.steps`` calls."""
-  learner = game_step.Learner(functools.partial(lm.apply, cfg),
+  learner = game_step.Learner(lm.bind(cfg),
                               imitation(("agent", "opponent")), optax.adamw(1e-4),
                               accumulate=accumulate)
   game = game_step.Game(learners={"agent": learner})
@@ -129,7 +132,7 @@ def main(argv=None):
   peak = peaks.get("float32") or max(peaks.values())
   results = {}
   for name, s in settings.items():
-    cfg = dataclasses.replace(base, remat=s["remat"], dtype=s["dtype"])
+    cfg = dataclasses.replace(base, **{k: v for k, v in s.items() if k != "accumulate"})
     results[name] = measure(cfg, s["accumulate"], args, mesh, peaks[s["dtype"]])
     results[name]["matmul_peak_flops_per_s"] = peaks[s["dtype"]]
   ref = results[names[0]]

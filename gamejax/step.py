@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from gamejax import sharding
-from gamejax.models import fusion, partitioning
+from gamejax.models import fusion, logprobs, partitioning
 from gamejax.payoffs.base import Payoff, Play
 from gamejax.records import GameRecord
 
@@ -56,7 +56,9 @@ def with_frozen(params, frozen):
 def bind_frozen(apply: Callable[..., jax.Array], frozen) -> Callable[..., jax.Array]:
   """``apply`` of params that may need the frozen players (LoRA adapters on a frozen base): the
   frozen params are the step's traced state, never constants of the compiled step."""
-  return lambda params, *inputs, **options: apply(with_frozen(params, frozen), *inputs, **options)
+  return logprobs.same_protocol(
+      lambda params, *inputs, **options: apply(with_frozen(params, frozen), *inputs, **options),
+      apply)
 
 
 @dataclasses.dataclass(frozen=True)

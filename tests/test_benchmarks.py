@@ -88,3 +88,23 @@ def test_the_share_prompt_benchmark_runs_both_steps_and_counts_fewer_flops(capsy
   assert case["full_seconds"] > 0 and case["shared_seconds"] > 0
   assert case["speedup"] == pytest.approx(case["full_seconds"] / case["shared_seconds"])
   assert case["shared_flops"] < 0.9 * case["full_flops"]
+
+
+def test_the_memory_benchmark_compiles_the_grpo_step_with_the_logits_whole_and_in_blocks(capsys):
+  """benchmarks.memory on a toy model at a vocabulary of 4,096: XLA's analysis of the compiled
+  GRPO step, whose temporaries fall by more than half when the payoffs read blocks of 8; and
+  train_step's ``chunkC`` setting names ``logits_chunk``."""
+  from benchmarks import memory, train_step
+  memory.main(["--model=models/bench_sampling.gin", "--vocab_size=4096", "--d_model=32",
+               "--d_ff=64", "--n_layers=1", "--n_heads=2", "--n_kv_heads=1", "--prompts=2",
+               "--group_size=2", "--prompt_len=8", "--new_tokens=24", "--accumulate=1",
+               "--remat=none", "--logits_chunks=0,8"])
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  whole, blocks = out["logits_chunk"]["0"], out["logits_chunk"]["8"]
+  assert out["logits_gb"] == pytest.approx(4 * 32 * 4096 * 4 / 1e9)
+  assert whole["temporaries"] > 2 * out["logits_gb"]
+  assert blocks["temporaries"] < whole["temporaries"] / 2
+  assert blocks["peak"] == pytest.approx(
+      blocks["arguments"] + blocks["outputs"] + blocks["temporaries"] - blocks["aliased"])
+  assert train_step.parse_setting("chunk32+accum2") == {
+      "remat": "none", "dtype": "float32", "accumulate": 2, "logits_chunk": 32}

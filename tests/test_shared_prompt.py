@@ -264,10 +264,12 @@ def test_a_run_with_share_prompt_trains_as_the_full_forward_does(tmp_path, monke
 
 def run_on(mesh):
   """Two GRPO steps with each group's prompt computed once, on ``mesh`` (``eight_devices``
-  compares meshes: data, FSDP, and FSDP with tensor parallelism): 8 prompts x 2 completions."""
+  compares meshes: data, FSDP, and FSDP with tensor parallelism): 8 prompts x 2 completions. The
+  payoffs read the logits 4 positions at a time (``logits_chunk``; tensor parallelism shards
+  each block's vocabulary)."""
   from gamejax.payoffs import grpo
-  cfg = CFGS["llama"]
-  apply = functools.partial(lm.apply, cfg)
+  cfg = dataclasses.replace(CFGS["llama"], logits_chunk=4)
+  apply = lm.bind(cfg)
   judge = judges.function_judge(lambda moves, facts: (facts["completion"] < 64).mean(axis=-1))
   game = game_step.Game(
       {"agent": game_step.Learner(apply, grpo(2, beta=0.1), optax.sgd(1.0))},

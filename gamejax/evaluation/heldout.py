@@ -25,15 +25,14 @@ import numpy as np
 
 from gamejax import records
 from gamejax.models import lm
-from gamejax.payoffs.imitation import token_log_likelihood
+from gamejax.payoffs.base import token_logprobs
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "players"))
 def _nll(cfg: lm.Config, params, record: records.GameRecord, players: tuple[int, ...]):
   """(summed negative log-likelihood, number of scored tokens) of one batch."""
-  logits_BTV = lm.apply(cfg, params, record.tokens, record.positions, record.segment_ids)
+  loglik_BT = token_logprobs(lm.bind(cfg), params, record).logprobs   # by blocks: logits_chunk
   weights_BT = records.next_token_weights(record, players)
-  loglik_BT = token_log_likelihood(logits_BTV, records.next_tokens(record))
   return -(loglik_BT * weights_BT).sum(), weights_BT.sum()
 
 

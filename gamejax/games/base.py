@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gamejax.data.tokenizer import OFFSET
+from gamejax.models import logprobs
 from gamejax.players import selfplay
 from gamejax.records import PLAYER_NAMES
 
@@ -83,14 +84,18 @@ def legal_moves(apply: Callable, legal_after: np.ndarray) -> Callable:
   ``MASKED`` (``legal_after[current, next]``): the policy is a softmax over legal moves only."""
   table = jnp.asarray(legal_after)
 
-  def masked(params, tokens, positions, segment_ids, **options):
-    out = apply(params, tokens, positions, segment_ids, **options)
-    logits = out[0] if isinstance(out, tuple) else out
-    legal = table[tokens]
-    logits = jnp.where(legal[..., :logits.shape[-1]], logits, MASKED)
-    return (logits,) + tuple(out[1:]) if isinstance(out, tuple) else logits
+  def mask(logits, tokens):
+    return jnp.where(table[tokens][..., :logits.shape[-1]], logits, MASKED)
 
-  return masked
+  def masked(params, tokens, positions, segment_ids, **options):
+    if "targets" in options:        # token log-probs read block by block (models.logprobs)
+      return apply(params, tokens, positions, segment_ids, **logprobs.then(options, mask))
+    out = apply(params, tokens, positions, segment_ids, **options)
+    if isinstance(out, tuple):
+      return (mask(out[0], tokens),) + tuple(out[1:])
+    return mask(out, tokens)
+
+  return logprobs.same_protocol(masked, apply)
 
 
 SCRIPTED = "scripted_logprobs"

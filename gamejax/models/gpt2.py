@@ -44,6 +44,7 @@ import numpy as np
 
 from gamejax.models.kernels import (attention_bias, attention_mask, cached_attention, cached_bias,
                                     dense, init_kv_cache, self_attention)
+from gamejax.models import logprobs
 from gamejax.models import remat as remat_lib
 from gamejax.models.partitioning import constrain
 from gamejax.models.llama import HFTensor, single_draw_init, with_transposed_head
@@ -91,10 +92,13 @@ class GPT2Config:
   init_std: float = 0.02
   # What each block keeps for the backward pass ("none", "full", "dots"; ``gamejax.models.remat``).
   remat: str = "none"
+  # Positions per block of the LM head when payoffs read token log-probs (``lm.bind``,
+  # ``gamejax.models.logprobs``): the ``[B, T, V]`` logits are never held; 0: all at once.
+  logits_chunk: int = 0
 
   def __post_init__(self):
     name_of = type(self).__name__
-    problem = remat_lib.check(name_of, self.remat)
+    problem = remat_lib.check(name_of, self.remat) or logprobs.check(name_of, self.logits_chunk)
     if problem:
       raise GPT2ConfigError(problem)
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_positions"):

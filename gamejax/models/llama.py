@@ -39,7 +39,7 @@ import numpy as np
 from gamejax.models.kernels import (ATTENTION_IMPLEMENTATIONS, attention_bias, attention_mask,
                                     cached_attention, cached_bias, dense, init_kv_cache,
                                     library_attention, self_attention, swiglu)
-from gamejax.models import fusion, kernels
+from gamejax.models import fusion, kernels, logprobs
 from gamejax.models import remat as remat_lib
 from gamejax.models.partitioning import constrain
 
@@ -94,6 +94,9 @@ class LlamaConfig:
   init_std: float = 0.02
   # What each block keeps for the backward pass ("none", "full", "dots"; ``gamejax.models.remat``).
   remat: str = "none"
+  # Positions per block of the LM head when payoffs read token log-probs (``lm.bind``,
+  # ``gamejax.models.logprobs``): the ``[B, T, V]`` logits are never held; 0: all at once.
+  logits_chunk: int = 0
   # Training attention: "gamejax" (``kernels.self_attention``, a hand-written backward tuned for
   # XLA:CPU) or "dot_product_attention" (``jax.nn.dot_product_attention``: XLA's, or cuDNN's
   # flash attention on a GPU where it applies). Decoding always runs ``kernels.cached_attention``.
@@ -101,7 +104,7 @@ class LlamaConfig:
 
   def __post_init__(self):
     name_of = type(self).__name__
-    problem = remat_lib.check(name_of, self.remat)
+    problem = remat_lib.check(name_of, self.remat) or logprobs.check(name_of, self.logits_chunk)
     if problem:
       raise LlamaConfigError(problem)
     if self.attention not in ATTENTION_IMPLEMENTATIONS:

@@ -15,9 +15,12 @@ per packed segment) and ``segment_ids`` (1, 2, ... per segment, 0 for padding), 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from gamejax.models import families
+import jax.numpy as jnp
+
+from gamejax.models import families, logprobs
 
 Config = Any    # a family's config dataclass
 Params = Any
@@ -29,15 +32,43 @@ def init_params(cfg: Config, rng) -> Params:
 
 
 def apply(cfg: Config, params: Params, tokens_BT, positions_BT, segment_ids_BT, *,
-          shared_prompt=None):
+          shared_prompt=None, targets=None, logits_map=None):
   """``float32[B, T, V]``: next-token logits at every position (full forward).
 
   ``shared_prompt``: the record's ``records.SharedPrompt``; each group's prompt is then computed
-  once (``gamejax.models.shared_prompt``), for the same logits."""
+  once (``gamejax.models.shared_prompt``), for the same logits.
+
+  ``targets`` (``int32[B, T]``): ``logprobs.Scored`` in place of the logits -- each position's
+  log-prob of its target and greedy token, the LM head read ``cfg.logits_chunk`` positions at a
+  time (all at once when 0) after ``logits_map`` (``gamejax.models.logprobs``)."""
+  if targets is not None:
+    family = families.of_config(cfg)
+    if shared_prompt is not None:
+      from gamejax.models import shared_prompt as shared    # it calls back into this module
+      states_BTD = shared.once(cfg, params, tokens_BT, positions_BT, segment_ids_BT,
+                               shared_prompt, head=False)
+    else:
+      states_BTD = family.hidden(cfg, params, tokens_BT, positions_BT, segment_ids_BT)
+    return logprobs.chunked(lambda x: family.lm_head(cfg, params, x), states_BTD,
+                            jnp.asarray(targets, jnp.int32), jnp.asarray(tokens_BT, jnp.int32),
+                            getattr(cfg, "logits_chunk", 0) or jnp.shape(tokens_BT)[1],
+                            logits_map)
+  if logits_map is not None:
+    raise ValueError("lm.apply: logits_map is read with targets only")
   if shared_prompt is not None:
     from gamejax.models import shared_prompt as shared    # it calls back into this module
     return shared.apply(cfg, params, tokens_BT, positions_BT, segment_ids_BT, shared_prompt)
   return families.of_config(cfg).apply(cfg, params, tokens_BT, positions_BT, segment_ids_BT)
+
+
+def bind(cfg: Config):
+  """``apply`` of ``cfg``'s model as payoffs call it: ``bind(cfg)(params, tokens, positions,
+  segment_ids, **options)``. With ``cfg.logits_chunk > 0`` it reads targets
+  (``logprobs.reads_targets``): payoffs then get token log-probs block by block, never the
+  ``[B, T, V]`` logits."""
+  bound = functools.partial(apply, cfg)
+  setattr(bound, logprobs.READS_TARGETS, getattr(cfg, "logits_chunk", 0) > 0)
+  return bound
 
 
 def hidden(cfg: Config, params: Params, tokens_BT, positions_BT, segment_ids_BT):

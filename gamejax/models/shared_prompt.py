@@ -119,10 +119,11 @@ def layout_holds(tokens_BT, positions_BT, segment_ids_BT, share: records.SharedP
 
 
 def once(cfg: lm.Config, params: Any, tokens_BT, positions_BT, segment_ids_BT,
-         share: records.SharedPrompt):
+         share: records.SharedPrompt, head: bool = True):
   """``float32[B, T, V]``: the record's logits with each group's prompt computed once, from the
   first row of each group (steps 1-3 of the module docstring); ``lm.apply``'s only where
-  ``layout_holds``."""
+  ``layout_holds``. ``head=False``: the final norm's states ``[B, T, D]`` the LM head reads
+  (``lm.hidden``'s)."""
   check(share, jnp.shape(tokens_BT))
   b, t = jnp.shape(tokens_BT)
   g, width = share.group_size, share.width
@@ -138,7 +139,8 @@ def once(cfg: lm.Config, params: Any, tokens_BT, positions_BT, segment_ids_BT,
   row_B1 = jnp.arange(b, dtype=jnp.int32)[:, None]
   index_BT = jnp.where(slot_BT < width, (row_B1 // g) * width + slot_BT,
                        (b // g) * width + row_B1 * (t - width) + slot_BT - width)
-  return lm.lm_head(cfg, params, jnp.take(flat, index_BT, axis=0))
+  states_BTD = jnp.take(flat, index_BT, axis=0)
+  return lm.lm_head(cfg, params, states_BTD) if head else states_BTD.astype(jnp.float32)
 
 
 def apply(cfg: lm.Config, params: Any, tokens_BT, positions_BT, segment_ids_BT,

@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gamejax import records
+from gamejax.models import logprobs
 from gamejax.records import GameRecord
 
 Metrics = Mapping[str, jax.Array]
@@ -35,11 +37,12 @@ class Play(NamedTuple):
 Payoff = Callable[[Any, Play], tuple[jax.Array, Metrics]]
 
 
-def apply_moves(apply: Callable[..., Any], params: Any, moves: GameRecord) -> Any:
+def apply_moves(apply: Callable[..., Any], params: Any, moves: GameRecord, **options) -> Any:
   """``apply``'s output on ``moves``; where the record says what its rows share
   (``moves.shared_prompt``), ``apply`` is told (``shared_prompt=``), and a language model then
   computes each group's prompt once (``gamejax.models.shared_prompt``)."""
-  options = {} if moves.shared_prompt is None else {"shared_prompt": moves.shared_prompt}
+  if moves.shared_prompt is not None:
+    options = {**options, "shared_prompt": moves.shared_prompt}
   return apply(params, moves.tokens, moves.positions, moves.segment_ids, **options)
 
 
@@ -48,6 +51,17 @@ def moves_logits(apply: Callable[..., Any], params: Any, moves: GameRecord) -> j
   dropped)."""
   out = apply_moves(apply, params, moves)
   return (out[0] if isinstance(out, tuple) else out).astype(jnp.float32)
+
+
+def token_logprobs(apply: Callable[..., Any], params: Any, moves: GameRecord) -> logprobs.Scored:
+  """``Scored(logprobs, argmax)``, each ``[B, T]``: at ``t``, log p(token ``t+1``) under ``apply``
+  and its greedy next token. An apply that reads targets (``lm.bind`` of a config with
+  ``logits_chunk``) computes them block by block without the ``[B, T, V]`` logits
+  (``gamejax.models.logprobs``); any other apply's logits are scored whole."""
+  targets_BT = records.next_tokens(moves)
+  if logprobs.reads_targets(apply):
+    return apply_moves(apply, params, moves, targets=targets_BT)
+  return logprobs.score(moves_logits(apply, params, moves), targets_BT)
 
 
 def frozen_player(play: Play, name: str, what: str) -> Any:

@@ -14,16 +14,14 @@ import jax
 import jax.numpy as jnp
 
 from gamejax import records
-from gamejax.payoffs.base import Payoff, Play
+from gamejax.models import logprobs
+from gamejax.payoffs.base import Payoff, Play, token_logprobs
 
 
 def token_log_likelihood(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
   """``float32[B, T]``: log p(target) under ``logits`` (stable log-softmax in float32)."""
   chex.assert_rank([logits_BTV, targets_BT], [3, 2])
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  return picked_BT - logz_BT
+  return logprobs.score(logits_BTV, targets_BT).logprobs
 
 
 ROWS = ("all", "chosen")
@@ -42,7 +40,7 @@ def imitation(players: Sequence[str] = ("agent",), rows: str = "all") -> Payoff:
 
   def payoff(params, play: Play):
     moves = play.moves
-    logits_BTV = play.apply(params, moves.tokens, moves.positions, moves.segment_ids)
+    scored = token_logprobs(play.apply, params, moves)
     weights_BT = records.next_token_weights(moves, ids)
     if rows == "chosen":
       b = weights_BT.shape[0]
@@ -50,11 +48,9 @@ def imitation(players: Sequence[str] = ("agent",), rows: str = "all") -> Payoff:
         raise ValueError(f"imitation(rows='chosen'): a preference batch needs an even number of "
                          f"rows (chosen rows then rejected rows); got moves of shape {moves.shape}")
       weights_BT = weights_BT * (jnp.arange(b) < b // 2)[:, None]
-    targets_BT = records.next_tokens(moves)
-    loglik_BT = token_log_likelihood(logits_BTV, targets_BT)
     n = jnp.maximum(weights_BT.sum(), 1.0)
-    value = (loglik_BT * weights_BT).sum() / n
-    correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+    value = (scored.logprobs * weights_BT).sum() / n
+    correct_BT = (scored.argmax == records.next_tokens(moves)).astype(jnp.float32)
     metrics = {"loss": -value, "token_accuracy": (correct_BT * weights_BT).sum() / n,
                "tokens": weights_BT.sum()}
     return value, metrics

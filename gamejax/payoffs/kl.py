@@ -33,8 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from gamejax import records
-from gamejax.payoffs.base import Payoff, Play, apply_moves
-from gamejax.payoffs.imitation import token_log_likelihood
+from gamejax.payoffs.base import Payoff, Play, token_logprobs
 
 REFERENCE_TOKEN_LOGPROBS = "reference_token_logprobs"
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -62,10 +61,9 @@ def seat_token_logprobs(params: Any, play: Play,
   """
   moves = play.moves
   chex.assert_rank(moves.tokens, 2)
-  logits_BTV = apply_moves(play.apply, params, moves)
-  chex.assert_equal_shape_prefix([logits_BTV, moves.tokens], 2)
+  logp_BT = token_logprobs(play.apply, params, moves).logprobs
+  chex.assert_equal_shape([logp_BT, moves.tokens])
   mask_BT = records.next_token_weights(moves, (seat,))
-  logp_BT = token_log_likelihood(logits_BTV, records.next_tokens(moves))
   return jnp.where(mask_BT > 0, logp_BT, 0.0), mask_BT
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from gamejax import records
 from gamejax.models.reward import sequence_scores
-from gamejax.payoffs.base import Payoff, Play
+from gamejax.payoffs.base import Payoff, Play, token_logprobs
 from gamejax.payoffs.imitation import token_log_likelihood
 
 REFERENCE_TOKEN_LOGPROBS = "reference_token_logprobs"
@@ -87,8 +87,7 @@ def _preference(pair_loss: PairLoss, beta: float, players: Sequence[str | int],
     chex.assert_shape(ref_BT, moves.shape)
     weights_BT = records.next_token_weights(moves, ids)
     ref_2P = jax.lax.stop_gradient((ref_BT * weights_BT).sum(axis=-1))
-    logits_BTV = play.apply(params, moves.tokens, moves.positions, moves.segment_ids)
-    logp_2P = sequence_logprobs(logits_BTV, moves, ids)
+    logp_2P = (token_logprobs(play.apply, params, moves).logprobs * weights_BT).sum(axis=-1)
     if average_log_probs:
       n_2P = jnp.maximum(weights_BT.sum(axis=-1), 1.0)
       logp_2P, ref_2P = logp_2P / n_2P, ref_2P / n_2P

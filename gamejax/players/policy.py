@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from gamejax import records, sampling, step as game_step
 from gamejax.data.tokenizer import EOS
-from gamejax.models import lm
+from gamejax.models import lm, logprobs
 
 PROMPT_KEYS = ("prompt", "prompt_lengths")
 # Optional in a prompt batch: float32[B, L], the log-prob of each prompt token under the player
@@ -57,12 +57,15 @@ def at_temperature(apply: Callable[..., Any], temperature: float) -> Callable[..
     return apply
 
   def scaled(params, tokens, positions, segment_ids, **options):
+    if "targets" in options:        # token log-probs read block by block (models.logprobs)
+      return apply(params, tokens, positions, segment_ids,
+                   **logprobs.then(options, lambda logits, _: logits / temperature))
     out = apply(params, tokens, positions, segment_ids, **options)
     if isinstance(out, tuple):      # (logits, values): an actor-critic
       return (out[0] / temperature,) + tuple(out[1:])
     return out / temperature
 
-  return scaled
+  return logprobs.same_protocol(scaled, apply)
 
 
 def sampled_play(cfg: lm.Config, group_size: int, max_new_tokens: int,

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from gamejax import records
-from gamejax.payoffs.base import apply_moves
+from gamejax.models import logprobs
+from gamejax.payoffs import base
 
 REFERENCE_TOKEN_LOGPROBS = "reference_token_logprobs"
 
@@ -22,9 +23,13 @@ def token_logprobs(apply: Callable, params, moves: records.GameRecord,
                    players=("agent",)) -> jax.Array:
   """``float32[B, T]``: at ``t``, log p(token t+1) under ``apply(params, ...)`` where ``players``
   moved token ``t+1``; 0 elsewhere."""
-  logits_BTV = apply_moves(apply, params, moves).astype(jnp.float32)
-  logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-  picked_BT = jnp.take_along_axis(logp_BTV, records.next_tokens(moves)[..., None], axis=-1)[..., 0]
+  if logprobs.reads_targets(apply):      # block by block, never the [B, T, V] logits
+    picked_BT = base.token_logprobs(apply, params, moves).logprobs
+  else:
+    logits_BTV = base.apply_moves(apply, params, moves).astype(jnp.float32)
+    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+    picked_BT = jnp.take_along_axis(logp_BTV, records.next_tokens(moves)[..., None],
+                                    axis=-1)[..., 0]
   return picked_BT * records.next_token_weights(moves, records.player_ids(players))
 
 

@@ -47,7 +47,7 @@ def _reward_model_init(cfg, rng, init):
 
 
 MODELS: dict[str, ModelKind] = {
-    "policy": ModelKind(_policy_init, lambda cfg: functools.partial(lm.apply, cfg)),
+    "policy": ModelKind(_policy_init, lm.bind),
     "policy_value": ModelKind(_policy_value_init,
                               lambda cfg: functools.partial(policy_value.apply, cfg),
                               policy=policy_value.policy_params),
