@@ -49,20 +49,23 @@ def _chunked(cfg, chunk):
   return dataclasses.replace(cfg, logits_chunk=chunk)
 
 
-@pytest.mark.parametrize("name,chunk", [("llama", 1), ("llama", 5), ("llama", 24),
-                                        ("llama", 100), ("gpt2", 5), ("qwen3", 7)])
-def test_blocks_of_positions_give_the_log_softmax_of_the_full_logits(name, chunk):
+@pytest.mark.parametrize("name,chunks", [("llama", (1, 5, 24, 100)), ("gpt2", (5,)),
+                                         ("qwen3", (7,))])
+def test_blocks_of_positions_give_the_log_softmax_of_the_full_logits(name, chunks):
+  """Blocks of one position, of several (the last one partial), of the whole record (24) and
+  larger than it."""
   cfg = CFGS[name]
   params = lm.init_params(cfg, jax.random.PRNGKey(0))
   moves = _record()
   targets = np.asarray(records.next_tokens(moves))
   logits = lm.apply(cfg, params, moves.tokens, moves.positions, moves.segment_ids)
   want_logp, want_argmax = _np_scores(logits, targets)
-  scored = jax.jit(lambda p: lm.apply(_chunked(cfg, chunk), p, moves.tokens, moves.positions,
-                                      moves.segment_ids, targets=targets))(params)
-  assert isinstance(scored, logprobs.Scored)
-  np.testing.assert_allclose(scored.logprobs, want_logp, rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(scored.argmax, want_argmax)
+  for chunk in chunks:
+    scored = lm.apply(_chunked(cfg, chunk), params, moves.tokens, moves.positions,
+                      moves.segment_ids, targets=targets)
+    assert isinstance(scored, logprobs.Scored)
+    np.testing.assert_allclose(scored.logprobs, want_logp, rtol=1e-5, atol=1e-5, err_msg=chunk)
+    np.testing.assert_array_equal(scored.argmax, want_argmax, err_msg=chunk)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -177,13 +180,13 @@ def _grpo_step(cfg, share_prompt=False):
   return jax.device_get(step(state, batch))
 
 
-@pytest.mark.parametrize("share_prompt", [False, True])
-def test_a_grpo_step_reading_blocks_matches_the_full_logits(share_prompt):
-  """The compiled GRPO step (the learner's payoff and the reference's log-probs) with the logits
-  read 3 positions at a time (and each group's prompt computed once): the same metrics and
-  update up to float rounding."""
+def test_a_grpo_step_reading_blocks_matches_the_full_logits():
+  """The compiled GRPO step (the learner's payoff and the reference's log-probs, each group's
+  prompt computed once) with the logits read 3 positions at a time: the same metrics and update
+  up to float rounding. (Without the shared prompt: the SFT run and DPO above, and the
+  8-device GRPO test in test_shared_prompt.py, which reads blocks too.)"""
   (plain, m_plain), (chunked, m_chunked) = (
-      _grpo_step(_chunked(CFGS["llama"], chunk), share_prompt) for chunk in (0, 3))
+      _grpo_step(_chunked(CFGS["llama"], chunk), share_prompt=True) for chunk in (0, 3))
   for key in m_plain:
     np.testing.assert_allclose(m_chunked[key], m_plain[key], rtol=1e-4, atol=1e-6, err_msg=key)
   for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(chunked.params)):
