@@ -50,14 +50,27 @@ def _decode_params(cfg: lm.Config, params):
   return lm.decode_params(cfg, params)
 
 
-def _apply_cached(cfg: lm.Config, params, tokens, positions, segments, cache, slot, **ahead):
+def _forward_cached(cfg: lm.Config, params, *inputs, last: bool = False, **ahead):
+  """``lm.apply_with_cache``; ``last``: the logits of the last position only ``[B, 1, V]``, the
+  LM head read there alone (a prefill needs no other: at a 128k vocabulary the head over every
+  prompt position is a fifth of a 1B model's prefill FLOPs, and ``[B, P, V]`` floats)."""
+  if not last:
+    return lm.apply_with_cache(cfg, params, *inputs, **ahead)
+  hidden_BTD, cache = lm.apply_with_cache(cfg, params, *inputs, hidden=True, **ahead)
+  return lm.lm_head(cfg, params, hidden_BTD[:, -1:]), cache
+
+
+def _apply_cached(cfg: lm.Config, params, tokens, positions, segments, cache, slot,
+                  last: bool = False, **ahead):
   """``(logits, cache)`` of one model, or of the geometric mixture ``p_a^(1-beta) p_b^beta``
   (``selfplay.mixture``, Nash-MD's opponent) token by token: its normalised log-probs, from both
   models' forward passes over their own caches. ``ahead``: ``lm.apply_with_cache``'s ``rope``
-  and ``bias``, computed before the decode loop."""
+  and ``bias``, computed before the decode loop; ``last``: the last position's only
+  (``_forward_cached``)."""
   if not is_mixture(params):
-    return lm.apply_with_cache(cfg, params, tokens, positions, segments, cache, slot, **ahead)
-  out = [lm.apply_with_cache(cfg, params[k], tokens, positions, segments, c, slot, **ahead)
+    return _forward_cached(cfg, params, tokens, positions, segments, cache, slot, last=last,
+                           **ahead)
+  out = [_forward_cached(cfg, params[k], tokens, positions, segments, c, slot, last=last, **ahead)
          for k, c in zip(("mixture_a", "mixture_b"), cache)]
   logp = [jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1) for logits, _ in out]
   return mix_logprobs(logp[0], logp[1], params["beta"]), (out[0][1], out[1][1])
@@ -240,11 +253,11 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
   # is prefilled once; its cache and last logits are then its group's.
   params = _decode_params(cfg, params)
   cache = _init_cache(cfg, params, u, p + n - 1)
-  logits_UPV, cache = _apply_cached(
+  logits_U1V, cache = _apply_cached(
       cfg, params, jnp.asarray(prompt_BP, jnp.int32), positions_UP, real_UP.astype(jnp.int32),
-      cache, 0)
+      cache, 0, last=True)
   cache = _broadcast_cache(cache, group_size)
-  last_BV = jnp.repeat(logits_UPV[:, -1], group_size, axis=0)
+  last_BV = jnp.repeat(logits_U1V[:, -1], group_size, axis=0)
   prompt_lengths_B = jnp.repeat(prompt_lengths_U, group_size)
 
   # Every step's random numbers, drawn here in one go: a uniform in (0, 1] per row (see _choose).

@@ -481,6 +481,29 @@ def test_a_shared_prefill_costs_one_prompt_per_group(params):
   assert 3.5 < ratio <= 4.0, ratio
 
 
+def test_a_prefill_reads_the_lm_head_at_the_last_position_only():
+  """At a vocabulary of 4,096 on a narrow model the LM head is most of a forward; the compiled
+  prefill (one new token) costs less than the head over every prompt position alone, and holds
+  less than a third of those logits (the last position's are a fifth). Its first choice is the full forward's (up to rounding)."""
+  import dataclasses
+  cfg = dataclasses.replace(CFG, vocab_size=4096)
+  params = llama.init_params(cfg, jax.random.key(0))
+  prompt_BP, lengths_B = sampling.left_pad(PROMPTS, P)
+  fn = jax.jit(lambda p, t, l: sampling.generate(cfg, p, t, l, 1, jax.random.key(0),
+                                                 temperature=0.0, eos_id=-1))
+  compiled = fn.lower(params, prompt_BP, lengths_B).compile()
+  head_everywhere = 2.0 * len(PROMPTS) * P * cfg.d_model * cfg.vocab_size
+  assert compiled.cost_analysis()["flops"] < head_everywhere
+  assert compiled.memory_analysis().temp_size_in_bytes < len(PROMPTS) * P * cfg.vocab_size * 4 / 3
+  right_BP = np.zeros_like(prompt_BP)
+  for r, prompt in enumerate(PROMPTS):
+    right_BP[r, :len(prompt)] = prompt
+  logits = _full_forward(cfg, params, right_BP, lengths_B)
+  want = np.asarray([logits[r, n - 1].argmax() for r, n in enumerate(lengths_B)])
+  np.testing.assert_array_equal(np.asarray(compiled(params, prompt_BP, lengths_B)["tokens"])[:, 0],
+                                want)
+
+
 def test_a_decode_step_runs_no_more_kernels_than_before():
   """The kernels XLA runs per decode step (``benchmarks.sample.decode_step_kernels``) on the
   benchmark's model, per layer and outside the layers: only ever lowered. Ceilings: 22 per layer

@@ -354,9 +354,14 @@ def hidden(cfg: GPT2Config, params: Params, tokens_BT, positions_BT, segment_ids
 
 
 def lm_head(cfg: GPT2Config, params: Params, hidden_BTD):
-  """``float32[B, T, V]``: the (tied) LM head on trunk states (``hidden``), as ``apply`` ends."""
-  return dense(jnp.asarray(hidden_BTD).astype(cfg.compute_dtype), params["embedding"], 1,
-               jnp.float32)
+  """``float32[B, T, V]``: the (tied) LM head on trunk states (``hidden``), as ``apply`` ends
+  (``decode_params``' ``lm_head``, the embedding's transpose, where they hold it)."""
+  x_BTD = jnp.asarray(hidden_BTD).astype(cfg.compute_dtype)
+  if "lm_head" in params:
+    logits_BTV = dense(x_BTD, params["lm_head"], 0, jnp.float32)
+  else:
+    logits_BTV = dense(x_BTD, params["embedding"], 1, jnp.float32)
+  return constrain(logits_BTV, ("batch", "length", "vocab"))
 
 
 def init_cache(cfg: GPT2Config, batch: int, max_len: int) -> Cache:

@@ -419,11 +419,15 @@ def hidden(cfg: LlamaConfig, params: Params, tokens_BT, positions_BT, segment_id
 
 
 def lm_head(cfg: LlamaConfig, params: Params, hidden_BTD):
-  """``float32[B, T, V]``: the LM head on trunk states (``hidden``), as ``apply`` ends."""
+  """``float32[B, T, V]``: the LM head on trunk states (``hidden``), as ``apply`` ends (a tied
+  model's ``decode_params`` hold the embedding's transpose as ``lm_head``: read as the cached
+  forward reads it)."""
   x_BTD = jnp.asarray(hidden_BTD).astype(cfg.compute_dtype)
-  if cfg.tie_embeddings:
-    return dense(x_BTD, params["embedding"], 1, jnp.float32)
-  return dense(x_BTD, params["lm_head"], 0, jnp.float32)
+  if "lm_head" in params:
+    logits_BTV = dense(x_BTD, params["lm_head"], 0, jnp.float32)
+  else:
+    logits_BTV = dense(x_BTD, params["embedding"], 1, jnp.float32)
+  return constrain(logits_BTV, ("batch", "length", "vocab"))
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> Cache:
