@@ -160,6 +160,41 @@ def test_dpo_and_the_reference_read_blocks_for_the_same_loss():
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
+def test_ppo_reads_its_log_probs_and_entropy_in_blocks(monkeypatch):
+  """An actor-critic (``policy_value.bind``) with ``logits_chunk``: PPO's ratio, entropy bonus
+  and value loss from the blocks (traced there), the same loss, metrics and gradients."""
+  from gamejax.models import policy_value
+  from gamejax.payoffs import ppo
+  traced = []
+  chunked = logprobs.chunked
+  monkeypatch.setattr(logprobs, "chunked", lambda *a, **k: traced.append(1) or chunked(*a, **k))
+  cfg = CFGS["llama"]
+  params = policy_value.init_params(cfg, jax.random.PRNGKey(0))
+  moves = _record(4)
+  rng = np.random.default_rng(4)
+  shape = moves.tokens.shape
+  judged = {"behaviour_logprobs": -4.6 + 0.3 * rng.standard_normal(shape),
+            "agent/advantages": rng.standard_normal(shape), "agent/returns": rng.standard_normal(shape),
+            "agent/old_values": 0.1 * rng.standard_normal(shape)}
+  judged = {k: jnp.asarray(v, jnp.float32) for k, v in judged.items()}
+  out = {}
+  for chunk in (0, 5):
+    apply = policy_value.bind(_chunked(cfg, chunk))
+    assert logprobs.reads_targets(apply) == (chunk > 0)
+    payoff = ppo(entropy_coef=0.01)
+    out[chunk] = jax.jit(jax.value_and_grad(
+        lambda p: payoff(p, Play(apply, moves, judged, None)), has_aux=True))(params)
+    assert bool(traced) == (chunk > 0)
+  (v0, m0), g0 = out[0]
+  (v5, m5), g5 = out[5]
+  assert float(v5) == pytest.approx(float(v0), rel=1e-5)
+  assert float(m0["entropy"]) > 4.0      # near-uniform over 97 tokens: log 97 = 4.57
+  for key in m0:
+    assert float(m5[key]) == pytest.approx(float(m0[key]), rel=1e-4, abs=1e-6), key
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g5)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
 def _grpo_step(cfg, share_prompt=False):
   """``(state, metrics)`` after one compiled GRPO step (sample, judge, reference, payoff, SGD)."""
   group, new = 4, 9

@@ -10,8 +10,8 @@ again: 512 x 512 tokens at 128k words is 134 GB in float32). A model config with
 1. the trunk's states ``[B, T, D]`` (``lm.hidden``) are split into ``ceil(T / C)`` blocks of
    ``[B, C, D]`` (every row in each block, so that a batch sharded over rows stays so);
 2. each block's logits are computed, transformed as the apply's wrappers say (``logits_map``:
-   a scoring temperature, a game's legal moves), reduced to the target's log-prob and the greedy
-   token, and dropped (``lax.map``);
+   a scoring temperature, a game's legal moves), reduced to the target's log-prob, the greedy
+   token and the entropy (PPO's bonus), and dropped (``lax.map``);
 3. the backward recomputes each block's logits (``jax.checkpoint``): the gradient of the head
    and of the states is accumulated block by block.
 
@@ -20,9 +20,11 @@ forward in the backward. ``logits_chunk = 0`` (the default) leaves every payoff 
 as before.
 
 The protocol: an apply that reads targets (``reads_targets(apply)``) takes ``targets=int32[B, T]``
-(and ``logits_map=``) and returns ``Scored(logprobs, argmax)``; wrappers of an apply say so with
-``same_protocol`` and add their transform of the logits with ``then``. Payoffs go through
-``gamejax.payoffs.base.token_logprobs``, which falls back to the logits for any other apply.
+(and ``logits_map=``) and returns ``Scored(logprobs, argmax, entropy)`` (an actor-critic,
+``policy_value.bind``: ``(Scored, values)``); wrappers of an apply say so with ``same_protocol``
+and add their transform of the logits with ``then``. Payoffs go through
+``gamejax.payoffs.base.token_logprobs`` (PPO through its actor-critic reader), which fall back to
+the logits for any other apply.
 """
 from __future__ import annotations
 
@@ -39,9 +41,11 @@ READS_TARGETS = "reads_targets"
 
 class Scored(NamedTuple):
   """What an apply that reads targets returns: ``logprobs`` ``float32[B, T]`` (at ``t``, ``log
-  p(targets[t])``) and ``argmax`` ``int32[B, T]`` (the most likely next token)."""
+  p(targets[t])``), ``argmax`` ``int32[B, T]`` (the most likely next token) and ``entropy``
+  ``float32[B, T]`` (of each position's next-token distribution; computed only where read)."""
   logprobs: jax.Array
   argmax: jax.Array
+  entropy: jax.Array
 
 
 def check(name_of: str, chunk) -> str | None:
@@ -73,12 +77,19 @@ def then(options: Mapping[str, Any], fn: LogitsMap) -> dict:
   return {**options, "logits_map": composed}
 
 
+def entropy(logits_BTV: jax.Array) -> jax.Array:
+  """``float32[B, T]``: the entropy of each position's next-token distribution."""
+  logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+  return -(jnp.exp(logp_BTV) * logp_BTV).sum(axis=-1)
+
+
 def score(logits_BTV: jax.Array, targets_BT: jax.Array) -> Scored:
-  """``Scored`` of full logits: ``logit[target] - logsumexp(logits)`` (in float32) and argmax."""
+  """``Scored`` of full logits: ``logit[target] - logsumexp(logits)`` (in float32), argmax and
+  entropy (what a caller does not read, XLA does not compute)."""
   logits_BTV = logits_BTV.astype(jnp.float32)
   picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
   return Scored(picked_BT - jax.nn.logsumexp(logits_BTV, axis=-1),
-                jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32))
+                jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32), entropy(logits_BTV))
 
 
 def chunked(head: Callable[[jax.Array], jax.Array], hidden_BTD: jax.Array, targets_BT: jax.Array,

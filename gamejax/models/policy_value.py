@@ -15,11 +15,12 @@ critic's estimate of the return after reading tokens ``<= t`` (the position that
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax.numpy as jnp
 
-from gamejax.models import lm
+from gamejax.models import lm, logprobs
 
 Params = Any
 
@@ -33,13 +34,30 @@ def init_params(cfg: lm.Config, rng, policy: Params | None = None) -> Params:
   return {"policy": policy, "value": value}
 
 
-def apply(cfg: lm.Config, params: Params, tokens_BT, positions_BT, segment_ids_BT):
-  """``(float32[B, T, V] logits, float32[B, T] values)``."""
+def apply(cfg: lm.Config, params: Params, tokens_BT, positions_BT, segment_ids_BT, *,
+          targets=None, logits_map=None):
+  """``(float32[B, T, V] logits, float32[B, T] values)``; with ``targets``, ``(logprobs.Scored,
+  values)``: the policy's log-probs of the targets, argmax and entropy read ``cfg.logits_chunk``
+  positions at a time (``gamejax.models.logprobs``), never the ``[B, T, V]`` logits."""
   hidden_BTD = lm.hidden(cfg, params["policy"], tokens_BT, positions_BT, segment_ids_BT)
-  logits_BTV = lm.lm_head(cfg, params["policy"], hidden_BTD)
   values_BT = jnp.einsum("btd,d->bt", hidden_BTD, params["value"]["w"].astype(jnp.float32),
                          precision="highest") + params["value"]["b"]
-  return logits_BTV, values_BT
+  head = lambda x: lm.lm_head(cfg, params["policy"], x)
+  if targets is None:
+    return head(hidden_BTD), values_BT
+  scored = logprobs.chunked(head, hidden_BTD, jnp.asarray(targets, jnp.int32),
+                            jnp.asarray(tokens_BT, jnp.int32),
+                            getattr(cfg, "logits_chunk", 0) or jnp.shape(tokens_BT)[1],
+                            logits_map)
+  return scored, values_BT
+
+
+def bind(cfg: lm.Config):
+  """``apply`` of ``cfg``'s actor-critic as payoffs call it; with ``cfg.logits_chunk > 0`` it
+  reads targets (``logprobs.reads_targets``), as ``lm.bind``'s does."""
+  bound = functools.partial(apply, cfg)
+  setattr(bound, logprobs.READS_TARGETS, getattr(cfg, "logits_chunk", 0) > 0)
+  return bound
 
 
 def policy_params(params: Params) -> Params:

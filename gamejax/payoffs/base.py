@@ -54,10 +54,10 @@ def moves_logits(apply: Callable[..., Any], params: Any, moves: GameRecord) -> j
 
 
 def token_logprobs(apply: Callable[..., Any], params: Any, moves: GameRecord) -> logprobs.Scored:
-  """``Scored(logprobs, argmax)``, each ``[B, T]``: at ``t``, log p(token ``t+1``) under ``apply``
-  and its greedy next token. An apply that reads targets (``lm.bind`` of a config with
-  ``logits_chunk``) computes them block by block without the ``[B, T, V]`` logits
-  (``gamejax.models.logprobs``); any other apply's logits are scored whole."""
+  """``Scored(logprobs, argmax, entropy)``, each ``[B, T]``: at ``t``, log p(token ``t+1``) under
+  ``apply``, its greedy next token and the distribution's entropy. An apply that reads targets
+  (``lm.bind`` of a config with ``logits_chunk``) computes them block by block without the
+  ``[B, T, V]`` logits (``gamejax.models.logprobs``); any other apply's logits are scored whole."""
   targets_BT = records.next_tokens(moves)
   if logprobs.reads_targets(apply):
     return apply_moves(apply, params, moves, targets=targets_BT)

@@ -51,9 +51,9 @@ import jax
 import jax.numpy as jnp
 
 from gamejax import records
+from gamejax.models import logprobs
 from gamejax.payoffs.base import Payoff, Play
-from gamejax.payoffs.kl import (REFERENCE_TOKEN_LOGPROBS, seat_token_logprobs, kl_estimate,
-                                read_judgment)
+from gamejax.payoffs.kl import REFERENCE_TOKEN_LOGPROBS, kl_estimate, read_judgment
 
 REWARDS = "rewards"
 BEHAVIOUR_LOGPROBS = "behaviour_logprobs"
@@ -188,18 +188,28 @@ def _check_gae_args(gamma, lam, kl_coef, name):
                      f"{kl_coef}")
 
 
-def _apply_actor_critic(params: Any, play: Play, name: str) -> tuple[jax.Array, jax.Array]:
-  """``(logits_BTV, values_BT)`` from the learner's ``apply``, checked."""
+def _apply_actor_critic(params: Any, play: Play, name: str,
+                        scored: bool = False) -> tuple[Any, jax.Array]:
+  """``(logits_BTV, values_BT)`` from the learner's ``apply``, checked. ``scored``: ``(Scored,
+  values_BT)`` -- the next tokens' log-probs, argmax and entropy, read in blocks by an apply that
+  reads targets (``gamejax.models.logprobs``), else scored from its logits."""
   moves = play.moves
   chex.assert_rank(moves.tokens, 2)
-  out = play.apply(params, moves.tokens, moves.positions, moves.segment_ids)
+  reads = scored and logprobs.reads_targets(play.apply)
+  options = {"targets": records.next_tokens(moves)} if reads else {}
+  out = play.apply(params, moves.tokens, moves.positions, moves.segment_ids, **options)
   if not (isinstance(out, tuple) and len(out) == 2):
     raise TypeError(f"{name}: the PPO learner's apply must return (logits_BTV, values_BT), an "
                     f"actor-critic; got {type(out).__name__}")
-  logits_BTV, values_BT = out
-  chex.assert_rank([logits_BTV, values_BT], [3, 2])
-  chex.assert_equal_shape_prefix([logits_BTV, values_BT, moves.tokens], 2)
-  return logits_BTV, values_BT
+  first, values_BT = out
+  if reads:
+    chex.assert_equal_shape([first.logprobs, values_BT, moves.tokens])
+    return first, values_BT
+  chex.assert_rank([first, values_BT], [3, 2])
+  chex.assert_equal_shape_prefix([first, values_BT, moves.tokens], 2)
+  if scored:
+    return logprobs.score(first, records.next_tokens(moves)), values_BT
+  return first, values_BT
 
 
 def ppo_prepare(gamma: float = 1.0, lam: float = 0.95, kl_coef: float = 0.0,
@@ -249,12 +259,6 @@ def _ppo_tokens(logp_T, values_T, behaviour_T, advantages_T, returns_T, old_valu
       "approx_kl": kl_estimate(behaviour_T, logp_T, "k3")}   # KL(behaviour || current), k3
 
 
-def _entropy(logits_BTV: jax.Array) -> jax.Array:
-  """``float32[B, T]``: the entropy of each position's next-token distribution."""
-  logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  return -(jnp.exp(logp_BTV) * logp_BTV).sum(axis=-1)
-
-
 def ppo(clip_eps: float = 0.2, value_clip_eps: float | None = 0.2, value_coef: float = 0.5,
         entropy_coef: float = 0.0, seat: str = "agent") -> Payoff:
   """Proximal Policy Optimisation (Schulman et al. 2017) of an actor-critic, one minibatch.
@@ -280,10 +284,9 @@ def ppo(clip_eps: float = 0.2, value_clip_eps: float | None = 0.2, value_coef: f
                                          value_clip_eps=value_clip_eps))
 
   def payoff(params: Any, play: Play):
-    logits_BTV, values_BT = _apply_actor_critic(params, play, "ppo")
-    # The shared reader of the agent's log-probs, fed the logits already computed.
-    logp_BT, mask_BT = seat_token_logprobs(params, play._replace(apply=lambda *_, **__: logits_BTV),
-                                           seat)
+    scored, values_BT = _apply_actor_critic(params, play, "ppo", scored=True)
+    mask_BT = records.next_token_weights(play.moves, (seat,))
+    logp_BT = jnp.where(mask_BT > 0, scored.logprobs, 0.0)
     shape = mask_BT.shape
     read = functools.partial(read_judgment, play, shape=shape, payoff_name="ppo")
     behaviour_BT = read(BEHAVIOUR_LOGPROBS,
@@ -294,7 +297,7 @@ def ppo(clip_eps: float = 0.2, value_clip_eps: float | None = 0.2, value_coef: f
     old_values_BT = read(records.seat_key(seat, OLD_VALUES), what=f"the rollout critic's values, {prepared}")
     surrogate_BT, value_loss_BT, diagnostics = tokens_fn(
         logp_BT, values_BT, behaviour_BT, advantages_BT, returns_BT, old_values_BT, mask_BT)
-    entropy_BT = _entropy(logits_BTV)
+    entropy_BT = scored.entropy
     tokens = mask_BT.sum()
     mean = functools.partial(_masked_mean, mask=mask_BT)
     policy_objective, value_loss, entropy = (surrogate_BT.sum() / jnp.maximum(tokens, 1.0),

@@ -49,7 +49,7 @@ def _reward_model_init(cfg, rng, init):
 MODELS: dict[str, ModelKind] = {
     "policy": ModelKind(_policy_init, lm.bind),
     "policy_value": ModelKind(_policy_value_init,
-                              lambda cfg: functools.partial(policy_value.apply, cfg),
+                              policy_value.bind,
                               policy=policy_value.policy_params),
     "reward_model": ModelKind(_reward_model_init, lambda cfg: functools.partial(reward.apply, cfg),
                               samples=False),
