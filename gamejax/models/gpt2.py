@@ -48,6 +48,7 @@ from gamejax.models import logprobs
 from gamejax.models import remat as remat_lib
 from gamejax.models.partitioning import constrain
 from gamejax.models.llama import HFTensor, single_draw_init, with_transposed_head
+from gamejax.models.llama import lm_head as _llama_lm_head
 
 Params = Any
 Cache = dict
@@ -353,15 +354,9 @@ def hidden(cfg: GPT2Config, params: Params, tokens_BT, positions_BT, segment_ids
   return x_BTD.astype(jnp.float32)
 
 
-def lm_head(cfg: GPT2Config, params: Params, hidden_BTD):
-  """``float32[B, T, V]``: the (tied) LM head on trunk states (``hidden``), as ``apply`` ends
-  (``decode_params``' ``lm_head``, the embedding's transpose, where they hold it)."""
-  x_BTD = jnp.asarray(hidden_BTD).astype(cfg.compute_dtype)
-  if "lm_head" in params:
-    logits_BTV = dense(x_BTD, params["lm_head"], 0, jnp.float32)
-  else:
-    logits_BTV = dense(x_BTD, params["embedding"], 1, jnp.float32)
-  return constrain(logits_BTV, ("batch", "length", "vocab"))
+# ``float32[B, T, V]``: the (tied) LM head on trunk states (``hidden``), as ``apply`` ends: Llama's
+# (the embedding, or ``decode_params``' transpose of it where the params hold one).
+lm_head = _llama_lm_head
 
 
 def init_cache(cfg: GPT2Config, batch: int, max_len: int) -> Cache:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import jax.numpy as jnp
-
 from gamejax.models import families, logprobs
 
 Config = Any    # a family's config dataclass
@@ -41,32 +39,35 @@ def apply(cfg: Config, params: Params, tokens_BT, positions_BT, segment_ids_BT, 
   ``targets`` (``int32[B, T]``): ``logprobs.Scored`` in place of the logits -- each position's
   log-prob of its target and greedy token, the LM head read ``cfg.logits_chunk`` positions at a
   time (all at once when 0) after ``logits_map`` (``gamejax.models.logprobs``)."""
-  if targets is not None:
-    family = families.of_config(cfg)
-    if shared_prompt is not None:
-      from gamejax.models import shared_prompt as shared    # it calls back into this module
-      states_BTD = shared.once(cfg, params, tokens_BT, positions_BT, segment_ids_BT,
-                               shared_prompt, head=False)
-    else:
-      states_BTD = family.hidden(cfg, params, tokens_BT, positions_BT, segment_ids_BT)
-    return logprobs.chunked(lambda x: family.lm_head(cfg, params, x), states_BTD,
-                            jnp.asarray(targets, jnp.int32), jnp.asarray(tokens_BT, jnp.int32),
-                            getattr(cfg, "logits_chunk", 0) or jnp.shape(tokens_BT)[1],
-                            logits_map)
-  if logits_map is not None:
+  inputs = (tokens_BT, positions_BT, segment_ids_BT)
+  if targets is None and logits_map is not None:
     raise ValueError("lm.apply: logits_map is read with targets only")
   if shared_prompt is not None:
     from gamejax.models import shared_prompt as shared    # it calls back into this module
-    return shared.apply(cfg, params, tokens_BT, positions_BT, segment_ids_BT, shared_prompt)
-  return families.of_config(cfg).apply(cfg, params, tokens_BT, positions_BT, segment_ids_BT)
+    if targets is None:
+      return shared.apply(cfg, params, *inputs, shared_prompt)
+    states_BTD = shared.once(cfg, params, *inputs, shared_prompt, head=False)
+  elif targets is None:
+    return families.of_config(cfg).apply(cfg, params, *inputs)
+  else:
+    states_BTD = hidden(cfg, params, *inputs)
+  return token_scores(cfg, params, states_BTD, targets, tokens_BT, logits_map)
 
 
-def bind(cfg: Config):
-  """``apply`` of ``cfg``'s model as payoffs call it: ``bind(cfg)(params, tokens, positions,
-  segment_ids, **options)``. With ``cfg.logits_chunk > 0`` it reads targets
-  (``logprobs.reads_targets``): payoffs then get token log-probs block by block, never the
-  ``[B, T, V]`` logits."""
-  bound = functools.partial(apply, cfg)
+def token_scores(cfg: Config, params: Params, hidden_BTD, targets_BT, tokens_BT,
+                 logits_map=None):
+  """``logprobs.Scored`` of the LM head on ``hidden``'s states at ``targets``, read
+  ``cfg.logits_chunk`` positions at a time (all at once when 0) after ``logits_map``."""
+  return logprobs.chunked(lambda x: lm_head(cfg, params, x), hidden_BTD, targets_BT, tokens_BT,
+                          getattr(cfg, "logits_chunk", 0), logits_map)
+
+
+def bind(cfg: Config, fn=None):
+  """``fn`` (default ``apply``; an actor-critic's, ``policy_value.apply``) of ``cfg``'s model as
+  payoffs call it: ``bind(cfg)(params, tokens, positions, segment_ids, **options)``. With
+  ``cfg.logits_chunk > 0`` it reads targets (``logprobs.reads_targets``): payoffs then get token
+  log-probs block by block, never the ``[B, T, V]`` logits."""
+  bound = functools.partial(apply if fn is None else fn, cfg)
   setattr(bound, logprobs.READS_TARGETS, getattr(cfg, "logits_chunk", 0) > 0)
   return bound
 

@@ -95,10 +95,11 @@ def score(logits_BTV: jax.Array, targets_BT: jax.Array) -> Scored:
 def chunked(head: Callable[[jax.Array], jax.Array], hidden_BTD: jax.Array, targets_BT: jax.Array,
             tokens_BT: jax.Array, chunk: int, logits_map: LogitsMap | None = None) -> Scored:
   """``Scored`` of ``head(hidden)``'s logits, ``chunk`` positions at a time (the module
-  docstring). ``tokens_BT``: the record's tokens, which ``logits_map`` reads (a game's legal
-  moves follow the current token)."""
+  docstring; 0: all at once). ``tokens_BT``: the record's tokens, which ``logits_map`` reads (a
+  game's legal moves follow the current token)."""
   b, t = hidden_BTD.shape[:2]
-  chunk = max(1, min(int(chunk), t))
+  chunk = min(int(chunk), t) or t
+  targets_BT, tokens_BT = (jnp.asarray(x, jnp.int32) for x in (targets_BT, tokens_BT))
   n = -(-t // chunk)
   pad = n * chunk - t
 

@@ -15,12 +15,11 @@ critic's estimate of the return after reading tokens ``<= t`` (the position that
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax.numpy as jnp
 
-from gamejax.models import lm, logprobs
+from gamejax.models import lm
 
 Params = Any
 
@@ -42,22 +41,16 @@ def apply(cfg: lm.Config, params: Params, tokens_BT, positions_BT, segment_ids_B
   hidden_BTD = lm.hidden(cfg, params["policy"], tokens_BT, positions_BT, segment_ids_BT)
   values_BT = jnp.einsum("btd,d->bt", hidden_BTD, params["value"]["w"].astype(jnp.float32),
                          precision="highest") + params["value"]["b"]
-  head = lambda x: lm.lm_head(cfg, params["policy"], x)
   if targets is None:
-    return head(hidden_BTD), values_BT
-  scored = logprobs.chunked(head, hidden_BTD, jnp.asarray(targets, jnp.int32),
-                            jnp.asarray(tokens_BT, jnp.int32),
-                            getattr(cfg, "logits_chunk", 0) or jnp.shape(tokens_BT)[1],
-                            logits_map)
-  return scored, values_BT
+    return lm.lm_head(cfg, params["policy"], hidden_BTD), values_BT
+  return lm.token_scores(cfg, params["policy"], hidden_BTD, targets, tokens_BT,
+                         logits_map), values_BT
 
 
 def bind(cfg: lm.Config):
   """``apply`` of ``cfg``'s actor-critic as payoffs call it; with ``cfg.logits_chunk > 0`` it
   reads targets (``logprobs.reads_targets``), as ``lm.bind``'s does."""
-  bound = functools.partial(apply, cfg)
-  setattr(bound, logprobs.READS_TARGETS, getattr(cfg, "logits_chunk", 0) > 0)
-  return bound
+  return lm.bind(cfg, apply)
 
 
 def policy_params(params: Params) -> Params:
