@@ -345,7 +345,7 @@ def run_on(mesh):
 
 
 def test_two_learners_on_eight_devices_match_one_device():
-  eight_devices.assert_eight_devices_match_one("test_matrix", meshes=eight_devices.MESHES)
+  eight_devices.assert_eight_devices_match_one("test_matrix", meshes=eight_devices.DATA_AND_ALL_AXES)
 
 
 # ---- bad games ------------------------------------------------------------------------------------

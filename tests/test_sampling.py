@@ -350,11 +350,13 @@ def test_traces_once_with_options(params):
     sampling.make_generate(CFG, N, temperature=1.0, top_k=-2)
 
 
-def test_inverse_cdf_matches_numpy_and_never_draws_zero_weight():
+@pytest.mark.parametrize("block,flat_up_to", [(128, 1024), (2, 0), (3, 4)])   # flat, two levels
+def test_inverse_cdf_matches_numpy_and_never_draws_zero_weight(block, flat_up_to):
   weights = np.array([[0.0, 1.0, 0.0, 3.0, 0.0], [2.0, 0.0, 0.0, 0.0, 1e-30]], np.float32)
   uniforms = np.array([np.finfo(np.float32).tiny, 1e-7, 0.25, 0.2500001, 0.5, 0.999, 1.0],
                       np.float32)
-  got = np.stack([np.asarray(jax.jit(sampling._inverse_cdf)(weights, np.full(2, u, np.float32)))
+  draw = jax.jit(sampling._inverse_cdf, static_argnums=(2, 3))
+  got = np.stack([np.asarray(draw(weights, np.full(2, u, np.float32), block, flat_up_to))
                   for u in uniforms])
   cdf = np.cumsum(weights, axis=-1)
   # The first slot whose running sum reaches u * total.
@@ -362,6 +364,32 @@ def test_inverse_cdf_matches_numpy_and_never_draws_zero_weight():
   np.testing.assert_array_equal(got, want)
   np.testing.assert_array_equal(got[:, 0], [1, 1, 1, 3, 3, 3, 3])
   assert np.all(np.take_along_axis(weights, got.T, axis=-1) > 0)
+
+
+def test_inverse_cdf_in_two_levels_draws_the_float64_running_sums_token():
+  """Above ``FLAT_CDF_WORDS`` words the running sum is taken in two levels (blocks' totals, then
+  within one block): each draw is NumPy's float64 inverse CDF's but where the threshold lies within
+  float32 rounding of a boundary, and never a word of weight 0 or past the end, with most words
+  masked out (a game's legal moves), with whole blocks of zeros, at ``uniform = 1``."""
+  rng = np.random.default_rng(0)
+  rows, v = 512, 2000                                  # 16 blocks of 128, the last one short
+  assert sampling.FLAT_CDF_WORDS < v
+  weights = rng.exponential(size=(rows, v)).astype(np.float32)
+  weights[rows // 2:] *= rng.random((rows // 2, v)) < 0.02            # legal moves only
+  weights[:, 300:900] *= np.arange(rows)[:, None] % 3 > 0            # blocks of zeros
+  weights[np.arange(rows), rng.integers(0, v, rows)] += 1.0           # never all zero
+  uniforms = (1.0 - rng.random(rows)).astype(np.float32)
+  uniforms[::7] = 1.0
+  got = np.asarray(jax.jit(sampling._inverse_cdf)(weights, uniforms))
+  assert np.all((got >= 0) & (got < v))
+  assert np.all(weights[np.arange(rows), got] > 0)
+  cdf = np.cumsum(weights.astype(np.float64), axis=-1)
+  threshold = uniforms * cdf[:, -1]
+  want = np.array([np.searchsorted(c, t, side="left") for c, t in zip(cdf, threshold)])
+  want = np.minimum(want, v - 1)
+  near = np.array([np.min(np.abs(c - t)) for c, t in zip(cdf, threshold)]) < 1e-5 * cdf[:, -1]
+  assert np.all((got == want) | near), np.flatnonzero((got != want) & ~near)
+  assert (got == want).mean() > 0.9                   # (a boundary within rounding is rare)
 
 
 def _pooled_chisquare_ok(counts, probs, rows):

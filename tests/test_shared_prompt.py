@@ -264,7 +264,7 @@ def test_a_run_with_share_prompt_trains_as_the_full_forward_does(tmp_path, monke
 
 def run_on(mesh):
   """Two GRPO steps with each group's prompt computed once, on ``mesh`` (``eight_devices``
-  compares meshes: data, FSDP, and FSDP with tensor parallelism): 8 prompts x 2 completions. The
+  compares meshes: data, and data x FSDP x tensor): 8 prompts x 2 completions. The
   payoffs read the logits 4 positions at a time (``logits_chunk``; tensor parallelism shards
   each block's vocabulary)."""
   from gamejax.payoffs import grpo
@@ -294,4 +294,4 @@ def run_on(mesh):
 def test_a_groups_prompt_computed_once_on_eight_devices_matches_one_device():
   import eight_devices
   eight_devices.assert_eight_devices_match_one("test_shared_prompt", timeout=300,
-                                              meshes=eight_devices.MESHES)
+                                              meshes=eight_devices.DATA_AND_ALL_AXES)

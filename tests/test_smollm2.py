@@ -28,14 +28,15 @@ def smollm2_hf(tmp_path_factory, smollm2_gguf):
 
 def test_greedy_chat_answers_equal_transformers_token_for_token(smollm2_gguf, smollm2_hf):
   folder, name = os.path.dirname(smollm2_gguf), os.path.basename(smollm2_gguf)
-  tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
   model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
                                                              dtype=torch.float32).eval()
   ours_tok = load_tokenizer(f"hf:{smollm2_hf}")
-  converted = transformers.AutoTokenizer.from_pretrained(smollm2_hf)      # the files convert wrote
+  # transformers' tokenizer from the files convert wrote (transformers' own conversion of the
+  # GGUF's tokenizer; its parity with ours on many texts: test_tokenizer.test_smollm2_parity)
+  tok = transformers.AutoTokenizer.from_pretrained(smollm2_hf)
   generation = json.load(open(os.path.join(smollm2_hf, "generation_config.json")))
   assert generation["eos_token_id"] == tok.eos_token_id == ours_tok.eos_id   # generate stops alike
-  assert converted.apply_chat_template([{"role": "user", "content": PROMPTS[0]}],
+  assert tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}],
                                        add_generation_prompt=True, tokenize=False) == \
       ours_tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], True)
   cfg, params = load_checkpoint(f"hf:{smollm2_hf}")

@@ -121,7 +121,7 @@ def run_on(mesh):
 
 def test_eight_device_step_equals_one_device():
   eight_devices.assert_eight_devices_match_one("test_step", timeout=300,
-                                              meshes=eight_devices.MESHES)
+                                              meshes=eight_devices.DATA_AND_ALL_AXES)
 
 
 def test_prepare_then_minibatch_epochs_visit_every_row_once_per_epoch():
