@@ -3,7 +3,8 @@ function, with its FLOP-floor efficiency.
 
   python -m benchmarks.grpo_step [--vocab_size 320 --d_model 256 --d_ff 688 --n_layers 4
                                   --n_heads 4 --n_kv_heads 2 --prompts 2 --group_size 8
-                                  --prompt_len 16 --new_tokens 32 --steps 7] [--no_hugepages]
+                                  --prompt_len 16 --new_tokens 32 --steps 7] [--logits_chunk C]
+                                 [--share_prompt] [--no_hugepages]
 
 The step is ``gamejax.step.make_step`` of a game whose play samples ``group_size`` completions of
 each of ``prompts`` random full-length prompts (temperature 1, exactly ``new_tokens`` each: no
@@ -27,6 +28,9 @@ reference's forward pass is needed). Prints one JSON line:
 * ``--share_prompt``: the policy's and the reference's forwards compute each group's prompt once
   (``sampled_play(share_prompt=True)``; the breakdown's forwards too), and the FLOP floor still
   counts every row's (the same work done, fewer FLOPs spent on it);
+* ``--logits_chunk C``: the payoff's and the reference's log-probs read ``C`` positions at a
+  time (``gamejax.models.logprobs``), from the record's first move (the prompts' LM head not run;
+  the FLOP floor still counts it);
 * ``prefill_flops`` / ``prefill_flops_unshared``: the prefill's FLOP floor with one prefill per
   prompt and with one per completion (G x more), and ``prefill_flops_xla``: XLA's own count of
   the compiled prefill both ways.
@@ -34,6 +38,7 @@ reference's forward pass is needed). Prints one JSON line:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import jax
@@ -45,7 +50,7 @@ from benchmarks import common
 from benchmarks.sample import decode_flops
 from gamejax import hostenv, records, sampling, sharding, step as game_step
 from gamejax.models import lm
-from gamejax.payoffs import grpo
+from gamejax.payoffs import base, grpo
 from gamejax.players import judges, policy, reference
 
 NEVER = -1     # a stop id the sampler cannot draw: every completion has new_tokens tokens
@@ -59,8 +64,14 @@ def main(argv=None):
     p.add_argument(f"--{name}", type=int, default=value)
   p.add_argument("--share_prompt", action="store_true",
                  help="the policy's and the reference's forwards compute each group's prompt once")
+  p.add_argument("--logits_chunk", type=int, default=None,
+                 help="LlamaConfig.logits_chunk (default: --model's): the payoff's and the "
+                      "reference's log-probs read this many positions at a time, from the "
+                      "record's first move")
   args = common.parse_args(p, argv)
   cfg = common.model_config(args)
+  if args.logits_chunk is not None:
+    cfg = dataclasses.replace(cfg, logits_chunk=args.logits_chunk)
   g, n, length = args.group_size, args.new_tokens, args.prompt_len
   rows = args.prompts * g
   step, state, batch = compiled_step(cfg, args.prompts, g, length, n, args.share_prompt)
@@ -139,7 +150,9 @@ def breakdown(cfg: lm.Config, params, prompt_UP, lengths_U, group_size: int, new
   """Seconds of the step's parts, each compiled and timed on its own on the step's shapes (the
   fastest of ``calls``): the sampler's prefill (a one-token ``generate``: prefill, broadcast to
   the group, one choice) and its decode (the rest of a full ``generate``), the reference's
-  forward, the policy's forward and backward, and the optimizer's update. The fused step
+  log-probs (its forward), the policy's log-probs of the sampled moves and their gradient (its
+  forward and backward; both read as the step's payoff and reference do: in blocks with
+  ``logits_chunk``, from the record's first move), and the optimizer's update. The fused step
   overlaps and shares work, so ``seconds_per_step`` minus their sum (``host_and_rest``: the
   judge, the payoff, the host's dispatch) can be negative. Also XLA's FLOPs of the prefill
   with the group sharing it and with G copies of each prompt (``prefill_flops_xla``).
@@ -161,15 +174,19 @@ def breakdown(cfg: lm.Config, params, prompt_UP, lengths_U, group_size: int, new
   sampled = full(params, prompt_UP, lengths_U)
   tokens_BT = jnp.concatenate([copies[0], sampled["tokens"]], axis=1)
   positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
-  segments_BT = jnp.ones_like(tokens_BT)
-  shared = {"shared_prompt": records.SharedPrompt(
-      copies[1], group_size=group_size, width=prompt_UP.shape[1])} if share_prompt else {}
-  forward = jax.jit(lambda p, t: lm.apply(cfg, p, t, positions_BT, segments_BT, **shared))
+  ones_BT = jnp.ones_like(tokens_BT)
+  shared = records.SharedPrompt(copies[1], group_size=group_size,
+                                width=prompt_UP.shape[1]) if share_prompt else None
+  # The step's record (the prompts its opening, as sampled_play's) and its readers: the
+  # reference's log-probs and the policy's of the sampled moves (in blocks with logits_chunk).
+  record = lambda t: records.GameRecord(t, positions_BT, ones_BT, ones_BT, shared_prompt=shared,
+                                        opening=prompt_UP.shape[1])
+  apply = lm.bind(cfg)
+  forward = jax.jit(lambda p, t: reference.token_logprobs(apply, p, record(t),
+                                                          reference.ALL_PLAYERS))
 
   def log_likelihood(p, t):
-    logp = jax.nn.log_softmax(lm.apply(cfg, p, t, positions_BT, segments_BT, **shared)[:, :-1],
-                              axis=-1)
-    return jnp.take_along_axis(logp, t[:, 1:, None], axis=-1).mean()
+    return base.token_logprobs(apply, p, record(t), sampled_only=True).logprobs.mean()
 
   backward = jax.jit(jax.grad(log_likelihood))
   grads = backward(params, tokens_BT)

@@ -51,12 +51,17 @@ class SharedPrompt:
 class GameRecord:
   """A batch of (possibly packed) transcripts; every field is ``int32[B, T]``, except
   ``shared_prompt``: None, or what the rows share (``SharedPrompt``), so that a forward over them
-  may compute a group's prompt once."""
+  may compute a group's prompt once; and ``opening`` (static): the record's first ``opening``
+  slots hold no token sampled in the game that wrote it, only what it opened with (a sampled
+  play's prompts from data, left-padded to their width), so that a reader of sampled moves alone
+  (the RL payoffs' log-probs, the reference's) may skip them (``payoffs.base.token_logprobs``).
+  0: nothing is known, every slot is read."""
   tokens: jnp.ndarray
   positions: jnp.ndarray
   segment_ids: jnp.ndarray
   players: jnp.ndarray
   shared_prompt: SharedPrompt | None = None
+  opening: int = flax.struct.field(pytree_node=False, default=0)
 
   @property
   def shape(self):

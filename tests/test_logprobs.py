@@ -110,6 +110,48 @@ def test_a_wrappers_transform_comes_before_its_callers():
   np.testing.assert_array_equal(out, [[[3.0, 3.0]]])
 
 
+def test_readers_of_sampled_moves_skip_the_records_opening_and_its_head():
+  """A record that opens with data (``opening``: a sampled play's prompts, 9 slots here) is read
+  from position ``opening - 1`` on by a reader of sampled moves (``sampled_only``: the RL payoffs'
+  and the reference's log-probs): there the log-probs are NumPy's float64 log-softmax of the full
+  logits, before it 0, and the gradient of their sum is the whole record's; XLA counts the LM
+  head's FLOPs at the positions read only, in GRPO's gradient (forward and backward) and in the
+  reference's forward. A reader of every token (imitation) still reads the opening."""
+  vocab, opening = 1024, 9
+  cfg = dataclasses.replace(CFGS["llama"], vocab_size=vocab, logits_chunk=4)
+  params = lm.init_params(cfg, jax.random.PRNGKey(0))
+  moves = jax.tree.map(jnp.asarray, _record(width=24))
+  moves = records.GameRecord(moves.tokens % vocab, moves.positions, moves.segment_ids,
+                             moves.players, opening=opening)
+  everything = moves.replace(opening=0)
+  targets = np.asarray(records.next_tokens(moves))
+  want, _ = _np_scores(lm.apply(_chunked(cfg, 0), params, moves.tokens, moves.positions,
+                                moves.segment_ids), targets)
+  apply = lm.bind(cfg)
+  read = jax.jit(lambda p, only: token_logprobs(apply, p, moves, sampled_only=only).logprobs,
+                 static_argnums=1)
+  skipped, whole = np.asarray(read(params, True)), np.asarray(read(params, False))
+  np.testing.assert_allclose(skipped[:, opening - 1:], want[:, opening - 1:], atol=2e-5)
+  np.testing.assert_array_equal(skipped[:, :opening - 1], 0.0)
+  np.testing.assert_allclose(whole, want, atol=2e-5)
+  grad = jax.jit(jax.grad(lambda p, only: read(p, only)[:, opening - 1:].sum()), static_argnums=1)
+  for a, b in zip(*(jax.tree.leaves(grad(params, only)) for only in (True, False))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+  # (XLA counts a loop's body once: the record in one block, to see the positions not read.)
+  one_block = lm.bind(dataclasses.replace(cfg, logits_chunk=64))
+  flops_of = lambda f, m: jax.jit(f).lower(params, m).compile().cost_analysis()["flops"]
+  judged = {"agent/rewards": jnp.arange(4.0), "behaviour_logprobs": jnp.zeros(targets.shape),
+            "reference_token_logprobs": jnp.zeros(targets.shape)}
+  grpo_grad = jax.grad(lambda p, m: grpo(2, beta=0.1)(p, Play(one_block, m, judged, None))[0])
+  ref = lambda p, m: reference.token_logprobs(one_block, p, m, reference.ALL_PLAYERS)
+  head = 2 * cfg.d_model * vocab * targets.shape[0] * (opening - 1)   # its forward, not read
+  # forward and two backward GEMMs (XLA:CPU merges the recomputation with the forward)
+  assert flops_of(grpo_grad, everything) - flops_of(grpo_grad, moves) > 2.9 * head
+  assert flops_of(ref, everything) - flops_of(ref, moves) > 0.99 * head
+  imitate = jax.jit(lambda m: imitation(("agent",))(params, Play(apply, m, {}, None))[0])
+  assert float(imitate(moves)) == float(imitate(everything))
+
+
 def test_a_negative_or_fractional_chunk_is_refused_naming_the_field():
   with pytest.raises(LlamaConfigError, match="LlamaConfig.logits_chunk=-1"):
     LlamaConfig(logits_chunk=-1)

@@ -1,4 +1,5 @@
 """The agent plays inside the compiled step: sampled moves, their attribution, the arena judge."""
+import dataclasses
 import functools
 
 import jax
@@ -11,7 +12,7 @@ from gamejax import records, step as game_step
 from gamejax.data.prompts import PromptLoader
 from gamejax.data.tokenizer import EOS, ByteTokenizer
 from gamejax.games import arithmetic
-from gamejax.models import llama
+from gamejax.models import llama, lm
 from gamejax.players import judges, policy, reference
 
 TOK = ByteTokenizer()
@@ -160,7 +161,9 @@ def _mesh():
 
 def test_multi_turn_play_attributes_every_move_and_scores_the_last():
   """agent -> opponent's feedback -> agent again: each token is its mover's, the sampler's
-  log-probs of both agent moves equal a forward pass, and the facts describe the last move."""
+  log-probs of both agent moves equal a forward pass, and the facts describe the last move. Every
+  move lies after the prompts' width, the record's ``opening``: log-probs read in blocks from
+  there on (``logits_chunk``) are the forward's too."""
   from gamejax.players import opponents
   batch, _ = _prompt_batch(2)
   feedback = opponents.arena_feedback()
@@ -186,10 +189,15 @@ def test_multi_turn_play_attributes_every_move_and_scores_the_last():
     reply = tok.decode(moves.tokens[row][real][who == records.OPPONENT][n_p:])
     assert reply in ("\nwrong, again:", "\nright, again:")
     np.testing.assert_array_equal(moves.positions[row][real], np.arange(real.sum()))
+    assert np.flatnonzero(real)[n_p:].min() >= moves.opening       # both moves and the reply
+  assert moves.opening == batch["prompt"].shape[1]
   assert reply_len == len("\nwrong, again:")
   forward = reference.token_logprobs(functools.partial(llama.apply, CFG), params,
                                      jax.tree.map(jnp.asarray, moves))
   np.testing.assert_allclose(facts["behaviour_logprobs"], forward, atol=2e-4)
+  blocks = reference.token_logprobs(lm.bind(dataclasses.replace(CFG, logits_chunk=4)), params,
+                                    jax.tree.map(jnp.asarray, moves))
+  np.testing.assert_allclose(blocks, forward, rtol=1e-5, atol=1e-5)
   agent_next = records.next_token_weights(moves, (records.AGENT,))
   assert ((facts["behaviour_logprobs"] != 0) == (agent_next > 0)).all()
 

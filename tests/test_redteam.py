@@ -125,6 +125,7 @@ def test_the_record_carries_the_attackers_move_with_its_sampling_logprobs():
   apply = lambda params, *xs: llama.apply(CFG, params, *xs)
   play = game.play_fn(apply, {"agent": "d", "opponent": "a"}, game_step.player_params, model=CFG)
   moves, facts = jax.jit(play)(state, {"games": jnp.zeros((6,), jnp.int32)}, jax.random.PRNGKey(3))
+  assert moves.opening == 0          # the problems are the attacker's moves: nothing skipped
   tokens, players = np.asarray(moves.tokens), np.asarray(moves.players)
   assert tokens.shape[0] == 12
   texts = []

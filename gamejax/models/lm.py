@@ -30,7 +30,7 @@ def init_params(cfg: Config, rng) -> Params:
 
 
 def apply(cfg: Config, params: Params, tokens_BT, positions_BT, segment_ids_BT, *,
-          shared_prompt=None, targets=None, logits_map=None):
+          shared_prompt=None, targets=None, logits_map=None, scored_from: int = 0):
   """``float32[B, T, V]``: next-token logits at every position (full forward).
 
   ``shared_prompt``: the record's ``records.SharedPrompt``; each group's prompt is then computed
@@ -38,10 +38,11 @@ def apply(cfg: Config, params: Params, tokens_BT, positions_BT, segment_ids_BT, 
 
   ``targets`` (``int32[B, T]``): ``logprobs.Scored`` in place of the logits -- each position's
   log-prob of its target and greedy token, the LM head read ``cfg.logits_chunk`` positions at a
-  time (all at once when 0) after ``logits_map`` (``gamejax.models.logprobs``)."""
+  time (all at once when 0) after ``logits_map`` (``gamejax.models.logprobs``), and only from
+  position ``scored_from`` on (the LM head is not run before it; 0 is scored there)."""
   inputs = (tokens_BT, positions_BT, segment_ids_BT)
-  if targets is None and logits_map is not None:
-    raise ValueError("lm.apply: logits_map is read with targets only")
+  if targets is None and (logits_map is not None or scored_from):
+    raise ValueError("lm.apply: logits_map and scored_from are read with targets only")
   if shared_prompt is not None:
     from gamejax.models import shared_prompt as shared    # it calls back into this module
     if targets is None:
@@ -51,15 +52,16 @@ def apply(cfg: Config, params: Params, tokens_BT, positions_BT, segment_ids_BT, 
     return families.of_config(cfg).apply(cfg, params, *inputs)
   else:
     states_BTD = hidden(cfg, params, *inputs)
-  return token_scores(cfg, params, states_BTD, targets, tokens_BT, logits_map)
+  return token_scores(cfg, params, states_BTD, targets, tokens_BT, logits_map, scored_from)
 
 
 def token_scores(cfg: Config, params: Params, hidden_BTD, targets_BT, tokens_BT,
-                 logits_map=None):
+                 logits_map=None, scored_from: int = 0):
   """``logprobs.Scored`` of the LM head on ``hidden``'s states at ``targets``, read
-  ``cfg.logits_chunk`` positions at a time (all at once when 0) after ``logits_map``."""
+  ``cfg.logits_chunk`` positions at a time (all at once when 0) after ``logits_map``, from
+  position ``scored_from`` on (0 before it)."""
   return logprobs.chunked(lambda x: lm_head(cfg, params, x), hidden_BTD, targets_BT, tokens_BT,
-                          getattr(cfg, "logits_chunk", 0), logits_map)
+                          getattr(cfg, "logits_chunk", 0), logits_map, scored_from)
 
 
 def bind(cfg: Config, fn=None):

@@ -7,8 +7,11 @@ large vocabulary the logits dominate memory (``B * T * V`` floats, and their gra
 again: 512 x 512 tokens at 128k words is 134 GB in float32). A model config with
 ``logits_chunk = C > 0`` makes its apply (``lm.bind``) read them in blocks of ``C`` positions:
 
-1. the trunk's states ``[B, T, D]`` (``lm.hidden``) are split into ``ceil(T / C)`` blocks of
-   ``[B, C, D]`` (every row in each block, so that a batch sharded over rows stays so);
+1. the trunk's states ``[B, T, D]`` (``lm.hidden``) are split into ``n = ceil(T / C)`` blocks
+   of ``[B, ceil(T / n), D]``, at most ``C`` positions and the last block padded least (every row
+   in each block, so that a batch sharded over rows stays so); a reader of sampled moves alone
+   starts them at the record's first move (``GameRecord.opening``: a sampled play's prompts are
+   not read);
 2. each block's logits are computed, transformed as the apply's wrappers say (``logits_map``:
    a scoring temperature, a game's legal moves), reduced to the target's log-prob, the greedy
    token and the entropy (PPO's bonus), and dropped (``lax.map``);
@@ -93,14 +96,24 @@ def score(logits_BTV: jax.Array, targets_BT: jax.Array) -> Scored:
 
 
 def chunked(head: Callable[[jax.Array], jax.Array], hidden_BTD: jax.Array, targets_BT: jax.Array,
-            tokens_BT: jax.Array, chunk: int, logits_map: LogitsMap | None = None) -> Scored:
+            tokens_BT: jax.Array, chunk: int, logits_map: LogitsMap | None = None,
+            start: int = 0) -> Scored:
   """``Scored`` of ``head(hidden)``'s logits, ``chunk`` positions at a time (the module
   docstring; 0: all at once). ``tokens_BT``: the record's tokens, which ``logits_map`` reads (a
-  game's legal moves follow the current token)."""
+  game's legal moves follow the current token). ``start`` (static): the positions before it are
+  not read -- no head there, forward or backward -- and score 0 (log-prob, greedy token and
+  entropy)."""
   b, t = hidden_BTD.shape[:2]
+  if not 0 <= start < t:
+    raise ValueError(f"logprobs.chunked: start={start} must be in [0, {t}), the record's length")
+  if start:
+    scored = chunked(head, hidden_BTD[:, start:], targets_BT[:, start:], tokens_BT[:, start:],
+                     chunk, logits_map)
+    return Scored(*(jnp.pad(x, ((0, 0), (start, 0))) for x in scored))
   chunk = min(int(chunk), t) or t
   targets_BT, tokens_BT = (jnp.asarray(x, jnp.int32) for x in (targets_BT, tokens_BT))
   n = -(-t // chunk)
+  chunk = -(-t // n)     # as many blocks, each as short as they can be: the last one least padded
   pad = n * chunk - t
 
   def blocks(x):

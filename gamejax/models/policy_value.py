@@ -34,17 +34,20 @@ def init_params(cfg: lm.Config, rng, policy: Params | None = None) -> Params:
 
 
 def apply(cfg: lm.Config, params: Params, tokens_BT, positions_BT, segment_ids_BT, *,
-          targets=None, logits_map=None):
+          targets=None, logits_map=None, scored_from: int = 0):
   """``(float32[B, T, V] logits, float32[B, T] values)``; with ``targets``, ``(logprobs.Scored,
   values)``: the policy's log-probs of the targets, argmax and entropy read ``cfg.logits_chunk``
-  positions at a time (``gamejax.models.logprobs``), never the ``[B, T, V]`` logits."""
+  positions at a time (``gamejax.models.logprobs``), never the ``[B, T, V]`` logits, from
+  position ``scored_from`` on (``lm.apply``'s); the values at every position."""
   hidden_BTD = lm.hidden(cfg, params["policy"], tokens_BT, positions_BT, segment_ids_BT)
   values_BT = jnp.einsum("btd,d->bt", hidden_BTD, params["value"]["w"].astype(jnp.float32),
                          precision="highest") + params["value"]["b"]
   if targets is None:
+    if logits_map is not None or scored_from:
+      raise ValueError("policy_value.apply: logits_map and scored_from are read with targets only")
     return lm.lm_head(cfg, params["policy"], hidden_BTD), values_BT
   return lm.token_scores(cfg, params["policy"], hidden_BTD, targets, tokens_BT,
-                         logits_map), values_BT
+                         logits_map, scored_from), values_BT
 
 
 def bind(cfg: lm.Config):

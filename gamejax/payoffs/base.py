@@ -53,14 +53,23 @@ def moves_logits(apply: Callable[..., Any], params: Any, moves: GameRecord) -> j
   return (out[0] if isinstance(out, tuple) else out).astype(jnp.float32)
 
 
-def token_logprobs(apply: Callable[..., Any], params: Any, moves: GameRecord) -> logprobs.Scored:
+def token_logprobs(apply: Callable[..., Any], params: Any, moves: GameRecord,
+                   sampled_only: bool = False) -> logprobs.Scored:
   """``Scored(logprobs, argmax, entropy)``, each ``[B, T]``: at ``t``, log p(token ``t+1``) under
   ``apply``, its greedy next token and the distribution's entropy. An apply that reads targets
   (``lm.bind`` of a config with ``logits_chunk``) computes them block by block without the
-  ``[B, T, V]`` logits (``gamejax.models.logprobs``); any other apply's logits are scored whole."""
+  ``[B, T, V]`` logits (``gamejax.models.logprobs``); any other apply's logits are scored whole.
+
+  ``sampled_only``: the caller reads them only where a token sampled in the game follows (an RL
+  payoff, the reference's log-probs for its KL). An apply that reads targets then skips the
+  record's opening (``GameRecord.opening``: a sampled play's prompts): no LM head over the prompt
+  positions, forward or backward, and 0 there."""
   targets_BT = records.next_tokens(moves)
   if logprobs.reads_targets(apply):
-    return apply_moves(apply, params, moves, targets=targets_BT)
+    options = {"targets": targets_BT}
+    if sampled_only and moves.opening > 1:       # position opening - 1 predicts the first move
+      options["scored_from"] = moves.opening - 1
+    return apply_moves(apply, params, moves, **options)
   return logprobs.score(moves_logits(apply, params, moves), targets_BT)
 
 

@@ -61,7 +61,7 @@ def seat_token_logprobs(params: Any, play: Play,
   """
   moves = play.moves
   chex.assert_rank(moves.tokens, 2)
-  logp_BT = token_logprobs(play.apply, params, moves).logprobs
+  logp_BT = token_logprobs(play.apply, params, moves, sampled_only=True).logprobs
   chex.assert_equal_shape([logp_BT, moves.tokens])
   mask_BT = records.next_token_weights(moves, (seat,))
   return jnp.where(mask_BT > 0, logp_BT, 0.0), mask_BT

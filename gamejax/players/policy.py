@@ -91,6 +91,9 @@ def sampled_play(cfg: lm.Config, group_size: int, max_new_tokens: int,
   same prompt (``records.SharedPrompt``), and the forwards over it (the learner's, the
   reference's) compute that prompt once per group (``gamejax.models.shared_prompt``): the same
   logits up to float rounding, ``G`` times fewer prompt tokens.
+  The record's ``opening`` is the prompts' width (no move of the play lies before it), so that the
+  RL payoffs' and the reference's log-probs, read in blocks (``logits_chunk``), skip the prompts;
+  0 with ``PROMPT_LOGPROBS`` (the prompts were sampled too).
   """
   if group_size < 1:
     raise ValueError(f"sampled_play group_size must be >= 1; got {group_size}")
@@ -144,10 +147,14 @@ def sampled_play(cfg: lm.Config, group_size: int, max_new_tokens: int,
     if share_prompt and group_size > 1:
       shared = records.SharedPrompt(repeat(batch["prompt_lengths"]).astype(jnp.int32),
                                     group_size=group_size, width=jnp.shape(batch["prompt"])[1])
+    # Every move of the play lies after the prompts' width (the rows are right-aligned and each
+    # holds at most the width's prompt tokens): the record opens with data there, unless the
+    # prompts were themselves sampled (PROMPT_LOGPROBS: a prompt writer's moves, read by its RL).
+    opening = 0 if PROMPT_LOGPROBS in batch else jnp.shape(batch["prompt"])[1]
     moves = records.GameRecord(tokens=tokens_BL.astype(jnp.int32),
                                positions=positions_BL.astype(jnp.int32),
                                segment_ids=real_BL.astype(jnp.int32), players=players_BL,
-                               shared_prompt=shared)
+                               shared_prompt=shared, opening=opening)
     behaviour_BL = jnp.concatenate([logprobs_BL[:, 1:], jnp.zeros((b, 1), jnp.float32)], axis=1)
     facts.update({
         "behaviour_logprobs": behaviour_BL,

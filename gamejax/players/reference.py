@@ -24,7 +24,7 @@ def token_logprobs(apply: Callable, params, moves: records.GameRecord,
   """``float32[B, T]``: at ``t``, log p(token t+1) under ``apply(params, ...)`` where ``players``
   moved token ``t+1``; 0 elsewhere."""
   if logprobs.reads_targets(apply):      # block by block, never the [B, T, V] logits
-    picked_BT = base.token_logprobs(apply, params, moves).logprobs
+    picked_BT = base.token_logprobs(apply, params, moves, sampled_only=True).logprobs
   else:
     logits_BTV = base.apply_moves(apply, params, moves).astype(jnp.float32)
     logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
@@ -38,7 +38,9 @@ ALL_PLAYERS = ("agent", "opponent")
 
 def reference(apply: Callable, name: str = "reference"):
   """Responder adding the frozen player ``name``'s log-probs of every moved token
-  (``"reference_token_logprobs"``, float32[B, T]: at ``t``, token ``t+1``'s; 0 on padding).
+  (``"reference_token_logprobs"``, float32[B, T]: at ``t``, token ``t+1``'s; 0 on padding, and,
+  read in blocks, on the record's opening: a sampled play's prompts, which no payoff of sampled
+  moves reads; ``base.token_logprobs``).
 
   Each payoff masks them to the players it scores, so a payoff and the reference always sum
   over the same tokens."""

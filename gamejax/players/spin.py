@@ -54,7 +54,8 @@ def spin_play(sample):
     chosen = records.GameRecord(**{k: jnp.asarray(batch[k], jnp.int32)
                                    for k in ("tokens", "positions", "segment_ids", "players")})
     t = max(chosen.tokens.shape[1], sampled.tokens.shape[1])
-    chosen, sampled = _pad_to(chosen, t), _pad_to(sampled, t)
+    # The demonstrations' rows are data from their first slot: nothing of the record is skipped.
+    chosen, sampled = _pad_to(chosen, t), _pad_to(sampled.replace(opening=0), t)
     moves = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), chosen, sampled)
     completion_BN = facts["completion"] * (facts["completion_mask"] > 0)
     identical_B = jnp.all(answer_tokens(chosen, completion_BN.shape[1]) == completion_BN, axis=1)
