@@ -2,7 +2,8 @@
 
   python -m benchmarks.sample [--vocab_size 320 --d_model 256 --d_ff 688 --n_layers 4
                                --n_heads 4 --n_kv_heads 2 --batch 16 --prompt_len 16
-                               --new_tokens 32 --calls 7] [--no_hugepages]
+                               --new_tokens 32 --calls 7] [--no_baseline]
+                              [--top_k K --top_p P] [--no_hugepages]
 
 Prints one JSON line. Both decoders sample at temperature 1 from ``batch`` full-length random
 prompts and always produce exactly ``new_tokens`` tokens per row: ``eos_id=-1`` and no
@@ -28,6 +29,10 @@ are medians over ``--calls`` calls after compiling and two warm-up calls.
   vocab_size``) is counted only for the ``new_tokens`` positions whose logits are sampled from.
   Prefill is in the timed call, so its FLOPs are in the count. Norms, RoPE, softmax and sampling
   are not counted. The peak is the higher of two measurements, before and after the timed calls.
+
+``--top_k`` / ``--top_p`` (with ``--no_baseline``): the cached sampler draws from the filtered
+distribution (``sampling.top_k_logits``, ``top_p_logits``), as ``gamejax generate`` and a rollout
+with those options do.
 
 ``breakdown``: the fastest call's split into ``prefill`` (a one-token call timed on its own: the
 prefill and one choice) and ``decode`` (the rest). ``decode_step_kernels``: the kernels XLA runs
@@ -139,9 +144,14 @@ def main(argv=None):
   p.add_argument("--calls", type=int, default=7, help="timed calls of each decoder (>= 5)")
   p.add_argument("--no_baseline", action="store_true",
                  help="skip the no-cache decode (on a large model it takes minutes)")
+  p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest (0: off)")
+  p.add_argument("--top_p", type=float, default=1.0, help="nucleus mass (1: off)")
   args = common.parse_args(p, argv)
   if args.calls < 5:
     p.error(f"--calls must be >= 5; got {args.calls}")
+  filtered = {"top_k": args.top_k, "top_p": args.top_p}
+  if (args.top_k or args.top_p < 1.0) and not args.no_baseline:
+    p.error("--top_k / --top_p time the cached sampler alone: add --no_baseline")
   cfg = common.model_config(args)
   temperature = 1.0
 
@@ -153,7 +163,8 @@ def main(argv=None):
   key = jax.random.PRNGKey(1)
 
   # eos_id=-1: never sampled, so every row runs to new_tokens (checked below).
-  cached = sampling.make_generate(cfg, args.new_tokens, temperature=temperature, eos_id=-1)
+  cached = sampling.make_generate(cfg, args.new_tokens, temperature=temperature, eos_id=-1,
+                                  **filtered)
   uncached = make_uncached_generate(cfg, args.new_tokens, temperature)
   out = cached(params, prompt_BP, lengths_B, key)
   if not np.all(np.asarray(out["lengths"]) == args.new_tokens):
@@ -166,7 +177,7 @@ def main(argv=None):
   # machine a busy moment would otherwise lower the peak and flatter the efficiency.
   peak = common.matmul_peak_flops(dtype=cfg.compute_dtype)
   cached_times = timings(functools.partial(cached, params, prompt_BP, lengths_B, key))
-  prefill = sampling.make_generate(cfg, 1, temperature=temperature, eos_id=-1)
+  prefill = sampling.make_generate(cfg, 1, temperature=temperature, eos_id=-1, **filtered)
   prefill_secs = common.best_seconds(
       lambda: jax.block_until_ready(prefill(params, prompt_BP, lengths_B, key)), args.calls)
   base_secs = (float("nan") if args.no_baseline else
@@ -181,7 +192,7 @@ def main(argv=None):
                  "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                  "n_kv_heads": cfg.n_kv_heads},
       "params": lm.param_count(cfg), "batch": args.batch, "prompt_len": args.prompt_len,
-      "new_tokens": args.new_tokens, "temperature": temperature,
+      "new_tokens": args.new_tokens, "temperature": temperature, **filtered,
       "seconds_per_call": secs, "best_seconds_per_call": min(cached_times),
       "tokens_per_s": tokens / secs,
       "baseline_seconds_per_call": base_secs, "baseline_tokens_per_s": tokens / base_secs,

@@ -258,6 +258,36 @@ def test_top_k_and_top_p_logits_match_numpy():
     sampling.top_k_logits(logits, -1)
 
 
+def test_top_k_and_top_p_without_sorting_keep_ties_signed_zeros_and_masked_words():
+  """The filters find their threshold bit by bit over the floats' order, not by sorting: top-k's
+  is the k-th largest value exactly (ties kept: NumPy's sorted row), top-p's the largest value
+  whose tokens at or above it hold mass ``p`` (NumPy in float64, but where that mass lies within
+  rounding of ``p``), on rows of 2,000 words with many ties, signed zeros, masked (-inf) words and
+  a row that is all one value."""
+  rng = np.random.default_rng(3)
+  logits = np.round(rng.standard_normal((48, 2000)) * 3, 1).astype(np.float32)
+  logits[0, :600], logits[0, 600:900] = 0.0, -0.0
+  logits[1] = 1.5
+  logits[2:10, ::3] = -np.inf
+  for k in (1, 7, 50, 1999):
+    got = np.asarray(jax.jit(sampling.top_k_logits, static_argnums=1)(logits, k))
+    kth = -np.sort(-logits, axis=-1)[:, k - 1:k]
+    np.testing.assert_array_equal(got, np.where(logits < kth, -np.inf, logits))
+  for p in (0.9, 0.5, 0.05):
+    got = np.asarray(jax.jit(sampling.top_p_logits, static_argnums=1)(logits, p))
+    x = logits.astype(np.float64)
+    probs = np.exp(x - x.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    for row in range(len(x)):
+      values = np.unique(x[row][np.isfinite(x[row])])[::-1]            # descending
+      mass = np.array([probs[row][x[row] >= v].sum() for v in values])
+      last = values[np.argmax(mass >= p)]
+      want = np.where(x[row] < last, -np.inf, logits[row])
+      if not np.array_equal(got[row], want):
+        assert np.min(np.abs(mass - p)) < 1e-5, (p, row)
+    assert np.isfinite(got).sum(-1).min() >= 1
+
+
 def _chisquare_pvalue_ok(counts, expected):
   """True unless the counts reject ``expected`` at the 0.1% level."""
   try:
