@@ -17,7 +17,7 @@ needs on one device), and the logits' own size (``B x T x V`` float32) for scale
 On a GPU or TPU this is the figure to trust (the compiler that runs the step analyses it). On the
 CPU it is an upper bound: XLA:CPU drops remat's optimization barriers, so every block's
 activations count as live. The 1B model at the default shapes on the 2-core AMD EPYC host: 264 GB
-with the logits whole, 225 GB in blocks of 32 (``logits_gb``: 134 GB), compiled in 46 s.
+with the logits whole, 223 GB in blocks of 32 (``logits_gb``: 134 GB), compiled in 33 s.
 """
 from __future__ import annotations
 
