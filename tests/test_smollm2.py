@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 PROMPTS = ["What is 12+35?", "Name three colours.", "Write a haiku about the sea.",
            "What is the capital of France?", "Translate 'good morning' into Spanish."]
-NEW = 24
+NEW = 16
 
 
 @pytest.fixture(scope="module")
