@@ -11,8 +11,8 @@ import sys
 import textwrap
 
 # data x fsdp x tensor: pure data parallel, FSDP, and FSDP with tensor parallelism (test_mesh runs
-# the SFT and GRPO steps on all three); a feature's own test runs on the first and the last
-# (DATA_AND_ALL_AXES): rows split 8 ways, and every axis at once.
+# the GRPO step on all three); other tests run on the first and the last (DATA_AND_ALL_AXES):
+# rows split 8 ways, and every axis at once.
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
 DATA_AND_ALL_AXES = (MESHES[0], MESHES[-1])
 

@@ -209,9 +209,10 @@ import jax, numpy as np
 import eight_devices, test_mesh as T
 from gamejax import cli, sharding
 assert len(jax.devices()) == 8
-for run in (T.run_sft, T.run_grpo):
+for run, meshes in ((T.run_sft, eight_devices.DATA_AND_ALL_AXES),
+                    (T.run_grpo, eight_devices.MESHES)):
   one = run(sharding.make_mesh(devices=jax.devices()[:1]))
-  for shape in eight_devices.MESHES:
+  for shape in meshes:
     got = run(sharding.make_mesh(*shape))
     np.testing.assert_allclose(one[0], got[0], rtol=1e-5, atol=1e-5, err_msg=str(shape))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5,

@@ -266,16 +266,15 @@ def run_on(mesh):
   """Two GRPO steps with each group's prompt computed once, on ``mesh`` (``eight_devices``
   compares meshes: data, and data x FSDP x tensor): 8 prompts x 2 completions. The
   payoffs read the logits 4 positions at a time (``logits_chunk``; tensor parallelism shards
-  each block's vocabulary), and the sampler draws from 1,500 words with top-p: in two levels
-  of 128-word blocks, the last one short, and the nucleus found without sorting
-  (``sampling._inverse_cdf``, ``top_p_logits``), the vocabulary sharded too."""
+  each block's vocabulary), and the sampler draws from 1,500 words: in two levels of 128-word
+  blocks, the last one short (``sampling._inverse_cdf``), the vocabulary sharded too."""
   from gamejax.payoffs import grpo
   cfg = dataclasses.replace(CFGS["llama"], logits_chunk=4, vocab_size=1500)
   apply = lm.bind(cfg)
   judge = judges.function_judge(lambda moves, facts: (facts["completion"] < 64).mean(axis=-1))
   game = game_step.Game(
       {"agent": game_step.Learner(apply, grpo(2, beta=0.1), optax.sgd(1.0))},
-      play=policy.sampled_play(cfg, 2, NEW, eos_id=EOS, top_p=0.95, share_prompt=True),
+      play=policy.sampled_play(cfg, 2, NEW, eos_id=EOS, share_prompt=True),
       respond=judges.responders(judge, reference.reference(apply)))
   params = lm.init_params(cfg, jax.random.PRNGKey(0))
   state = game_step.init_state(game, {"agent": params}, jax.random.PRNGKey(1),
