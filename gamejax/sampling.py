@@ -113,8 +113,9 @@ def _from_order_key(key):
 def _largest_key_where(holds, rows: int):
   """Per row, the largest ``uint32`` key ``r`` for which ``holds(r)`` (``bool[rows]`` of keys
   ``[rows]``; true up to some key, false above it), found bit by bit from the top: 32 passes of
-  ``holds`` (0 where it holds for no key above 0). XLA:CPU's sort (and ``lax.top_k``, a sort there) took 80-95 ms per decode step at
-  16 rows of 32,000 words; 32 passes of a compare and a sum take 2.5 ms."""
+  ``holds`` (0 where it holds for no key above 0). XLA:CPU's sort (and ``lax.top_k``, a sort
+  there) took 80-95 ms per decode step at 16 rows of 32,000 words; 32 passes of a compare and a
+  sum take 2.5 ms."""
   def bit(i, r_B):
     candidate_B = r_B | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
     return jnp.where(holds(candidate_B), candidate_B, r_B)

@@ -41,8 +41,7 @@ def apply(cfg: Config, params: Params, tokens_BT, positions_BT, segment_ids_BT, 
   time (all at once when 0) after ``logits_map`` (``gamejax.models.logprobs``), and only from
   position ``scored_from`` on (the LM head is not run before it; 0 is scored there)."""
   inputs = (tokens_BT, positions_BT, segment_ids_BT)
-  if targets is None and (logits_map is not None or scored_from):
-    raise ValueError("lm.apply: logits_map and scored_from are read with targets only")
+  logprobs.check_target_options("lm.apply", targets, logits_map, scored_from)
   if shared_prompt is not None:
     from gamejax.models import shared_prompt as shared    # it calls back into this module
     if targets is None:

@@ -80,6 +80,13 @@ def then(options: Mapping[str, Any], fn: LogitsMap) -> dict:
   return {**options, "logits_map": composed}
 
 
+def check_target_options(name: str, targets, logits_map, scored_from: int) -> None:
+  """A ValueError naming ``name`` (an apply) where ``logits_map`` or ``scored_from`` is given
+  without ``targets``: they say how targets are scored."""
+  if targets is None and (logits_map is not None or scored_from):
+    raise ValueError(f"{name}: logits_map and scored_from are read with targets only")
+
+
 def entropy(logits_BTV: jax.Array) -> jax.Array:
   """``float32[B, T]``: the entropy of each position's next-token distribution."""
   logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)

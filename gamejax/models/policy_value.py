@@ -19,7 +19,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from gamejax.models import lm
+from gamejax.models import lm, logprobs
 
 Params = Any
 
@@ -42,9 +42,8 @@ def apply(cfg: lm.Config, params: Params, tokens_BT, positions_BT, segment_ids_B
   hidden_BTD = lm.hidden(cfg, params["policy"], tokens_BT, positions_BT, segment_ids_BT)
   values_BT = jnp.einsum("btd,d->bt", hidden_BTD, params["value"]["w"].astype(jnp.float32),
                          precision="highest") + params["value"]["b"]
+  logprobs.check_target_options("policy_value.apply", targets, logits_map, scored_from)
   if targets is None:
-    if logits_map is not None or scored_from:
-      raise ValueError("policy_value.apply: logits_map and scored_from are read with targets only")
     return lm.lm_head(cfg, params["policy"], hidden_BTD), values_BT
   return lm.token_scores(cfg, params["policy"], hidden_BTD, targets, tokens_BT,
                          logits_map, scored_from), values_BT

@@ -64,13 +64,19 @@ def token_logprobs(apply: Callable[..., Any], params: Any, moves: GameRecord,
   payoff, the reference's log-probs for its KL). An apply that reads targets then skips the
   record's opening (``GameRecord.opening``: a sampled play's prompts): no LM head over the prompt
   positions, forward or backward, and 0 there."""
-  targets_BT = records.next_tokens(moves)
   if logprobs.reads_targets(apply):
-    options = {"targets": targets_BT}
-    if sampled_only and moves.opening > 1:       # position opening - 1 predicts the first move
-      options["scored_from"] = moves.opening - 1
-    return apply_moves(apply, params, moves, **options)
-  return logprobs.score(moves_logits(apply, params, moves), targets_BT)
+    return apply_moves(apply, params, moves, **target_options(moves, sampled_only))
+  return logprobs.score(moves_logits(apply, params, moves), records.next_tokens(moves))
+
+
+def target_options(moves: GameRecord, sampled_only: bool) -> dict:
+  """The options that make an apply reading targets score ``moves``: ``targets`` (each position's
+  next token) and, for a reader of sampled moves alone, ``scored_from`` (the record's opening
+  skipped: position ``opening - 1`` predicts the first move)."""
+  options = {"targets": records.next_tokens(moves)}
+  if sampled_only and moves.opening > 1:
+    options["scored_from"] = moves.opening - 1
+  return options
 
 
 def frozen_player(play: Play, name: str, what: str) -> Any:

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 
 from gamejax import records
 from gamejax.models import logprobs
+from gamejax.payoffs import base
 from gamejax.payoffs.base import Payoff, Play
 from gamejax.payoffs.kl import REFERENCE_TOKEN_LOGPROBS, kl_estimate, read_judgment
 
@@ -196,9 +197,8 @@ def _apply_actor_critic(params: Any, play: Play, name: str,
   moves = play.moves
   chex.assert_rank(moves.tokens, 2)
   reads = scored and logprobs.reads_targets(play.apply)
-  options = {"targets": records.next_tokens(moves)} if reads else {}
-  if reads and moves.opening > 1:    # read at the seat's sampled moves only: skip the prompts
-    options["scored_from"] = moves.opening - 1
+  # read at the seat's sampled moves only: the prompts skipped
+  options = base.target_options(moves, sampled_only=True) if reads else {}
   out = play.apply(params, moves.tokens, moves.positions, moves.segment_ids, **options)
   if not (isinstance(out, tuple) and len(out) == 2):
     raise TypeError(f"{name}: the PPO learner's apply must return (logits_BTV, values_BT), an "
