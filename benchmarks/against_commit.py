@@ -23,7 +23,9 @@ tokens x 32 new and of 4 x 4 x 8 x 64 (target 1.25x), and the sampler at batch 1
 bench_sampling.gin``). ``grpo_a_shared`` and ``grpo_b_shared`` (run only when named) are the GRPO
 shapes with this tree's step computing each group's prompt once (``--share_prompt``, an option the
 commit does not have: ``here_only_args``). ``sample_vocab32k`` and ``sample_vocab128k_b64`` (also
-run only when named, against a commit from 26e4f3d on) are the sampler at real vocabularies.
+run only when named, against a commit from 26e4f3d on) are the sampler at real vocabularies;
+``sample_n256`` and ``grpo_n128`` (also only when named, no target) the sampler and the GRPO step
+on long answers (256 and 128 new tokens).
 """
 from __future__ import annotations
 
@@ -61,6 +63,12 @@ EXTRA_CASES = {
                         "seconds_per_call", "best_seconds_per_call", None),
     "sample_vocab128k_b64": ("sample", ["--batch=64", "--vocab_size=128256", *_REAL_VOCAB],
                              "seconds_per_call", "best_seconds_per_call", None),
+    # Long answers (no target): the sampler at 256 new tokens, the GRPO step at 128.
+    "sample_n256": ("sample", ["--batch=16", "--prompt_len=16", "--new_tokens=256",
+                               "--no_baseline", "--calls=5"],
+                    "seconds_per_call", "best_seconds_per_call", None),
+    "grpo_n128": ("grpo_step", ["--prompts=2", "--group_size=8", "--prompt_len=16",
+                                "--new_tokens=128"], "seconds_per_step", None, None),
 }
 HERE_ONLY = {"grpo_a_shared": ["--share_prompt"], "grpo_b_shared": ["--share_prompt"]}
 DEFAULT_CASES = tuple(CASES)

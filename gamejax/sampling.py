@@ -1,4 +1,5 @@
-"""KV-cached decoding inside jit: one prefill, then a ``lax.while_loop`` of one-token steps.
+"""KV-cached decoding inside jit: one prefill, then a ``lax.while_loop`` of one-token steps (in
+runs of up to ``DECODE_CACHE_BLOCK`` steps, each attending only the cache slots filled by its end).
 
 Prompts are LEFT-padded to a common length ``P`` (pad id 0, segment 0), so every row's prompt
 ends at slot ``P - 1`` and all rows write the same cache slot at each step. Row ``b``'s positions
@@ -253,6 +254,37 @@ def _check_options(name: str, max_new_tokens, temperature, top_k, top_p, stop_id
     raise ValueError(f"{name} needs stop_ids as a tuple of ints; got {stop_ids!r}")
 
 
+# The decode loop attends a cache that grows in runs of this many steps (``_segments``): a step
+# reads the slots filled so far rounded up to the run's end, not the whole ``P + N - 1``; at most
+# ``DECODE_MAX_RUNS`` runs (each is a loop XLA compiles), longer ones past that.
+DECODE_CACHE_BLOCK = 64
+DECODE_MAX_RUNS = 4
+
+
+def _segments(n: int, block: int):
+  """The decode loop's steps ``1 .. n - 1`` in runs of ``block`` or more, at most
+  ``DECODE_MAX_RUNS`` of them (one run when ``block`` is 0): ``[(first step, step after the
+  last)]``.
+
+  >>> _segments(200, 64), _segments(64, 64), _segments(1, 64), _segments(100, 0)
+  ([(1, 65), (65, 129), (129, 193), (193, 200)], [(1, 64)], [], [(1, 100)])
+  >>> len(_segments(2000, 64)), _segments(2000, 64)[0]
+  (4, (1, 501))
+  """
+  if block < 0:
+    raise ValueError(f"generate needs cache_block >= 0; got {block}")
+  steps = n - 1
+  block = max(block, -(-steps // DECODE_MAX_RUNS)) if block else steps
+  return [(i0, min(i0 + block, n)) for i0 in range(1, n, block)] if steps else []
+
+
+def _grow_cache(cache, length: int):
+  """``lm.grow_cache`` of one model's cache, or of each of a mixture's two."""
+  if isinstance(cache, tuple):
+    return tuple(lm.grow_cache(c, length) for c in cache)
+  return lm.grow_cache(cache, length)
+
+
 def _broadcast_cache(cache, group_size: int):
   """A cache of ``U`` rows as one of ``U * group_size``: row ``u``'s slots for each of its group
   (rows ``u * group_size ..``). Every family's cache has its rows on axis 0."""
@@ -263,11 +295,12 @@ def _broadcast_cache(cache, group_size: int):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "eos_id",
                                              "top_k", "top_p", "stop_ids", "scaled_logprobs",
-                                             "group_size"))
+                                             "group_size", "cache_block"))
 def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens: int,
              rng, temperature: float = 0.0, eos_id: int = 2, *, top_k: int = 0,
              top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
-             scaled_logprobs: bool = False, group_size: int = 1) -> dict:
+             scaled_logprobs: bool = False, group_size: int = 1,
+             cache_block: int = DECODE_CACHE_BLOCK) -> dict:
   """Samples up to ``max_new_tokens`` (N) continuation tokens of left-padded prompts.
 
   Args:
@@ -292,6 +325,14 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
       to the group: the same output as G copies of each prompt with ``group_size=1`` (the
       log-probs up to float32 rounding: on some CPUs XLA's GEMM rounds a row differently with
       the number of rows), at ``1 / G`` of the prefill's FLOPs.
+    cache_block: the decode loop runs in runs of this many steps (static; at most
+      ``DECODE_MAX_RUNS`` runs, longer ones past that; 0: one run), each attending a KV cache of
+      the ``P - 1 + i`` slots filled by its last step ``i``, grown with empty slots between runs:
+      the same tokens as one run over all ``P + N - 1`` slots, the log-probs up to float32
+      rounding (the attention's sums skip empty slots), and on average about half the cache read
+      per step when ``N`` is long against ``P``. The price: XLA compiles one loop per run, and
+      growing the cache copies it, two caches alive for a moment (set 0 where the cache is most
+      of the memory).
 
   Returns:
     ``{"tokens": int32[B, N], "lengths": int32[B], "logprobs": float32[B, N],
@@ -317,7 +358,8 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
   # The last sampled token is never fed back, so P + N - 1 slots suffice. Each distinct prompt
   # is prefilled once; its cache and last logits are then its group's.
   params = _decode_params(cfg, params)
-  cache = _init_cache(cfg, params, u, p + n - 1)
+  segments = _segments(n, cache_block)
+  cache = _init_cache(cfg, params, u, p + (segments[0][1] if segments else 1) - 1)
   logits_U1V, cache = _apply_cached(
       cfg, params, jnp.asarray(prompt_BP, jnp.int32), positions_UP, real_UP.astype(jnp.int32),
       cache, 0, last=True)
@@ -356,11 +398,12 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
   slots_S = jnp.arange(p + n - 1, dtype=jnp.int32)
   start_bias_BS = kernels.attention_bias(slots_S[None, :] >= (p - prompt_lengths_B)[:, None])
 
-  def step(i, token_B, tokens_BN, logprobs_BN, cache):
+  def step(i, token_B, tokens_BN, logprobs_BN, cache, *, length):
     # Feed token i-1 (cache slot P - 1 + i, position length + i - 1), then choose token i. Rows
     # that have ended keep going; what they emit is masked out after the loop.
     slot = p - 1 + i
-    bias_B1S = jnp.where(slots_S <= slot, start_bias_BS, kernels.attention_bias(False))[:, None]
+    bias_B1S = jnp.where(slots_S[:length] <= slot, start_bias_BS[:, :length],
+                         kernels.attention_bias(False))[:, None]
     rope_B1 = None if rope_N is None else tuple(x[i][:, None] for x in rope_N)
     logits_B1V, cache = _apply_cached(
         cfg, params, token_B[:, None], positions_NB[i][:, None], jnp.ones((b, 1), jnp.int32),
@@ -371,21 +414,28 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
   tokens_BN = jnp.full((b, n), PAD_ID, jnp.int32)
   logprobs_BN = jnp.zeros((b, n), jnp.float32)
   token_B, tokens_BN, logprobs_BN = emit(0, last_BV, tokens_BN, logprobs_BN)
-  if can_stop:
-    def cond(carry):
-      i, _, done_B, *_ = carry
-      return (i < n) & ~jnp.all(done_B)
+  i, done_B = jnp.ones((), jnp.int32), is_stop(token_B)
+  for i0, i1 in segments:
+    # Steps i0 .. i1 - 1 attend a cache of P + i1 - 1 slots, the most any of them fills.
+    length = p + i1 - 1
+    cache = _grow_cache(cache, length)
+    seg_step = functools.partial(step, length=length)
+    if can_stop:
+      def cond(carry, i1=i1):
+        i, _, done_B, *_ = carry
+        return (i < i1) & ~jnp.all(done_B)
 
-    def body(carry):
-      i, token_B, done_B, *rest = carry
-      token_B, *rest = step(i, token_B, *rest)
-      return (i + 1, token_B, done_B | is_stop(token_B), *rest)
+      def body(carry, seg_step=seg_step):
+        i, token_B, done_B, *rest = carry
+        token_B, *rest = seg_step(i, token_B, *rest)
+        return (i + 1, token_B, done_B | is_stop(token_B), *rest)
 
-    carry = (jnp.ones((), jnp.int32), token_B, is_stop(token_B), tokens_BN, logprobs_BN, cache)
-    tokens_BN, logprobs_BN = jax.lax.while_loop(cond, body, carry)[3:5]
-  else:
-    tokens_BN, logprobs_BN = jax.lax.fori_loop(
-        1, n, lambda i, carry: step(i, *carry), (token_B, tokens_BN, logprobs_BN, cache))[1:3]
+      i, token_B, done_B, tokens_BN, logprobs_BN, cache = jax.lax.while_loop(
+          cond, body, (i, token_B, done_B, tokens_BN, logprobs_BN, cache))
+    else:
+      token_B, tokens_BN, logprobs_BN, cache = jax.lax.fori_loop(
+          i0, i1, lambda i, carry, seg_step=seg_step: seg_step(i, *carry),
+          (token_B, tokens_BN, logprobs_BN, cache))
 
   # Each row ends at its first stop token; steps the loop skipped hold PAD, after every row ended.
   stop_BN = is_stop(tokens_BN)
@@ -402,7 +452,7 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
 def make_generate(cfg: lm.Config, max_new_tokens: int, temperature: float = 0.0,
                   eos_id: int = 2, *, top_k: int = 0, top_p: float = 1.0,
                   stop_ids: Sequence[int] = (), scaled_logprobs: bool = False,
-                  group_size: int = 1):
+                  group_size: int = 1, cache_block: int = DECODE_CACHE_BLOCK):
   """``fn(params, prompt_BP, prompt_lengths_B, rng) -> generate(...)`` output, jitted once per
   input shape. The options are as in ``generate`` (``stop_ids`` may be any sequence of ints).
 
@@ -423,6 +473,6 @@ def make_generate(cfg: lm.Config, max_new_tokens: int, temperature: float = 0.0,
     return generate(cfg, params, prompt_BP, prompt_lengths_B, max_new_tokens, rng,
                     temperature=temperature, eos_id=eos_id, top_k=top_k, top_p=top_p,
                     stop_ids=stop_ids, scaled_logprobs=scaled_logprobs,
-                    group_size=group_size)
+                    group_size=group_size, cache_block=cache_block)
 
   return fn

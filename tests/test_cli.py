@@ -107,6 +107,8 @@ def test_eval_without_run(tmp_path, capsys):
     ("grpo/Rollout.judge='judge_me'", "Rollout.judge='judge_me'; expected one of ['arena', "),
     ("grpo_rm/Rollout.judge_from='sft'", "needs judge_from naming an earlier reward_model stage"),
     ("grpo/Rollout.turns=2", "Rollout.turns=2 needs an opponent"),
+    ("grpo/Rollout.cache_block=-1", "Rollout.cache_block must be an int >= 0 (0: the decode "
+                                    "loop in one run); got -1"),
     ("grpo/Stage.player='critic'", "player='critic'; expected one of"),
     ("grpo/Stage.init_from='grpo_rm'", "init_from='grpo_rm'; expected 'previous', None, an "
                                        "earlier stage's name"),

@@ -576,3 +576,63 @@ def test_a_decode_step_runs_no_more_kernels_than_before():
   per_layer = (three - one) / 2
   assert per_layer <= 22, (one, three)
   assert one - per_layer <= 23, (one, three)
+
+
+def _while_loop_cache_lengths(jaxpr, head_dim):
+  """Per loop in ``jaxpr`` (``while``, or ``scan`` for a fixed-length ``fori_loop``; nested
+  jaxprs included), the slot counts of the KV caches it carries: keys ``[B, G, K, S]`` and values
+  ``[B, G, S, K]``, ``K = head_dim``."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("while", "scan"):
+      shapes = [v.aval.shape for v in eqn.outvars if v.aval.ndim == 4]
+      keys = {s[3] for s in shapes if s[2] == head_dim}
+      values = {s[2] for s in shapes if s[3] == head_dim}
+      found.append((sorted(keys), sorted(values)))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          found += _while_loop_cache_lengths(sub.jaxpr, head_dim)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          found += _while_loop_cache_lengths(sub, head_dim)
+  return found
+
+
+# stops: the loop that exits early (else the fixed-length one); a mixture carries two caches
+@pytest.mark.parametrize("model, stops, groups", [("llama", True, (1, 2)), ("gpt2", False, (2,)),
+                                                  ("mixture", True, (2,))])
+def test_the_decode_loop_attends_a_cache_grown_in_runs(params, model, stops, groups):
+  """``cache_block=2``: steps 1..6 of N = 7 in three runs of two, each attending a cache of the
+  slots filled by its end (P + 2, P + 4, P + 6: the loops carry those, not P + N - 1), grown
+  between runs. The same tokens, lengths and stops as one run over the whole cache
+  (``cache_block=0``) from the same key, and the same log-probs up to float32 rounding (the
+  attention's sums run over fewer empty slots)."""
+  from gamejax.models import gpt2
+  from gamejax.players import selfplay
+  cfg = CFG
+  if model == "gpt2":
+    cfg = gpt2.GPT2Config(vocab_size=40, d_model=32, n_layers=2, n_heads=4, max_positions=16)
+    params = gpt2.init_params(cfg, jax.random.key(3))
+  elif model == "mixture":
+    other = llama.init_params(CFG, jax.random.key(7))
+    params = selfplay.mixture("a", "b", 0.4).resolve({"a": params, "b": other}.get)
+  prompt_BP, lengths_B = sampling.left_pad(PROMPTS, P)
+  run = lambda block, g, eos_id=-1: sampling.generate(
+      cfg, params, prompt_BP, lengths_B, N, jax.random.key(6), temperature=1.2, eos_id=eos_id,
+      group_size=g, cache_block=block)
+  if stops:   # the first row's fourth token ends rows: it stops in the second run
+    run = functools.partial(run, eos_id=int(np.asarray(run(0, 1)["tokens"])[0, 3]))
+  for g in groups:
+    grown, whole = run(2, g), run(0, g)
+    for key in ("tokens", "lengths", "mask_BN", "stopped_B"):
+      np.testing.assert_array_equal(grown[key], whole[key], key)
+    np.testing.assert_allclose(grown["logprobs"], whole["logprobs"], rtol=1e-6, atol=1e-6)
+  if stops:
+    assert np.asarray(grown["lengths"]).min() <= 4
+  head_dim = cfg.d_model // cfg.n_heads
+  lengths_of = lambda block: _while_loop_cache_lengths(jax.make_jaxpr(
+      lambda: run(block, 2))().jaxpr, head_dim)
+  assert lengths_of(2) == [([P + 2], [P + 2]), ([P + 4], [P + 4]), ([P + 6], [P + 6])]
+  assert lengths_of(0) == [([P + N - 1], [P + N - 1])]
+  # the default runs at most DECODE_MAX_RUNS loops: 64 steps or fewer in one
+  assert sampling._segments(N, sampling.DECODE_CACHE_BLOCK) == [(1, N)]

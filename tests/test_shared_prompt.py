@@ -233,21 +233,24 @@ def test_grpo_with_microbatches_of_whole_groups_computes_prompts_once_and_matche
 def test_a_run_with_share_prompt_trains_as_the_full_forward_does(tmp_path, monkeypatch):
   """``Rollout.share_prompt`` from the experiment to the compiled step: the step computes the
   prompts once (traced there, and only then), and a GRPO stage's logged metrics both ways, step
-  for step, agree up to float rounding."""
-  from gamejax import config, run
+  for step, agree up to float rounding. The second run also decodes in runs of 2 steps
+  (``Rollout.cache_block``, which reaches the sampler)."""
+  from gamejax import config, run, sampling
   from gamejax.payoffs import grpo
-  traced = []
-  once = shared_prompt.once
+  traced, blocks = [], []
+  once, generate = shared_prompt.once, sampling.generate
   monkeypatch.setattr(shared_prompt, "once", lambda *a, **k: traced.append(1) or once(*a, **k))
+  monkeypatch.setattr(sampling, "generate",
+                      lambda *a, **k: blocks.append(k["cache_block"]) or generate(*a, **k))
   metrics = {}
   for share in (False, True):
-    del traced[:]
+    del traced[:], blocks[:]
     stage = run.Stage(name="rl", data=config.arena(players=[("perfect", 1.0)], num_train=50,
                                                    num_test=10, max_digits=2),
                       payoff=grpo(2, beta=0.1), reference=True, steps=2, batch_size=2,
                       steps_per_call=1,
                       rollout=run.Rollout(group_size=2, max_new_tokens=4, prompt_len=12,
-                                          share_prompt=share))
+                                          share_prompt=share, cache_block=2 if share else 64))
     exp = run.Experiment(stages=[stage], data_dir=str(tmp_path / "data"),
                          model=LlamaConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
                                            d_ff=64))
@@ -256,6 +259,7 @@ def test_a_run_with_share_prompt_trains_as_the_full_forward_does(tmp_path, monke
     run.run_stage(exp, 0, None, str(work), mesh, progress=False, log=lambda _: None)
     metrics[share] = [json.loads(line) for line in open(work / "metrics.jsonl")]
     assert bool(traced) == share     # the learner's and the reference's forwards
+    assert set(blocks) == {2 if share else 64}
   assert len(metrics[True]) == len(metrics[False]) == 2
   for plain, shared in zip(metrics[False], metrics[True]):
     for key in ("agent/loss", "agent/kl", "agent/reward_mean", "agent/grad_norm"):

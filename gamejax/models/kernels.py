@@ -254,6 +254,23 @@ def init_kv_cache(batch: int, kv_heads: int, max_len: int, head_dim: int, dtype)
           "v": jnp.zeros((batch, kv_heads, max_len, head_dim), dtype)}
 
 
+def grow_slots(x, max_len: int, axis: int):
+  """``x`` with zeros (empty slots) appended on ``axis`` up to ``max_len``."""
+  extra = max_len - x.shape[axis]
+  if extra < 0:
+    raise ValueError(f"a cache of {x.shape[axis]} slots cannot grow to {max_len}")
+  if extra == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths)
+
+
+def grow_kv_cache(layer, max_len: int):
+  """One layer's cache (``init_kv_cache``'s layout) with empty slots up to ``max_len``."""
+  return {"k": grow_slots(layer["k"], max_len, axis=3), "v": grow_slots(layer["v"], max_len, axis=2)}
+
+
 def cached_attention(qkv_BTNK, cos_BT1F, sin_BT1F, bias_BTS, kv_cache, cache_index,
                      n_heads: int, n_kv_heads: int):
   """Attention of ``T`` new tokens over a KV cache (``init_kv_cache``'s layout): their keys and

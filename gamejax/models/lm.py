@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from gamejax.models import families, logprobs
+from gamejax.models import families, kernels, logprobs
 
 Config = Any    # a family's config dataclass
 Params = Any
@@ -86,6 +86,13 @@ def lm_head(cfg: Config, params: Params, hidden_BTD):
 def init_cache(cfg: Config, batch: int, max_len: int):
   """An empty decoding cache for ``batch`` rows of ``max_len`` slots."""
   return families.of_config(cfg).init_cache(cfg, batch, max_len)
+
+
+def grow_cache(cache, max_len: int):
+  """``cache`` with empty slots appended up to ``max_len`` (every family's cache is laid out as
+  ``kernels.init_kv_cache``'s, with ``segment_ids [B, S]``)."""
+  return {"layers": tuple(kernels.grow_kv_cache(layer, max_len) for layer in cache["layers"]),
+          "segment_ids": kernels.grow_slots(cache["segment_ids"], max_len, axis=1)}
 
 
 def apply_with_cache(cfg: Config, params: Params, tokens_BT, positions_BT, segment_ids_BT, cache,

@@ -73,7 +73,8 @@ def sampled_play(cfg: lm.Config, group_size: int, max_new_tokens: int,
                  eos_id: int = EOS, stop_ids: Sequence[int] = (), player: str = "agent",
                  turns: int = 1, opponent: Opponent | None = None,
                  params_of: Callable[[Any], Any] = lambda params: params,
-                 scaled_logprobs: bool = True, share_prompt: bool = False):
+                 scaled_logprobs: bool = True, share_prompt: bool = False,
+                 cache_block: int = sampling.DECODE_CACHE_BLOCK):
   """``play(state, batch, rng) -> (moves, facts)`` sampling ``player``'s params: a learner's or
   a frozen player's (SPIN's previous iterate; ``step.player_params``).
 
@@ -94,6 +95,8 @@ def sampled_play(cfg: lm.Config, group_size: int, max_new_tokens: int,
   The record's ``opening`` is the prompts' width (no move of the play lies before it), so that the
   RL payoffs' and the reference's log-probs, read in blocks (``logits_chunk``), skip the prompts;
   0 with ``PROMPT_LOGPROBS`` (the prompts were sampled too).
+  ``cache_block``: the sampler's decode loop in runs attending the cache filled so far
+  (``sampling.generate``).
   """
   if group_size < 1:
     raise ValueError(f"sampled_play group_size must be >= 1; got {group_size}")
@@ -126,7 +129,7 @@ def sampled_play(cfg: lm.Config, group_size: int, max_new_tokens: int,
       out = sampling.generate(cfg, params, jnp.asarray(prompts, jnp.int32), prompt_lengths,
                               max_new_tokens, k_sample, temperature, eos_id, top_k=top_k,
                               top_p=top_p, stop_ids=stop_ids, scaled_logprobs=scaled_logprobs,
-                              group_size=group)
+                              group_size=group, cache_block=cache_block)
       mask_BN = out["mask_BN"]
       facts.update(completion=out["tokens"], completion_mask=mask_BN, stopped=out["stopped_B"])
       no_stop = no_stop + (~out["stopped_B"]).sum()

@@ -141,7 +141,8 @@ def stage_game(exp: Experiment, index: int) -> game_step.Game:
   sampler = functools.partial(policy.sampled_play, cfg, r.group_size, budget, r.temperature,
                               r.top_k, r.top_p, eos_id=exp.text_tokenizer.eos_id,
                               params_of=registry.MODELS[stage.player].policy,
-                              scaled_logprobs=r.score_at_temperature)
+                              scaled_logprobs=r.score_at_temperature,
+                              cache_block=r.cache_block)
   play = sampler(turns=r.turns, opponent=r.opponent, share_prompt=r.share_prompt)
   if r.versus is not None:
     play = versus.versus_play(play, sampler(player=r.versus))

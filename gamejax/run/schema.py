@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gamejax import interop, records, sharding
+from gamejax import interop, records, sampling, sharding
 from gamejax.data import sources
 from gamejax.data import tokenizer as tokenizers
 from gamejax.games.base import GameConfigError, Scripted
@@ -152,6 +152,11 @@ class Rollout:
   # log-probs up to float rounding and ``group_size`` times fewer prompt tokens in those
   # forwards. Off by default, so that a run's figures stay those of the full forward.
   share_prompt: bool = False
+  # The sampler's decode loop runs in runs of this many steps, each attending only the KV cache
+  # slots filled by its end (``sampling.generate``'s ``cache_block``): on long answers about half
+  # the cache read per step. 0: one run over the whole cache (growing it between runs copies it;
+  # set 0 where the cache is most of the memory).
+  cache_block: int = sampling.DECODE_CACHE_BLOCK
 
   @property
   def score_temperature(self) -> float:
@@ -732,6 +737,9 @@ def _validate_rollout(s: Stage, earlier: Sequence[Stage]) -> None:
   if r.group_size < 1 or r.prompt_len < 1 or (r.max_new_tokens or 1) < 1:
     raise ExperimentError(f"Stage {s.name!r}: Rollout group_size, prompt_len and "
                           f"max_new_tokens must be positive; got {r}")
+  if isinstance(r.cache_block, bool) or not isinstance(r.cache_block, int) or r.cache_block < 0:
+    raise ExperimentError(f"Stage {s.name!r}: Rollout.cache_block must be an int >= 0 (0: the "
+                          f"decode loop in one run); got {r.cache_block!r}")
   if r.share_prompt and (r.versus is not None or s.player != "policy"):
     raise ExperimentError(f"Stage {s.name!r}: Rollout.share_prompt computes each group's prompt "
                           "once in a language model's forward: it needs player='policy' and no "
