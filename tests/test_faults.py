@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 import numpy as np
@@ -227,7 +228,13 @@ def test_a_save_returns_before_its_write_is_done(tmp_path, monkeypatch):
   state = {"w": jax.numpy.ones((4, 4))}
   ckpt.save(1, state, {"data": {}})
   assert not (tmp_path / "stage" / "1").exists()              # still being written
-  assert any(name.startswith("1.") for name in os.listdir(tmp_path / "stage"))
+  # orbax makes the temporary directory from its own thread too: on a busy host, a moment later
+  writing = lambda: (tmp_path / "stage").is_dir() and any(
+      name.startswith("1.") for name in os.listdir(tmp_path / "stage"))
+  deadline = time.monotonic() + 30
+  while not writing() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert writing() and not (tmp_path / "stage" / "1").exists()
   release.set()
   ckpt.wait()
   assert os.listdir(tmp_path / "stage") == ["1"]
