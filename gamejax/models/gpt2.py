@@ -44,7 +44,7 @@ import numpy as np
 
 from gamejax.models.kernels import (attention_bias, attention_mask, cached_attention, cached_bias,
                                     dense, init_kv_cache, self_attention)
-from gamejax.models import logprobs
+from gamejax.models import logprobs, partitioning
 from gamejax.models import remat as remat_lib
 from gamejax.models.partitioning import constrain
 from gamejax.models.llama import HFTensor, single_draw_init, with_transposed_head
@@ -188,8 +188,17 @@ class Attention(nn.Module):
     dt = cfg.compute_dtype
     b, t = x_BTD.shape[:2]
 
-    qkv_BTNK = dense(x_BTD.astype(dt), w_qkv.reshape(d, 3 * h * k)).reshape(b, t, 3 * h, k)
-    qkv_BTNK = qkv_BTNK + _bias(b_qkv.reshape(3 * h, k), 4, dt)
+    if partitioning.split_count("heads") > 1:
+      # Tensor parallelism splits the heads: each head's q, k and v side by side (the attention
+      # kernels' grouped layout, one kv head per group), so that a device's slice of the GEMM's
+      # output is its heads' q, k and v; [D, 3HK] would interleave the devices' heads.
+      w_DHCK = constrain(w_qkv.transpose(0, 2, 1, 3), ("embed", "heads", None, "head_dim"))
+      qkv_BTNK = constrain(dense(x_BTD.astype(dt), w_DHCK.reshape(d, 3 * h * k)).reshape(
+          b, t, h, 3, k), ("batch", "length", "heads", None, "head_dim"))
+      qkv_BTNK = qkv_BTNK + _bias(b_qkv.transpose(1, 0, 2), 5, dt)
+    else:
+      qkv_BTNK = dense(x_BTD.astype(dt), w_qkv.reshape(d, 3 * h * k)).reshape(b, t, 3 * h, k)
+      qkv_BTNK = qkv_BTNK + _bias(b_qkv.reshape(3 * h, k), 4, dt)
     if kv_cache is None:
       out_BTHK = self_attention(qkv_BTNK, *identity_BT, bias_BTS, h, h)
       new_cache = None

@@ -202,17 +202,57 @@ def cached_bias(segment_ids_BT, k_segment_BS, cache_index, bias_BTS=None):
   return attention_bias(mask_BTS), k_segment_BS
 
 
+def group_qkv(x, n_heads: int, n_kv_heads: int, axis: int):
+  """``x``'s fused heads axis ``axis``, ``q heads | k heads | v heads`` (``H + 2G``), as two axes
+  ``[G, R + 2]``: kv head ``g``'s ``R = H/G`` query heads, then its key and its value (the grouped
+  layout, whose split over kv heads gives each device whole groups).
+
+  >>> group_qkv(jnp.arange(8), 4, 2, axis=0).tolist()   # q0 q1 q2 q3 | k0 k1 | v0 v1
+  [[0, 1, 4, 6], [2, 3, 5, 7]]
+  """
+  x = jnp.moveaxis(x, axis, 0)
+  h, g = n_heads, n_kv_heads
+  q = x[:h].reshape(g, h // g, *x.shape[1:])
+  grouped = jnp.concatenate([q, x[h:h + g, None], x[h + g:, None]], axis=1)
+  return jnp.moveaxis(grouped, (0, 1), (axis, axis + 1))
+
+
 def heads(qkv_BTNK, cos_BT1F, sin_BT1F, n_heads: int, n_kv_heads: int):
   """Split the fused projection ``[B, T, H + 2G, K]`` into head-major RoPE'd queries scaled by
   ``1/sqrt(K)``, ``[B, G, T*R, K]`` (rows: time, then the ``R = H/G`` query heads of kv head
   ``g``, i.e. head ``h = g*R + r`` as HF's ``repeat_kv``), and RoPE'd keys and values ``[B, G, T,
-  K]``, so that both attention matmuls are plain batched GEMMs over ``(b, g)``."""
+  K]``, so that both attention matmuls are plain batched GEMMs over ``(b, g)``. The projection
+  may also come grouped, ``[B, T, G, R + 2, K]`` (``group_qkv``): the same split, each kv head's
+  queries, key and value side by side."""
+  if qkv_BTNK.ndim == 5:
+    return _grouped_heads(qkv_BTNK, cos_BT1F, sin_BT1F)
   b, t, _, k = qkv_BTNK.shape
   h, kv = n_heads, n_kv_heads
   qk = apply_rope(qkv_BTNK[:, :, :h + kv], cos_BT1F, sin_BT1F)
   q = (qk[:, :, :h].astype(jnp.float32) / np.sqrt(k).astype(np.float32)).astype(qkv_BTNK.dtype)
   q_BGQK = q.reshape(b, t, kv, h // kv, k).transpose(0, 2, 1, 3, 4).reshape(b, kv, -1, k)
   return q_BGQK, qk[:, :, h:].transpose(0, 2, 1, 3), qkv_BTNK[:, :, h + kv:].transpose(0, 2, 1, 3)
+
+
+def _grouped_heads(qkv_BTGCK, cos_BT1F, sin_BT1F):
+  """``heads`` of the grouped projection ``[B, T, G, R + 2, K]``."""
+  b, t, g, c, k = qkv_BTGCK.shape
+  r = c - 2
+  qk = apply_rope(qkv_BTGCK[:, :, :, :r + 1], cos_BT1F[:, :, None], sin_BT1F[:, :, None])
+  q = (qk[:, :, :, :r].astype(jnp.float32) / np.sqrt(k).astype(np.float32)).astype(qk.dtype)
+  q_BGQK = q.transpose(0, 2, 1, 3, 4).reshape(b, g, t * r, k)
+  return (q_BGQK, qk[:, :, :, r].transpose(0, 2, 1, 3),
+          qkv_BTGCK[:, :, :, r + 1].transpose(0, 2, 1, 3))
+
+
+def split_qkv(qkv, n_heads: int, n_kv_heads: int):
+  """``(q [B, T, H, K], k [B, T, G, K], v [B, T, G, K])`` of the fused projection, stacked
+  ``[B, T, H + 2G, K]`` or grouped ``[B, T, G, R + 2, K]``."""
+  h, kv = n_heads, n_kv_heads
+  if qkv.ndim == 4:
+    return qkv[:, :, :h], qkv[:, :, h:h + kv], qkv[:, :, h + kv:]
+  b, t, g, c, k = qkv.shape
+  return (qkv[:, :, :, :c - 2].reshape(b, t, h, k), qkv[:, :, :, c - 2], qkv[:, :, :, c - 1])
 
 
 def merge_heads(x_BGQK, n_heads: int):
@@ -301,9 +341,13 @@ def library_attention(qkv_BTNK, cos_BT1F, sin_BT1F, bias_BTS, n_heads: int, n_kv
   path of ``LlamaConfig.attention``; ``self_attention``'s hand-written backward is tuned for
   XLA:CPU."""
   h, kv = n_heads, n_kv_heads
-  qk_BTNK = apply_rope(qkv_BTNK[:, :, :h + kv], cos_BT1F, sin_BT1F)
-  out = jax.nn.dot_product_attention(qk_BTNK[:, :, :h], qk_BTNK[:, :, h:], qkv_BTNK[:, :, h + kv:],
-                                     mask=(bias_BTS == 0)[:, None])
+  if qkv_BTNK.ndim == 4:
+    qk_BTNK = apply_rope(qkv_BTNK[:, :, :h + kv], cos_BT1F, sin_BT1F)
+    q, k, v = qk_BTNK[:, :, :h], qk_BTNK[:, :, h:], qkv_BTNK[:, :, h + kv:]
+  else:
+    q, k, v = split_qkv(qkv_BTNK, h, kv)
+    q, k = (apply_rope(x, cos_BT1F, sin_BT1F) for x in (q, k))
+  out = jax.nn.dot_product_attention(q, k, v, mask=(bias_BTS == 0)[:, None])
   return out.astype(qkv_BTNK.dtype)
 
 
@@ -348,6 +392,8 @@ def _self_attention_fwd(qkv_BTNK, cos_BT1F, sin_BT1F, bias_BTS, n_heads, n_kv_he
     ps.append(p)
     inv_ls.append(inv_l)
   out_BGQK = jnp.concatenate(outs, axis=2)
+  if qkv_BTNK.ndim == 5:   # grouped: RoPE's tables as they apply there, [B, T, 1, 1, F]
+    cos_BT1F, sin_BT1F = cos_BT1F[:, :, None], sin_BT1F[:, :, None]
   residuals = (q_BGQK, k_BGSK, v_BGSK, cos_BT1F, sin_BT1F, bias_BTS, out_BGQK, ps, inv_ls)
   return merge_heads(out_BGQK, n_heads), residuals
 
@@ -376,9 +422,15 @@ def _self_attention_bwd(n_heads, n_kv_heads, residuals, d_out_BTHK):
     d_v = d_v + jnp.pad(d_v_blk, pad)
     d_k = d_k + jnp.pad(d_k_blk, pad)
   d_q = jnp.concatenate(d_qs, axis=2) / np.sqrt(hd).astype(np.float32)
-  d_qk = _unrope(jnp.concatenate([merge_heads(d_q, n_heads), d_k.transpose(0, 2, 1, 3)], axis=2),
-                 cos, sin)
-  d_qkv = jnp.concatenate([d_qk, d_v.transpose(0, 2, 1, 3)], axis=2).astype(dt)
+  if cos.ndim == 5:   # the grouped projection [B, T, G, R + 2, K]
+    d_qk = _unrope(jnp.concatenate([merge_heads(d_q, n_heads).reshape(b, t, g, r, hd),
+                                    d_k.transpose(0, 2, 1, 3)[:, :, :, None]], axis=3), cos, sin)
+    d_qkv = jnp.concatenate([d_qk, d_v.transpose(0, 2, 1, 3)[:, :, :, None]], axis=3).astype(dt)
+    cos = sin = cos[:, :, 0]
+  else:
+    d_qk = _unrope(jnp.concatenate([merge_heads(d_q, n_heads), d_k.transpose(0, 2, 1, 3)],
+                                   axis=2), cos, sin)
+    d_qkv = jnp.concatenate([d_qk, d_v.transpose(0, 2, 1, 3)], axis=2).astype(dt)
   return d_qkv, jnp.zeros_like(cos), jnp.zeros_like(sin), jnp.zeros_like(bias)
 
 

@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gamejax.models.kernels import (ATTENTION_IMPLEMENTATIONS, attention_bias, attention_mask,
-                                    cached_attention, cached_bias, dense, init_kv_cache,
-                                    library_attention, self_attention, swiglu)
-from gamejax.models import fusion, kernels, logprobs
+                                    cached_attention, cached_bias, dense, group_qkv,
+                                    init_kv_cache, library_attention, self_attention, swiglu)
+from gamejax.models import fusion, kernels, logprobs, partitioning
 from gamejax.models import remat as remat_lib
 from gamejax.models.partitioning import constrain
 
@@ -172,7 +172,11 @@ class Attention(nn.Module):
 
   ``q``, ``k`` and ``v`` come from one GEMM, their weights stored as one: ``wqkv [D, H + 2G,
   K]`` holds ``wq | wk | wv`` (``fused_storage``; checkpoints see the three), so that no step
-  concatenates them (one bigger matmul runs faster on CPU than three small ones).
+  concatenates them (one bigger matmul runs faster on CPU than three small ones). Under tensor
+  parallelism that divides the kv heads (``partitioning.split_count``) the forward reads it
+  regrouped by kv head, ``[D, G, R + 2, K]`` (``kernels.group_qkv``), so that each device's
+  slice of the GEMM is whole groups: their queries, key and value. (In even chunks of the stored
+  order a device would hold other devices' heads, and XLA would move q, k and v between them.)
   """
   cfg: LlamaConfig
 
@@ -186,15 +190,31 @@ class Attention(nn.Module):
     dt = cfg.compute_dtype
     b, t = x_BTD.shape[:2]
 
-    qkv_BTNK = dense(x_BTD.astype(dt), wqkv.reshape(d, (h + 2 * kv) * k)).reshape(
-        b, t, h + 2 * kv, k)
-    if cfg.qkv_bias:
-      b_qkv = self.param("qkv_bias", nn.initializers.zeros, (h + 2 * kv, k), cfg.weight_dtype)
-      qkv_BTNK = qkv_BTNK + b_qkv.astype(dt)[None, None]
-    if cfg.qk_norm:
-      qkv_BTNK = jnp.concatenate([RMSNorm(cfg, name="q_norm")(qkv_BTNK[:, :, :h]),
-                                  RMSNorm(cfg, name="k_norm")(qkv_BTNK[:, :, h:h + kv]),
-                                  qkv_BTNK[:, :, h + kv:]], axis=2)
+    b_qkv = (self.param("qkv_bias", nn.initializers.zeros, (h + 2 * kv, k), cfg.weight_dtype)
+             if cfg.qkv_bias else None)
+    tensor = partitioning.split_count("qkv_heads")
+    if tensor > 1 and kv % tensor == 0:
+      # Tensor parallelism: the heads regrouped by kv head (``group_qkv``), so that each device
+      # computes and attends whole groups; the weight moves between devices, not q, k and v.
+      r = h // kv
+      w_DGCK = constrain(group_qkv(wqkv, h, kv, axis=1), ("embed", "kv_heads", None, "head_dim"))
+      qkv_BTNK = constrain(dense(x_BTD.astype(dt), w_DGCK.reshape(d, -1)).reshape(
+          b, t, kv, r + 2, k), ("batch", "length", "kv_heads", None, "head_dim"))
+      if b_qkv is not None:
+        qkv_BTNK = qkv_BTNK + group_qkv(b_qkv.astype(dt), h, kv, axis=0)[None, None]
+      if cfg.qk_norm:
+        qkv_BTNK = jnp.concatenate([RMSNorm(cfg, name="q_norm")(qkv_BTNK[:, :, :, :r]),
+                                    RMSNorm(cfg, name="k_norm")(qkv_BTNK[:, :, :, r:r + 1]),
+                                    qkv_BTNK[:, :, :, r + 1:]], axis=3)
+    else:
+      qkv_BTNK = dense(x_BTD.astype(dt), wqkv.reshape(d, (h + 2 * kv) * k)).reshape(
+          b, t, h + 2 * kv, k)
+      if b_qkv is not None:
+        qkv_BTNK = qkv_BTNK + b_qkv.astype(dt)[None, None]
+      if cfg.qk_norm:
+        qkv_BTNK = jnp.concatenate([RMSNorm(cfg, name="q_norm")(qkv_BTNK[:, :, :h]),
+                                    RMSNorm(cfg, name="k_norm")(qkv_BTNK[:, :, h:h + kv]),
+                                    qkv_BTNK[:, :, h + kv:]], axis=2)
     if kv_cache is None:
       attend = self_attention if cfg.attention == "gamejax" else library_attention
       out_BTHK = attend(qkv_BTNK, *rope_BT, bias_BTS, h, kv)
@@ -208,7 +228,8 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
   """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate and up as one GEMM, their weights stored as
-  one: ``w_gate_up [D, 2, F]`` holds ``w_gate`` and ``w_up`` (``fused_storage``)."""
+  one: ``w_gate_up [D, 2, F]`` holds ``w_gate`` and ``w_up`` (``fused_storage``); under tensor
+  parallelism two GEMMs, each over a device's slice of ``F``."""
   cfg: LlamaConfig
 
   @nn.compact
@@ -218,9 +239,17 @@ class MLP(nn.Module):
     init = nn.initializers.normal(cfg.init_std)
     w_gate_up = self.param("w_gate_up", init, (d, 2, f), cfg.weight_dtype)
     w_down = self.param("w_down", init, (f, d), cfg.weight_dtype)
-    gate_up_BTF = dense(x_BTD.astype(cfg.compute_dtype), w_gate_up.reshape(d, 2 * f))
-    hidden_BTF = constrain(swiglu(gate_up_BTF), ("batch", "length", "mlp"))
-    return dense(hidden_BTF, w_down)
+    x_BTD = x_BTD.astype(cfg.compute_dtype)
+    if partitioning.split_count("mlp") > 1:
+      # Tensor parallelism splits F: [D, 2F] would not be split as [D, 2, F] is (each device
+      # holds a slice of gate and of up), so gate and up are two GEMMs over each device's slice.
+      gate_BTF, up_BTF = (constrain(dense(x_BTD, w_gate_up[:, i]), ("batch", "length", "mlp"))
+                          for i in (0, 1))
+      hidden_BTF = (jax.nn.silu(gate_BTF.astype(jnp.float32)) * up_BTF.astype(jnp.float32)
+                    ).astype(gate_BTF.dtype)
+    else:
+      hidden_BTF = swiglu(dense(x_BTD, w_gate_up.reshape(d, 2 * f)))
+    return dense(constrain(hidden_BTF, ("batch", "length", "mlp")), w_down)
 
 
 class Block(nn.Module):

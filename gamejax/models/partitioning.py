@@ -89,6 +89,17 @@ def rules(mesh: jax.sharding.Mesh, table: Rules):
     _ACTIVE.reset(token)
 
 
+def split_count(name: str) -> int:
+  """How many ways the active rules split the logical dimension ``name`` (1 with no rules active
+  or on one device): a model picks a layout by it (Llama's q | k | v heads grouped by kv head
+  under tensor parallelism)."""
+  active = _ACTIVE.get()
+  if active is None or active[0].size == 1:
+    return 1
+  mesh, table = active
+  return math.prod(mesh.shape[a] for a in mesh_axes_of(table, name))
+
+
 def constrain(x, names: Sequence[str | None]):
   """``x`` constrained to the sharding its logical dimension ``names`` give under the active
   rules; ``x`` itself with no rules active or on a one-device mesh. A dimension its axes do not
