@@ -1,5 +1,5 @@
-"""KV-cached decoding inside jit: one prefill, then a ``lax.while_loop`` of one-token steps (in
-runs of up to ``DECODE_CACHE_BLOCK`` steps, each attending only the cache slots filled by its end).
+"""KV-cached decoding inside jit: one prefill, then ``lax.while_loop``s of one-token steps (runs
+of ``DECODE_CACHE_BLOCK`` steps or more, each attending only the cache slots filled by its end).
 
 Prompts are LEFT-padded to a common length ``P`` (pad id 0, segment 0), so every row's prompt
 ends at slot ``P - 1`` and all rows write the same cache slot at each step. Row ``b``'s positions
@@ -254,21 +254,21 @@ def _check_options(name: str, max_new_tokens, temperature, top_k, top_p, stop_id
     raise ValueError(f"{name} needs stop_ids as a tuple of ints; got {stop_ids!r}")
 
 
-# The decode loop attends a cache that grows in runs of this many steps (``_segments``): a step
+# The decode loop attends a cache that grows in runs of this many steps (``_runs``): a step
 # reads the slots filled so far rounded up to the run's end, not the whole ``P + N - 1``; at most
 # ``DECODE_MAX_RUNS`` runs (each is a loop XLA compiles), longer ones past that.
 DECODE_CACHE_BLOCK = 64
 DECODE_MAX_RUNS = 4
 
 
-def _segments(n: int, block: int):
+def _runs(n: int, block: int):
   """The decode loop's steps ``1 .. n - 1`` in runs of ``block`` or more, at most
   ``DECODE_MAX_RUNS`` of them (one run when ``block`` is 0): ``[(first step, step after the
   last)]``.
 
-  >>> _segments(200, 64), _segments(64, 64), _segments(1, 64), _segments(100, 0)
+  >>> _runs(200, 64), _runs(64, 64), _runs(1, 64), _runs(100, 0)
   ([(1, 65), (65, 129), (129, 193), (193, 200)], [(1, 64)], [], [(1, 100)])
-  >>> len(_segments(2000, 64)), _segments(2000, 64)[0]
+  >>> len(_runs(2000, 64)), _runs(2000, 64)[0]
   (4, (1, 501))
   """
   if block < 0:
@@ -325,7 +325,7 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
       to the group: the same output as G copies of each prompt with ``group_size=1`` (the
       log-probs up to float32 rounding: on some CPUs XLA's GEMM rounds a row differently with
       the number of rows), at ``1 / G`` of the prefill's FLOPs.
-    cache_block: the decode loop runs in runs of this many steps (static; at most
+    cache_block: the decode loop's steps go in runs of this many (static; at most
       ``DECODE_MAX_RUNS`` runs, longer ones past that; 0: one run), each attending a KV cache of
       the ``P - 1 + i`` slots filled by its last step ``i``, grown with empty slots between runs:
       the same tokens as one run over all ``P + N - 1`` slots, the log-probs up to float32
@@ -358,8 +358,8 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
   # The last sampled token is never fed back, so P + N - 1 slots suffice. Each distinct prompt
   # is prefilled once; its cache and last logits are then its group's.
   params = _decode_params(cfg, params)
-  segments = _segments(n, cache_block)
-  cache = _init_cache(cfg, params, u, p + (segments[0][1] if segments else 1) - 1)
+  runs = _runs(n, cache_block)
+  cache = _init_cache(cfg, params, u, p + (runs[0][1] if runs else 1) - 1)
   logits_U1V, cache = _apply_cached(
       cfg, params, jnp.asarray(prompt_BP, jnp.int32), positions_UP, real_UP.astype(jnp.int32),
       cache, 0, last=True)
@@ -415,26 +415,26 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
   logprobs_BN = jnp.zeros((b, n), jnp.float32)
   token_B, tokens_BN, logprobs_BN = emit(0, last_BV, tokens_BN, logprobs_BN)
   i, done_B = jnp.ones((), jnp.int32), is_stop(token_B)
-  for i0, i1 in segments:
+  for i0, i1 in runs:
     # Steps i0 .. i1 - 1 attend a cache of P + i1 - 1 slots, the most any of them fills.
     length = p + i1 - 1
     cache = _grow_cache(cache, length)
-    seg_step = functools.partial(step, length=length)
+    run_step = functools.partial(step, length=length)
     if can_stop:
       def cond(carry, i1=i1):
         i, _, done_B, *_ = carry
         return (i < i1) & ~jnp.all(done_B)
 
-      def body(carry, seg_step=seg_step):
+      def body(carry, run_step=run_step):
         i, token_B, done_B, *rest = carry
-        token_B, *rest = seg_step(i, token_B, *rest)
+        token_B, *rest = run_step(i, token_B, *rest)
         return (i + 1, token_B, done_B | is_stop(token_B), *rest)
 
       i, token_B, done_B, tokens_BN, logprobs_BN, cache = jax.lax.while_loop(
           cond, body, (i, token_B, done_B, tokens_BN, logprobs_BN, cache))
     else:
       token_B, tokens_BN, logprobs_BN, cache = jax.lax.fori_loop(
-          i0, i1, lambda i, carry, seg_step=seg_step: seg_step(i, *carry),
+          i0, i1, lambda i, carry, run_step=run_step: run_step(i, *carry),
           (token_B, tokens_BN, logprobs_BN, cache))
 
   # Each row ends at its first stop token; steps the loop skipped hold PAD, after every row ended.

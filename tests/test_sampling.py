@@ -635,4 +635,4 @@ def test_the_decode_loop_attends_a_cache_grown_in_runs(params, model, stops, gro
   assert lengths_of(2) == [([P + 2], [P + 2]), ([P + 4], [P + 4]), ([P + 6], [P + 6])]
   assert lengths_of(0) == [([P + N - 1], [P + N - 1])]
   # the default runs at most DECODE_MAX_RUNS loops: 64 steps or fewer in one
-  assert sampling._segments(N, sampling.DECODE_CACHE_BLOCK) == [(1, N)]
+  assert sampling._runs(N, sampling.DECODE_CACHE_BLOCK) == [(1, N)]
