@@ -136,10 +136,10 @@ def test_the_tensor_parallel_layouts_compute_what_the_stacked_ones_do(monkeypatc
   """Under tensor parallelism (``partitioning.split_count`` > 1) Llama's q | k | v heads are
   regrouped by kv head (``kernels.group_qkv``) and GPT-2's by head, and SwiGLU's gate and up are
   two GEMMs, so that each device's slice of a GEMM is its own heads'. Forced here on one device
-  (constraints are no-ops there): the logits, the gradient of every parameter (through the
+  (constraints are no-ops there): the logits and the gradient of every parameter (through the
   regrouping, the grouped attention's backward, q/k norms, q/k/v biases and the library
-  attention), and a greedy cached decode are those of the stacked layouts."""
-  from gamejax import sampling
+  attention) are those of the stacked layouts. (The cached decode reads the grouped layout in
+  the 8-device GRPO step below.)"""
   from gamejax.models import lm, qwen2, qwen3
   small = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, init_std=0.2)
   cfg = {"llama": llama.LlamaConfig(n_kv_heads=2, **small),
@@ -163,9 +163,7 @@ def test_the_tensor_parallel_layouts_compute_what_the_stacked_ones_do(monkeypatc
 
   def run():
     (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    prompt, lengths = sampling.left_pad([tokens[0, :4], tokens[1, :6]], 6)
-    decoded = sampling.generate(cfg, params, prompt, lengths, 5, jax.random.key(1), eos_id=-1)
-    return logits, grads, decoded["tokens"]
+    return logits, grads
 
   stacked = run()
   monkeypatch.setattr(partitioning, "split_count", lambda name: 2)
@@ -174,7 +172,6 @@ def test_the_tensor_parallel_layouts_compute_what_the_stacked_ones_do(monkeypatc
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(stacked[1]))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-5 * scale), stacked[1],
                grouped[1])
-  np.testing.assert_array_equal(grouped[2], stacked[2])
 
 
 # ---- 8 simulated devices ---------------------------------------------------------------------------

@@ -599,21 +599,16 @@ def _while_loop_cache_lengths(jaxpr, head_dim):
 
 
 # stops: the loop that exits early (else the fixed-length one); a mixture carries two caches
-@pytest.mark.parametrize("model, stops, groups", [("llama", True, (1, 2)), ("gpt2", False, (2,)),
-                                                  ("mixture", True, (2,))])
+@pytest.mark.parametrize("model, stops, groups", [("llama", True, (1, 2)), ("mixture", False, (2,))])
 def test_the_decode_loop_attends_a_cache_grown_in_runs(params, model, stops, groups):
   """``cache_block=2``: steps 1..6 of N = 7 in three runs of two, each attending a cache of the
   slots filled by its end (P + 2, P + 4, P + 6: the loops carry those, not P + N - 1), grown
-  between runs. The same tokens, lengths and stops as one run over the whole cache
+  between runs (``lm.grow_cache``: every family's cache has Llama's layout). The same tokens, lengths and stops as one run over the whole cache
   (``cache_block=0``) from the same key, and the same log-probs up to float32 rounding (the
   attention's sums run over fewer empty slots)."""
-  from gamejax.models import gpt2
   from gamejax.players import selfplay
   cfg = CFG
-  if model == "gpt2":
-    cfg = gpt2.GPT2Config(vocab_size=40, d_model=32, n_layers=2, n_heads=4, max_positions=16)
-    params = gpt2.init_params(cfg, jax.random.key(3))
-  elif model == "mixture":
+  if model == "mixture":
     other = llama.init_params(CFG, jax.random.key(7))
     params = selfplay.mixture("a", "b", 0.4).resolve({"a": params, "b": other}.get)
   prompt_BP, lengths_B = sampling.left_pad(PROMPTS, P)
