@@ -19,7 +19,8 @@ own names: ``w_gate_up [D, 2, F]`` over ``mlp``; ``wqkv [D, H + 2G, K]``'s ``qkv
 even chunks over ``tensor`` (replicated when they do not divide). Under tensor parallelism the
 forwards regroup what they read so that each device computes its own heads: Llama's q | k | v
 heads by kv head (``kernels.group_qkv``: the weight moves between devices once per step, not q,
-k and v), GPT-2's by head, SwiGLU's gate and up as two GEMMs over each device's slice of F; the
+k and v; with more devices than kv heads, each device's queries with a copy of their kv head),
+GPT-2's by head, SwiGLU's gate and up as two GEMMs over each device's slice of F; the
 step's only activation collectives are then Megatron's all-reduces of the residual.
 
 The same code runs on one CPU device (a 1x1x1 mesh), simulated CPU devices, a GPU or a TPU slice.

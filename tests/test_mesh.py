@@ -131,31 +131,38 @@ def test_constraints_are_no_ops_off_the_step_and_on_one_device():
     assert partitioning.constrain(x, ("batch", "length", "embed")) is x
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2_bias_dot_product", "qwen3_qk_norm", "gpt2"])
-def test_the_tensor_parallel_layouts_compute_what_the_stacked_ones_do(monkeypatch, name):
+# (name, devices splitting the heads); llama_kv_copied: 4 devices, 2 kv heads (2 copies of each)
+@pytest.mark.parametrize("name, splits", [("llama", 2), ("llama_kv_copied", 4),
+                                          ("qwen2_bias_dot_product", 2), ("qwen3_qk_norm", 2),
+                                          ("gpt2", 2)])
+def test_the_tensor_parallel_layouts_compute_what_the_stacked_ones_do(monkeypatch, name, splits):
   """Under tensor parallelism (``partitioning.split_count`` > 1) Llama's q | k | v heads are
-  regrouped by kv head (``kernels.group_qkv``) and GPT-2's by head, and SwiGLU's gate and up are
-  two GEMMs, so that each device's slice of a GEMM is its own heads'. Forced here on one device
+  regrouped by kv head (``kernels.group_qkv``; with more devices than kv heads, each device's
+  queries with a copy of their kv head) and GPT-2's by head, and SwiGLU's gate and up are two
+  GEMMs, so that each device's slice of a GEMM is its own heads'. Forced here on one device
   (constraints are no-ops there): the logits and the gradient of every parameter (through the
-  regrouping, the grouped attention's backward, q/k norms, q/k/v biases and the library
-  attention) are those of the stacked layouts. (The cached decode reads the grouped layout in
-  the 8-device GRPO step below.)"""
+  regrouping, the copies of kv heads, the grouped attention's backward, q/k norms, q/k/v biases
+  and the library attention) are those of the stacked layouts, and so is a greedy decode from a
+  KV cache of copied kv heads. (The 8-device GRPO step below decodes grouped too.)"""
+  from gamejax import sampling
   from gamejax.models import lm, qwen2, qwen3
   small = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, init_std=0.2)
   cfg = {"llama": llama.LlamaConfig(n_kv_heads=2, **small),
+         "llama_kv_copied": llama.LlamaConfig(n_kv_heads=2, **small),
          "qwen2_bias_dot_product": qwen2.Qwen2Config(n_kv_heads=2, attention="dot_product_attention",
                                                      **small),
          "qwen3_qk_norm": qwen3.Qwen3Config(n_kv_heads=2, head_dim=12, **small),
-         "gpt2": gpt2.GPT2Config(max_positions=16, **{k: v for k, v in small.items()
+         "gpt2": gpt2.GPT2Config(max_positions=72, **{k: v for k, v in small.items()
                                                        if k != "d_ff"})}[name]
   params = lm.init_params(cfg, jax.random.key(0))
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map_with_path(   # q/k/v biases of zero would hide a misplaced one
       lambda path, x: x + rng.normal(0, 0.3, x.shape).astype(x.dtype)
       if "qkv" in jax.tree_util.keystr(path) and x.ndim < 4 else x, params)
-  tokens = rng.integers(1, cfg.vocab_size, (3, 10)).astype(np.int32)
-  positions = np.tile(np.arange(10, dtype=np.int32), (3, 1))
-  segments = np.ones((3, 10), np.int32)
+  t = 72       # two of the attention kernel's query blocks (kernels.ATTENTION_BLOCK = 64)
+  tokens = rng.integers(1, cfg.vocab_size, (3, t)).astype(np.int32)
+  positions = np.tile(np.arange(t, dtype=np.int32), (3, 1))
+  segments = np.ones((3, t), np.int32)
 
   def loss(p):
     logits = lm.apply(cfg, p, tokens, positions, segments)
@@ -163,15 +170,24 @@ def test_the_tensor_parallel_layouts_compute_what_the_stacked_ones_do(monkeypatc
 
   def run():
     (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    return logits, grads
+    if name != "llama_kv_copied":
+      return logits, grads
+    prompt, lengths = sampling.left_pad([tokens[0, :4], tokens[1, :6]], 6)
+    cache = jax.eval_shape(lambda: lm.init_cache(cfg, 2, 8))["layers"][0]["k"].shape
+    out = sampling.generate(cfg, params, prompt, lengths, 4, jax.random.key(1), eos_id=-1)
+    return logits, grads, cache, out["tokens"], out["logprobs"]
 
   stacked = run()
-  monkeypatch.setattr(partitioning, "split_count", lambda name: 2)
+  monkeypatch.setattr(partitioning, "split_count", lambda name: splits)
   grouped = run()
   np.testing.assert_allclose(grouped[0], stacked[0], rtol=1e-5, atol=1e-5)
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(stacked[1]))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-5 * scale), stacked[1],
                grouped[1])
+  if name == "llama_kv_copied":
+    assert (stacked[2][1], grouped[2][1]) == (2, 4)      # the cache holds two copies of each
+    np.testing.assert_array_equal(grouped[3], stacked[3])
+    np.testing.assert_allclose(grouped[4], stacked[4], atol=1e-5)
 
 
 # ---- 8 simulated devices ---------------------------------------------------------------------------
@@ -240,17 +256,18 @@ def run_grpo(mesh):
   return np.asarray(metrics["loss"]), jax.device_get(state.params)
 
 
-def tensor_parallel_collectives(cfg, rows=16, length=32):
+def tensor_parallel_collectives(cfg, tensor=2, rows=16, length=32):
   """The collectives (kind, per-device shape) XLA puts in the compiled pre-training step of
-  ``cfg`` on a mesh of 2 devices, tensor parallel 2: Megatron's layout needs all-reduces of the
-  ``[B, T, D]`` residual and nothing that moves q, k, v or the MLP's hidden states."""
+  ``cfg`` on a mesh of ``tensor`` devices, all tensor parallel: Megatron's layout needs
+  all-reduces of the ``[B, T, D]`` residual and nothing that moves q, k, v or the MLP's hidden
+  states."""
   import re
   from gamejax.models import lm
   learner = game_step.Learner(lm.bind(cfg), imitation(("agent", "opponent")), optax.sgd(0.1))
   game = game_step.Game(learners={"agent": learner})
   state = game_step.init_state(game, {"agent": lm.init_params(cfg, jax.random.key(0))},
                                jax.random.key(1))
-  mesh = sharding.make_mesh(1, 1, 2, devices=jax.devices()[:2])
+  mesh = sharding.make_mesh(1, 1, tensor, devices=jax.devices()[:tensor])
   fn, shardings = game_step.make_step(game, mesh, jax.eval_shape(lambda: state))
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, cfg.vocab_size, (1, rows, length)).astype(np.int32)
@@ -293,14 +310,15 @@ for shape in ((8, 1, 1), (4, 2, 1), (4, 1, 2), (2, 2, 2)):
 print(per_device)
 assert per_device[(4, 2, 1)] < per_device[(8, 1, 1)] and per_device[(4, 1, 2)] < per_device[(8, 1, 1)]
 assert per_device[(2, 2, 2)] < min(per_device[(4, 2, 1)], per_device[(4, 1, 2)])
-for cfg in (T.LLAMA, T.GPT2):
-  found = T.tensor_parallel_collectives(cfg)
+for cfg, tensor in ((T.LLAMA, 2), (T.GPT2, 2), (T.LLAMA, 4)):   # 4: more devices than kv heads
+  found = T.tensor_parallel_collectives(cfg, tensor)
+  # (the vocabulary's log-softmax gathers [B, T, tensor] partial sums: a float per device)
   moved = [(kind, shape) for kind, shape in found
-           if kind != "all-reduce" and shape[:2] == (16, 32) and np.prod(shape) > 16 * 32 * 2]
+           if kind != "all-reduce" and shape[:2] == (16, 32) and np.prod(shape) > 16 * 32 * tensor]
   assert not moved, (type(cfg).__name__, moved)
   residual = [shape for kind, shape in found if kind == "all-reduce" and shape == (16, 32, 32)]
   assert len(residual) >= 4 * cfg.n_layers, found   # attention's and the MLP's, both ways
-  print("TENSOR_PARALLEL_OK", type(cfg).__name__, len(found), flush=True)
+  print("TENSOR_PARALLEL_OK", type(cfg).__name__, tensor, len(found), flush=True)
 code = cli.main(["train", "--gin_file=" + T.PIPELINE, "--gin.Experiment.mesh_tensor=8",
                  "--workdir=" + sys.argv[2]])
 assert code == 2, code
@@ -312,6 +330,6 @@ def test_sft_and_grpo_steps_on_three_eight_device_meshes_match_one_device(tmp_pa
   here = os.path.dirname(os.path.abspath(__file__))
   proc = eight_devices.run_script(SCRIPT, here, str(tmp_path / "run"), timeout=600)
   assert proc.returncode == 0 and "ALL_OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
-  assert proc.stdout.count("TENSOR_PARALLEL_OK") == 2
+  assert proc.stdout.count("TENSOR_PARALLEL_OK") == 3
   assert "is not divisible by mesh tensor=8" in proc.stderr and "param " in proc.stderr
   assert not (tmp_path / "run").exists()

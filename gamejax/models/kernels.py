@@ -202,18 +202,35 @@ def cached_bias(segment_ids_BT, k_segment_BS, cache_index, bias_BTS=None):
   return attention_bias(mask_BTS), k_segment_BS
 
 
-def group_qkv(x, n_heads: int, n_kv_heads: int, axis: int):
+def qkv_groups(n_heads: int, n_kv_heads: int, splits: int) -> int:
+  """How many groups ``group_qkv`` makes for ``splits`` devices splitting the heads: the kv
+  heads where the devices divide them, else the devices where the kv heads divide them (each kv
+  head's queries split over ``splits / G`` devices, each with a copy of its key and value, as
+  Megatron replicates kv heads); 0 (the stacked layout) with one device or neither dividing."""
+  h, g = n_heads, n_kv_heads
+  if splits <= 1 or h % splits:
+    return 0
+  return g if g % splits == 0 else splits if splits % g == 0 else 0
+
+
+def group_qkv(x, n_heads: int, n_kv_heads: int, axis: int, groups: int | None = None):
   """``x``'s fused heads axis ``axis``, ``q heads | k heads | v heads`` (``H + 2G``), as two axes
-  ``[G, R + 2]``: kv head ``g``'s ``R = H/G`` query heads, then its key and its value (the grouped
-  layout, whose split over kv heads gives each device whole groups).
+  ``[groups, R + 2]``: each group's ``R = H / groups`` query heads, then its kv head's key and
+  value (the grouped layout, whose split over groups gives each device whole groups). ``groups``
+  is ``G`` (default) or a multiple of it: then kv head ``g``'s queries fill ``groups / G``
+  groups, each with a copy of ``g``'s key and value.
 
   >>> group_qkv(jnp.arange(8), 4, 2, axis=0).tolist()   # q0 q1 q2 q3 | k0 k1 | v0 v1
   [[0, 1, 4, 6], [2, 3, 5, 7]]
+  >>> group_qkv(jnp.arange(6), 4, 1, axis=0, groups=2).tolist()   # q0 q1 q2 q3 | k0 | v0
+  [[0, 1, 4, 5], [2, 3, 4, 5]]
   """
   x = jnp.moveaxis(x, axis, 0)
   h, g = n_heads, n_kv_heads
-  q = x[:h].reshape(g, h // g, *x.shape[1:])
-  grouped = jnp.concatenate([q, x[h:h + g, None], x[h + g:, None]], axis=1)
+  groups = groups or g
+  kv_of_group = lambda part: jnp.repeat(part, groups // g, axis=0)[:, None]
+  q = x[:h].reshape(groups, h // groups, *x.shape[1:])
+  grouped = jnp.concatenate([q, kv_of_group(x[h:h + g]), kv_of_group(x[h + g:])], axis=1)
   return jnp.moveaxis(grouped, (0, 1), (axis, axis + 1))
 
 
@@ -382,8 +399,8 @@ def self_attention(qkv_BTNK, cos_BT1F, sin_BT1F, bias_BTS, n_heads: int, n_kv_he
 
 
 def _self_attention_fwd(qkv_BTNK, cos_BT1F, sin_BT1F, bias_BTS, n_heads, n_kv_heads):
-  r = n_heads // n_kv_heads
   q_BGQK, k_BGSK, v_BGSK = heads(qkv_BTNK, cos_BT1F, sin_BT1F, n_heads, n_kv_heads)
+  r = n_heads // q_BGQK.shape[1]    # query heads per group (grouped: per group of the layout)
   outs, ps, inv_ls = [], [], []
   for t0, t1 in _query_blocks(qkv_BTNK.shape[1]):
     out, p, inv_l = softmax_attend(q_BGQK[:, :, t0 * r:t1 * r], k_BGSK[:, :, :t1],
@@ -402,7 +419,7 @@ def _self_attention_bwd(n_heads, n_kv_heads, residuals, d_out_BTHK):
   q, k, v, cos, sin, bias, out, ps, inv_ls = residuals
   b, g, _, hd = q.shape
   t = bias.shape[1]
-  r = n_heads // n_kv_heads
+  r = n_heads // g
   dt = v.dtype
   f32 = dict(preferred_element_type=jnp.float32)
   d_out = d_out_BTHK.astype(jnp.float32).reshape(b, t, g, r, hd).transpose(0, 2, 1, 3, 4)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gamejax.models.kernels import (ATTENTION_IMPLEMENTATIONS, attention_bias, attention_mask,
-                                    cached_attention, cached_bias, dense, group_qkv,
+                                    cached_attention, cached_bias, dense, group_qkv, qkv_groups,
                                     init_kv_cache, library_attention, self_attention, swiglu)
 from gamejax.models import fusion, kernels, logprobs, partitioning
 from gamejax.models import remat as remat_lib
@@ -166,6 +166,13 @@ class RMSNorm(nn.Module):
     return (x32 * scale).astype(self.cfg.compute_dtype)
 
 
+def tensor_groups(cfg: LlamaConfig) -> int:
+  """The groups the attention's q | k | v heads are read in under the active tensor parallelism
+  (``kernels.qkv_groups``; 0: stacked, as stored). With more devices than kv heads each device
+  attends with its own copy of its kv head, and the KV cache holds that many (``init_cache``)."""
+  return qkv_groups(cfg.n_heads, cfg.n_kv_heads, partitioning.split_count("qkv_heads"))
+
+
 class Attention(nn.Module):
   """Grouped-query attention; query head ``h`` uses kv head ``h // (n_heads // n_kv_heads)``;
   optional q/k/v biases (``qkv_bias``) and per-head q/k RMSNorm before RoPE (``qk_norm``).
@@ -173,9 +180,10 @@ class Attention(nn.Module):
   ``q``, ``k`` and ``v`` come from one GEMM, their weights stored as one: ``wqkv [D, H + 2G,
   K]`` holds ``wq | wk | wv`` (``fused_storage``; checkpoints see the three), so that no step
   concatenates them (one bigger matmul runs faster on CPU than three small ones). Under tensor
-  parallelism that divides the kv heads (``partitioning.split_count``) the forward reads it
-  regrouped by kv head, ``[D, G, R + 2, K]`` (``kernels.group_qkv``), so that each device's
-  slice of the GEMM is whole groups: their queries, key and value. (In even chunks of the stored
+  parallelism (``partitioning.split_count``) the forward reads it regrouped by kv head, ``[D,
+  G, R + 2, K]`` (``kernels.group_qkv``; ``tensor_groups``: with more devices than kv heads, one
+  group per device, its queries with a copy of their kv head), so that each device's slice of
+  the GEMM is whole groups: their queries, key and value. (In even chunks of the stored
   order a device would hold other devices' heads, and XLA would move q, k and v between them.)
   """
   cfg: LlamaConfig
@@ -192,16 +200,17 @@ class Attention(nn.Module):
 
     b_qkv = (self.param("qkv_bias", nn.initializers.zeros, (h + 2 * kv, k), cfg.weight_dtype)
              if cfg.qkv_bias else None)
-    tensor = partitioning.split_count("qkv_heads")
-    if tensor > 1 and kv % tensor == 0:
+    groups = tensor_groups(cfg)
+    if groups:
       # Tensor parallelism: the heads regrouped by kv head (``group_qkv``), so that each device
       # computes and attends whole groups; the weight moves between devices, not q, k and v.
-      r = h // kv
-      w_DGCK = constrain(group_qkv(wqkv, h, kv, axis=1), ("embed", "kv_heads", None, "head_dim"))
+      r = h // groups
+      w_DGCK = constrain(group_qkv(wqkv, h, kv, axis=1, groups=groups),
+                         ("embed", "kv_heads", None, "head_dim"))
       qkv_BTNK = constrain(dense(x_BTD.astype(dt), w_DGCK.reshape(d, -1)).reshape(
-          b, t, kv, r + 2, k), ("batch", "length", "kv_heads", None, "head_dim"))
+          b, t, groups, r + 2, k), ("batch", "length", "kv_heads", None, "head_dim"))
       if b_qkv is not None:
-        qkv_BTNK = qkv_BTNK + group_qkv(b_qkv.astype(dt), h, kv, axis=0)[None, None]
+        qkv_BTNK = qkv_BTNK + group_qkv(b_qkv.astype(dt), h, kv, 0, groups)[None, None]
       if cfg.qk_norm:
         qkv_BTNK = jnp.concatenate([RMSNorm(cfg, name="q_norm")(qkv_BTNK[:, :, :, :r]),
                                     RMSNorm(cfg, name="k_norm")(qkv_BTNK[:, :, :, r:r + 1]),
@@ -463,7 +472,8 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> Cache:
   """An empty KV cache: ``{"layers": ({"k": [B, n_kv_heads, head_dim, S], "v": [B, n_kv_heads,
   S, head_dim]}, ...), "segment_ids": int32[B, S]}``; a slot with segment 0 is empty (or padding)
   and never attended. Head-major, keys transposed: as the attention GEMMs read them
-  (``kernels.init_kv_cache``).
+  (``kernels.init_kv_cache``). Under tensor parallelism over more devices than kv heads, one
+  copy of its kv head per device (``tensor_groups``).
 
   >>> cfg = LlamaConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32)
   >>> cache = init_cache(cfg, batch=3, max_len=10)
@@ -473,7 +483,8 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> Cache:
   if batch < 1 or max_len < 1:
     raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1; got batch={batch}, "
                      f"max_len={max_len}")
-  return {"layers": tuple(init_kv_cache(batch, cfg.n_kv_heads, max_len, cfg.head_dim,
+  kv = max(cfg.n_kv_heads, tensor_groups(cfg))
+  return {"layers": tuple(init_kv_cache(batch, kv, max_len, cfg.head_dim,
                                        cfg.compute_dtype) for _ in range(cfg.n_layers)),
           "segment_ids": jnp.zeros((batch, max_len), jnp.int32)}
 
