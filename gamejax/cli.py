@@ -9,7 +9,7 @@
   gamejax league --workdir=DIR [--stage=NAME]
   gamejax generate --workdir=DIR [--stage=NAME] (--prompt=TEXT ... | --prompts=FILE.jsonl)
                    [--num_samples=N] [--temperature=T] [--top_k=K] [--top_p=P]
-                   [--max_new_tokens=N] [--seed=S] [--output=FILE.jsonl]
+                   [--max_new_tokens=N] [--seed=S] [--cache_block=N] [--output=FILE.jsonl]
   gamejax export --workdir=DIR [--stage=NAME] --format=hf OUT_DIR
 
 Exit codes: 0 success (and a run stopped by SIGTERM after saving its checkpoint); 2 bad input
@@ -109,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--max_new_tokens", type=int, default=None,
                  help="completion budget (default: the arena's answer length, else 128)")
   g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--cache_block", type=int, default=64,
+                 help="the decode loop's steps in runs of this many, each attending only the KV "
+                      "cache filled by its end (0: one loop over the whole cache, no copy to "
+                      "grow it)")
   g.add_argument("--output", default=None, help="also write the completions as JSONL here")
   x = sub.add_parser("export", help="write a policy stage's checkpoint in another library's format")
   x.add_argument("--workdir", required=True)
@@ -397,7 +401,8 @@ def generate(args) -> int:
   from gamejax.evaluation import arena as arena_eval
   for flag, ok in (("--num_samples", args.num_samples >= 1), ("--top_k", args.top_k >= 0),
                    ("--temperature", args.temperature >= 0), ("--top_p", 0 < args.top_p <= 1),
-                   ("--max_new_tokens", args.max_new_tokens is None or args.max_new_tokens >= 1)):
+                   ("--max_new_tokens", args.max_new_tokens is None or args.max_new_tokens >= 1),
+                   ("--cache_block", args.cache_block >= 0)):
     if not ok:
       raise UsageError(f"{flag}={getattr(args, flag[2:])} is out of range")
   prompts = args.prompt if args.prompt else _read_prompts(args.prompts)
@@ -415,7 +420,8 @@ def generate(args) -> int:
                                    if stage.data.name == "arithmetic_arena" else 128)
   params = run.policies_of(exp, index, run.restore_params(exp, index, workdir))["agent"]
   rows = gen.complete(exp.model, params, prompts, budget, args.num_samples, args.temperature,
-                      args.top_k, args.top_p, args.seed, tokenizer=exp.text_tokenizer)
+                      args.top_k, args.top_p, args.seed, tokenizer=exp.text_tokenizer,
+                      cache_block=args.cache_block)
   _show_completions(args, prompts, rows, name)
   return 0
 
@@ -437,7 +443,8 @@ def _generate_from_checkpoint(args, prompts) -> int:
     raise UsageError(f"tokenizer {spec!r} has {tok.vocab_size} ids; the checkpoint's embedding "
                      f"has {cfg.vocab_size} rows")
   rows = gen.complete(cfg, params, prompts, args.max_new_tokens or 128, args.num_samples,
-                      args.temperature, args.top_k, args.top_p, args.seed, tokenizer=tok)
+                      args.temperature, args.top_k, args.top_p, args.seed, tokenizer=tok,
+                      cache_block=args.cache_block)
   _show_completions(args, prompts, rows, args.checkpoint)
   return 0
 

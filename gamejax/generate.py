@@ -43,11 +43,13 @@ def encode_prompt(tok, prompt: str) -> np.ndarray:
 
 def complete(cfg: lm.Config, params: Any, prompts: Sequence[str], max_new_tokens: int,
              num_samples: int = 1, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, batch_size: int = 64, tokenizer=None) -> list[dict]:
+             seed: int = 0, batch_size: int = 64, tokenizer=None,
+             cache_block: int = sampling.DECODE_CACHE_BLOCK) -> list[dict]:
   """One dict per (prompt, sample), prompts in order: ``prompt``, ``sample`` (0-based),
   ``completion`` (text up to the end-of-move token), ``tokens`` (how many were generated, that
   token included), ``token_ids`` (them) and ``stopped`` (False: the completion ran into ``max_new_tokens``). ``tokenizer``: the byte
-  tokenizer by default; a chat model's puts each prompt in its chat template (``encode_prompt``)."""
+  tokenizer by default; a chat model's puts each prompt in its chat template (``encode_prompt``).
+  ``cache_block``: the sampler's decode loop in runs (``sampling.generate``)."""
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1; got {num_samples}")
   if not prompts:
@@ -58,7 +60,8 @@ def complete(cfg: lm.Config, params: Any, prompts: Sequence[str], max_new_tokens
   width = max(len(e) for e in encoded)
   batch = min(batch_size, len(rows))
   generate = sampling.make_generate(cfg, max_new_tokens, temperature=temperature,
-                                    eos_id=tok.eos_id, top_k=top_k, top_p=top_p)
+                                    eos_id=tok.eos_id, top_k=top_k, top_p=top_p,
+                                    cache_block=cache_block)
   out = []
   for call, start in enumerate(range(0, len(rows), batch)):
     chunk = rows[start:start + batch]

@@ -229,3 +229,5 @@ def test_generate_without_checkpoints_names_what_exists(tmp_path, capsys):
   bad.write_text('{"prompt": "1+2="}\n{"text": 3}\n')
   assert cli.main(["generate", f"--workdir={work}", f"--prompts={bad}"]) == 2
   assert f"{bad}:2" in capsys.readouterr().err
+  assert cli.main(["generate", f"--workdir={work}", "--prompt=1+2=", "--cache_block=-1"]) == 2
+  assert "--cache_block=-1 is out of range" in capsys.readouterr().err

@@ -188,7 +188,7 @@ def test_own_text_reports_held_out_loss_and_talks_back(tmp_path, capsys, sums_te
   output = tmp_path / "out.jsonl"
   assert cli.main(["generate", f"--workdir={work}", "--prompt=3+1=", "--prompt=7+1=",
                    "--num_samples=2", "--temperature=1.0", "--max_new_tokens=5",
-                   f"--output={output}"]) == 0
+                   "--cache_block=2", f"--output={output}"]) == 0
   printed = capsys.readouterr().out
   rows = [json.loads(l) for l in open(output)]
   assert [(r["prompt"], r["sample"]) for r in rows] == [("3+1=", 0), ("3+1=", 1), ("7+1=", 0),
