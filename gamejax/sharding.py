@@ -68,7 +68,7 @@ RULES = (
 REPLICATE_WHEN_FEWER = ("kv_heads",)
 # Names that are replicated, not an error, when their axes do not divide them: the fused q | k | v
 # heads of Llama's ``wqkv`` (``H + 2G`` of them; split over ``tensor`` only to share the weight's
-# memory and its GEMM, the forward re-splits q, k and v by heads).
+# memory: the forward reads it regrouped by kv head, ``kernels.group_qkv``).
 REPLICATE_WHEN_UNEVEN = ("qkv_heads",)
 
 
