@@ -34,6 +34,9 @@ are medians over ``--calls`` calls after compiling and two warm-up calls.
 distribution (``sampling.top_k_logits``, ``top_p_logits``), as ``gamejax generate`` and a rollout
 with those options do.
 
+``--cache_block`` (default 64): the decode loop in runs, each attending only the cache filled by
+its end (``sampling.generate``; 0: one loop over the whole cache); ``decode_runs`` says how many.
+
 ``breakdown``: the fastest call's split into ``prefill`` (a one-token call timed on its own: the
 prefill and one choice) and ``decode`` (the rest). ``decode_step_kernels``: the kernels XLA runs
 per decode step (``decode_step_kernels``). ``best_seconds_per_call`` (the fastest cached call) is
@@ -146,9 +149,14 @@ def main(argv=None):
                  help="skip the no-cache decode (on a large model it takes minutes)")
   p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest (0: off)")
   p.add_argument("--top_p", type=float, default=1.0, help="nucleus mass (1: off)")
+  p.add_argument("--cache_block", type=int, default=sampling.DECODE_CACHE_BLOCK,
+                 help="the decode loop's steps in runs of this many, each attending only the "
+                      "cache filled by its end (0: one loop over the whole cache)")
   args = common.parse_args(p, argv)
   if args.calls < 5:
     p.error(f"--calls must be >= 5; got {args.calls}")
+  if args.cache_block < 0:
+    p.error(f"--cache_block must be >= 0; got {args.cache_block}")
   filtered = {"top_k": args.top_k, "top_p": args.top_p}
   if (args.top_k or args.top_p < 1.0) and not args.no_baseline:
     p.error("--top_k / --top_p time the cached sampler alone: add --no_baseline")
@@ -164,7 +172,7 @@ def main(argv=None):
 
   # eos_id=-1: never sampled, so every row runs to new_tokens (checked below).
   cached = sampling.make_generate(cfg, args.new_tokens, temperature=temperature, eos_id=-1,
-                                  **filtered)
+                                  cache_block=args.cache_block, **filtered)
   uncached = make_uncached_generate(cfg, args.new_tokens, temperature)
   out = cached(params, prompt_BP, lengths_B, key)
   if not np.all(np.asarray(out["lengths"]) == args.new_tokens):
@@ -193,6 +201,8 @@ def main(argv=None):
                  "n_kv_heads": cfg.n_kv_heads},
       "params": lm.param_count(cfg), "batch": args.batch, "prompt_len": args.prompt_len,
       "new_tokens": args.new_tokens, "temperature": temperature, **filtered,
+      "cache_block": args.cache_block,
+      "decode_runs": len(sampling._runs(args.new_tokens, args.cache_block)),
       "seconds_per_call": secs, "best_seconds_per_call": min(cached_times),
       "tokens_per_s": tokens / secs,
       "baseline_seconds_per_call": base_secs, "baseline_tokens_per_s": tokens / base_secs,
