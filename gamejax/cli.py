@@ -109,10 +109,10 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--max_new_tokens", type=int, default=None,
                  help="completion budget (default: the arena's answer length, else 128)")
   g.add_argument("--seed", type=int, default=0)
-  g.add_argument("--cache_block", type=int, default=64,
-                 help="the decode loop's steps in runs of this many, each attending only the KV "
-                      "cache filled by its end (0: one loop over the whole cache, no copy to "
-                      "grow it)")
+  g.add_argument("--cache_block", type=int, default=None,
+                 help="the decode loop's steps in runs of this many (default: the sampler's, 64), "
+                      "each attending only the KV cache filled by its end (0: one loop over the "
+                      "whole cache, no copy to grow it)")
   g.add_argument("--output", default=None, help="also write the completions as JSONL here")
   x = sub.add_parser("export", help="write a policy stage's checkpoint in another library's format")
   x.add_argument("--workdir", required=True)
@@ -402,9 +402,12 @@ def generate(args) -> int:
   for flag, ok in (("--num_samples", args.num_samples >= 1), ("--top_k", args.top_k >= 0),
                    ("--temperature", args.temperature >= 0), ("--top_p", 0 < args.top_p <= 1),
                    ("--max_new_tokens", args.max_new_tokens is None or args.max_new_tokens >= 1),
-                   ("--cache_block", args.cache_block >= 0)):
+                   ("--cache_block", args.cache_block is None or args.cache_block >= 0)):
     if not ok:
       raise UsageError(f"{flag}={getattr(args, flag[2:])} is out of range")
+  if args.cache_block is None:
+    from gamejax import sampling
+    args.cache_block = sampling.DECODE_CACHE_BLOCK
   prompts = args.prompt if args.prompt else _read_prompts(args.prompts)
   if args.checkpoint:
     return _generate_from_checkpoint(args, prompts)

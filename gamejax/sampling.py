@@ -414,7 +414,8 @@ def generate(cfg: lm.Config, params, prompt_BP, prompt_lengths_B, max_new_tokens
   tokens_BN = jnp.full((b, n), PAD_ID, jnp.int32)
   logprobs_BN = jnp.zeros((b, n), jnp.float32)
   token_B, tokens_BN, logprobs_BN = emit(0, last_BV, tokens_BN, logprobs_BN)
-  i, done_B = jnp.ones((), jnp.int32), is_stop(token_B)
+  if can_stop:   # the early-exit loop's step counter and ended rows, carried across runs
+    i, done_B = jnp.ones((), jnp.int32), is_stop(token_B)
   for i0, i1 in runs:
     # Steps i0 .. i1 - 1 attend a cache of P + i1 - 1 slots, the most any of them fills.
     length = p + i1 - 1

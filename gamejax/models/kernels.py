@@ -77,11 +77,16 @@ def swiglu(gate_up_BTF):
   return _swiglu_fwd(gate_up_BTF)[0]
 
 
+def silu_times(gate_BTF, up_BTF):
+  """``silu(gate) * up`` in float32, in ``gate``'s dtype: SwiGLU's hidden state from its two
+  projections (``swiglu`` reads them fused; a tensor-parallel MLP computes them apart)."""
+  return (jax.nn.silu(gate_BTF.astype(jnp.float32)) * up_BTF.astype(jnp.float32)).astype(
+      gate_BTF.dtype)
+
+
 def _swiglu_fwd(gate_up_BTF):
   f = gate_up_BTF.shape[-1] // 2
-  gate = gate_up_BTF[..., :f].astype(jnp.float32)
-  up = gate_up_BTF[..., f:].astype(jnp.float32)
-  return (jax.nn.silu(gate) * up).astype(gate_up_BTF.dtype), gate_up_BTF
+  return silu_times(gate_up_BTF[..., :f], gate_up_BTF[..., f:]), gate_up_BTF
 
 
 def _swiglu_bwd(gate_up_BTF, d_hidden_BTF):
@@ -262,16 +267,6 @@ def _grouped_heads(qkv_BTGCK, cos_BT1F, sin_BT1F):
           qkv_BTGCK[:, :, :, r + 1].transpose(0, 2, 1, 3))
 
 
-def split_qkv(qkv, n_heads: int, n_kv_heads: int):
-  """``(q [B, T, H, K], k [B, T, G, K], v [B, T, G, K])`` of the fused projection, stacked
-  ``[B, T, H + 2G, K]`` or grouped ``[B, T, G, R + 2, K]``."""
-  h, kv = n_heads, n_kv_heads
-  if qkv.ndim == 4:
-    return qkv[:, :, :h], qkv[:, :, h:h + kv], qkv[:, :, h + kv:]
-  b, t, g, c, k = qkv.shape
-  return (qkv[:, :, :, :c - 2].reshape(b, t, h, k), qkv[:, :, :, c - 2], qkv[:, :, :, c - 1])
-
-
 def merge_heads(x_BGQK, n_heads: int):
   """``[B, G, T*R, K]`` (rows as in ``heads``) -> ``[B, T, H, K]``."""
   b, g, q, k = x_BGQK.shape
@@ -361,9 +356,10 @@ def library_attention(qkv_BTNK, cos_BT1F, sin_BT1F, bias_BTS, n_heads: int, n_kv
   if qkv_BTNK.ndim == 4:
     qk_BTNK = apply_rope(qkv_BTNK[:, :, :h + kv], cos_BT1F, sin_BT1F)
     q, k, v = qk_BTNK[:, :, :h], qk_BTNK[:, :, h:], qkv_BTNK[:, :, h + kv:]
-  else:
-    q, k, v = split_qkv(qkv_BTNK, h, kv)
-    q, k = (apply_rope(x, cos_BT1F, sin_BT1F) for x in (q, k))
+  else:   # grouped, [B, T, G, R + 2, K]: each group's queries, then its key and its value
+    b, t, _, c, hd = qkv_BTNK.shape
+    qk = apply_rope(qkv_BTNK[:, :, :, :c - 1], cos_BT1F[:, :, None], sin_BT1F[:, :, None])
+    q, k, v = qk[:, :, :, :c - 2].reshape(b, t, h, hd), qk[:, :, :, c - 2], qkv_BTNK[:, :, :, c - 1]
   out = jax.nn.dot_product_attention(q, k, v, mask=(bias_BTS == 0)[:, None])
   return out.astype(qkv_BTNK.dtype)
 
@@ -439,15 +435,15 @@ def _self_attention_bwd(n_heads, n_kv_heads, residuals, d_out_BTHK):
     d_v = d_v + jnp.pad(d_v_blk, pad)
     d_k = d_k + jnp.pad(d_k_blk, pad)
   d_q = jnp.concatenate(d_qs, axis=2) / np.sqrt(hd).astype(np.float32)
-  if cos.ndim == 5:   # the grouped projection [B, T, G, R + 2, K]
-    d_qk = _unrope(jnp.concatenate([merge_heads(d_q, n_heads).reshape(b, t, g, r, hd),
-                                    d_k.transpose(0, 2, 1, 3)[:, :, :, None]], axis=3), cos, sin)
-    d_qkv = jnp.concatenate([d_qk, d_v.transpose(0, 2, 1, 3)[:, :, :, None]], axis=3).astype(dt)
+  d_q, d_k, d_v = merge_heads(d_q, n_heads), d_k.transpose(0, 2, 1, 3), d_v.transpose(0, 2, 1, 3)
+  grouped = cos.ndim == 5   # the projection came grouped, [B, T, G, R + 2, K]
+  if grouped:
+    d_q, d_k, d_v = d_q.reshape(b, t, g, r, hd), d_k[:, :, :, None], d_v[:, :, :, None]
+  axis = 3 if grouped else 2
+  d_qk = _unrope(jnp.concatenate([d_q, d_k], axis=axis), cos, sin)
+  d_qkv = jnp.concatenate([d_qk, d_v], axis=axis).astype(dt)
+  if grouped:
     cos = sin = cos[:, :, 0]
-  else:
-    d_qk = _unrope(jnp.concatenate([merge_heads(d_q, n_heads), d_k.transpose(0, 2, 1, 3)],
-                                   axis=2), cos, sin)
-    d_qkv = jnp.concatenate([d_qk, d_v.transpose(0, 2, 1, 3)], axis=2).astype(dt)
   return d_qkv, jnp.zeros_like(cos), jnp.zeros_like(sin), jnp.zeros_like(bias)
 
 

@@ -204,26 +204,24 @@ class Attention(nn.Module):
     if groups:
       # Tensor parallelism: the heads regrouped by kv head (``group_qkv``), so that each device
       # computes and attends whole groups; the weight moves between devices, not q, k and v.
+      # Along the heads axis (3 here): each group's queries end at r, its key at r + 1.
       r = h // groups
-      w_DGCK = constrain(group_qkv(wqkv, h, kv, axis=1, groups=groups),
-                         ("embed", "kv_heads", None, "head_dim"))
-      qkv_BTNK = constrain(dense(x_BTD.astype(dt), w_DGCK.reshape(d, -1)).reshape(
-          b, t, groups, r + 2, k), ("batch", "length", "kv_heads", None, "head_dim"))
-      if b_qkv is not None:
-        qkv_BTNK = qkv_BTNK + group_qkv(b_qkv.astype(dt), h, kv, 0, groups)[None, None]
-      if cfg.qk_norm:
-        qkv_BTNK = jnp.concatenate([RMSNorm(cfg, name="q_norm")(qkv_BTNK[:, :, :, :r]),
-                                    RMSNorm(cfg, name="k_norm")(qkv_BTNK[:, :, :, r:r + 1]),
-                                    qkv_BTNK[:, :, :, r + 1:]], axis=3)
-    else:
-      qkv_BTNK = dense(x_BTD.astype(dt), wqkv.reshape(d, (h + 2 * kv) * k)).reshape(
-          b, t, h + 2 * kv, k)
-      if b_qkv is not None:
-        qkv_BTNK = qkv_BTNK + b_qkv.astype(dt)[None, None]
-      if cfg.qk_norm:
-        qkv_BTNK = jnp.concatenate([RMSNorm(cfg, name="q_norm")(qkv_BTNK[:, :, :h]),
-                                    RMSNorm(cfg, name="k_norm")(qkv_BTNK[:, :, h:h + kv]),
-                                    qkv_BTNK[:, :, h + kv:]], axis=2)
+      wqkv = constrain(group_qkv(wqkv, h, kv, axis=1, groups=groups),
+                       ("embed", "kv_heads", None, "head_dim"))
+      b_qkv = None if b_qkv is None else group_qkv(b_qkv, h, kv, axis=0, groups=groups)
+      shape, axis, q_end, k_end = (b, t, groups, r + 2, k), 3, r, r + 1
+    else:   # as stored: along axis 2, the queries end at h, the keys at h + kv
+      shape, axis, q_end, k_end = (b, t, h + 2 * kv, k), 2, h, h + kv
+    qkv_BTNK = dense(x_BTD.astype(dt), wqkv.reshape(d, -1)).reshape(shape)
+    if groups:
+      qkv_BTNK = constrain(qkv_BTNK, ("batch", "length", "kv_heads", None, "head_dim"))
+    if b_qkv is not None:
+      qkv_BTNK = qkv_BTNK + b_qkv.astype(dt)[None, None]
+    if cfg.qk_norm:
+      part = functools.partial(jax.lax.slice_in_dim, qkv_BTNK, axis=axis)
+      qkv_BTNK = jnp.concatenate([RMSNorm(cfg, name="q_norm")(part(0, q_end)),
+                                  RMSNorm(cfg, name="k_norm")(part(q_end, k_end)),
+                                  part(k_end, None)], axis=axis)
     if kv_cache is None:
       attend = self_attention if cfg.attention == "gamejax" else library_attention
       out_BTHK = attend(qkv_BTNK, *rope_BT, bias_BTS, h, kv)
@@ -254,8 +252,7 @@ class MLP(nn.Module):
       # holds a slice of gate and of up), so gate and up are two GEMMs over each device's slice.
       gate_BTF, up_BTF = (constrain(dense(x_BTD, w_gate_up[:, i]), ("batch", "length", "mlp"))
                           for i in (0, 1))
-      hidden_BTF = (jax.nn.silu(gate_BTF.astype(jnp.float32)) * up_BTF.astype(jnp.float32)
-                    ).astype(gate_BTF.dtype)
+      hidden_BTF = kernels.silu_times(gate_BTF, up_BTF)
     else:
       hidden_BTF = swiglu(dense(x_BTD, w_gate_up.reshape(d, 2 * f)))
     return dense(constrain(hidden_BTF, ("batch", "length", "mlp")), w_down)
