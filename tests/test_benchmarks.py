@@ -110,16 +110,21 @@ def test_the_memory_benchmark_compiles_the_grpo_step_with_the_logits_whole_and_i
       "remat": "none", "dtype": "float32", "accumulate": 2, "logits_chunk": 32}
 
 
-def test_the_sample_benchmark_decodes_in_the_runs_it_is_given(capsys):
-  """benchmarks.sample on a toy model with ``--cache_block=2``: 6 decode steps in 3 runs, said in
-  its JSON; a negative block is refused."""
+def test_the_sample_benchmark_decodes_in_the_runs_it_is_given(capsys, monkeypatch):
+  """benchmarks.sample on a toy model with ``--cache_block=2``: the sampler it times gets the
+  block, and its JSON says 6 decode steps in 3 runs; a negative block is refused."""
   from benchmarks import sample
+  from gamejax import sampling
+  blocks, make_generate = [], sampling.make_generate
+  monkeypatch.setattr(sampling, "make_generate", lambda *a, **k: blocks.append(
+      k.get("cache_block", sampling.DECODE_CACHE_BLOCK)) or make_generate(*a, **k))
   toy = ["--vocab_size=64", "--d_model=32", "--d_ff=64", "--n_layers=1", "--n_heads=2",
          "--n_kv_heads=1", "--batch=2", "--prompt_len=4", "--new_tokens=7", "--calls=5",
          "--no_baseline", "--no_hugepages"]
   sample.main([*toy, "--cache_block=2"])
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert (out["cache_block"], out["decode_runs"]) == (2, 3) and out["seconds_per_call"] > 0
+  assert blocks[0] == 2       # the timed sampler (the others: one-token prefill, kernel count)
   with pytest.raises(SystemExit):
     sample.main([*toy, "--cache_block=-1"])
   assert "--cache_block must be >= 0" in capsys.readouterr().err
