@@ -7,9 +7,9 @@ tokens/s of an imported checkpoint (SmolLM2-135M-Instruct by default), printed a
   min_new_tokens=max_new_tokens)`` with its KV cache. tokens/s = ``batch * new_tokens / seconds``.
 * ``train``: one LoRA update (rank 8 on every attention and MLP projection, AdamW) on ``batch`` x
   ``seq_len`` tokens of next-token loss. gamejax: the compiled game step (``imitation`` payoff,
-  adapters merged on the frozen base inside the step); transformers: a PEFT LoRA model of the same
-  targets, forward, backward and ``torch.optim.AdamW`` step. tokens/s = ``batch * seq_len /
-  seconds``.
+  the forward reading the adapters unmerged on the frozen base, ``kernels.LowRank``); transformers:
+  a PEFT LoRA model of the same targets, forward, backward and ``torch.optim.AdamW`` step.
+  tokens/s = ``batch * seq_len / seconds``.
 
 Each figure is the median of ``--calls`` timed calls after warm-up (gamejax's first call
 compiles). ``ratio`` = gamejax tokens/s / transformers tokens/s, both measured in this process.

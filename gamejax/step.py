@@ -47,17 +47,23 @@ def player_params(state: GameState, name: str):
                  f"players {sorted(state.frozen)}")
 
 
-def with_frozen(params, frozen):
+def with_frozen(params, frozen, low_rank: bool = False):
   """A learner's params as its model reads them: LoRA adapters (``gamejax.models.lora``) joined
-  with their base, a frozen player; any other params as they are."""
-  return params.with_frozen(frozen) if hasattr(params, "with_frozen") else params
+  with their base, a frozen player (``low_rank``: as ``kernels.LowRank`` weights, the deltas not
+  added); any other params as they are."""
+  if hasattr(params, "with_frozen"):
+    return params.with_frozen(frozen, low_rank=low_rank)
+  return params
 
 
 def bind_frozen(apply: Callable[..., jax.Array], frozen) -> Callable[..., jax.Array]:
   """``apply`` of params that may need the frozen players (LoRA adapters on a frozen base): the
-  frozen params are the step's traced state, never constants of the compiled step."""
+  frozen params are the step's traced state, never constants of the compiled step. This is the
+  apply a payoff differentiates, so LoRA's weights come low-rank: its backward forms no gradient
+  of a frozen weight (sampling reads the adapted weights formed once, ``player_params``)."""
   return logprobs.same_protocol(
-      lambda params, *inputs, **options: apply(with_frozen(params, frozen), *inputs, **options),
+      lambda params, *inputs, **options: apply(with_frozen(params, frozen, low_rank=True),
+                                               *inputs, **options),
       apply)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from gamejax import sharding, step as game_step
 from gamejax.interop import hf
-from gamejax.models import fusion, llama, lm, lora
+from gamejax.models import fusion, llama, lm, lora, partitioning
 from gamejax.payoffs import imitation
 from gamejax.payoffs.base import Play
 from gamejax.records import GameRecord
@@ -84,6 +84,83 @@ def test_gradient_at_init_is_the_full_gradient_projected_through_the_adapter():
     np.testing.assert_array_equal(pair["a"], np.zeros_like(pair["a"]))   # B = 0: no gradient
 
 
+def _random_adapters(cfg, targets, seed=1):
+  adapters = lora.init(cfg, lora.LoraConfig(rank=4, alpha=8.0, targets=targets),
+                       jax.random.key(seed), base="b")
+  leaves, tree = jax.tree.flatten(adapters.adapters)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return adapters.replace(adapters=jax.tree.unflatten(
+      tree, [x + 0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+
+
+# Wide enough that the adapters' own GEMMs are small beside the frozen weights' (rank 4).
+WIDE = llama.LlamaConfig(vocab_size=32, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                         d_ff=256)
+LOW_RANK_CASES = {
+    # q and v of the fused q | k | v (k's columns get no delta), none of gate | up, down.
+    "llama_parts": (WIDE, r"q_proj|v_proj|down_proj"),
+    "llama_all": (WIDE, r"q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"),
+    "gpt2": (None, r"c_attn|c_proj|c_fc"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOW_RANK_CASES))
+def test_the_training_forward_reads_low_rank_weights_and_forms_no_frozen_gradient(case):
+  """A payoff's apply (``step.bind_frozen``) reads LoRA's targets as ``kernels.LowRank``: ``x W
+  + s (x A) B``. Its logits and adapter gradients are the merged weights' (``lora.merge``, the
+  sampler's), and its compiled gradient has none of the frozen weights' ``x^T dy`` GEMMs:
+  XLA's FLOPs fall by most of theirs (``2 T in out`` each, less the adapters' own GEMMs, ``6 T
+  r (in + out)``)."""
+  from gamejax.models import gpt2
+  cfg, targets = LOW_RANK_CASES[case]
+  cfg = cfg or gpt2.GPT2Config(vocab_size=32, d_model=128, n_layers=2, n_heads=4,
+                               max_positions=64)
+  base = lm.init_params(cfg, jax.random.key(0))
+  adapters = _random_adapters(cfg, targets)
+  moves = GameRecord(**jax.tree.map(lambda x: x[0], _batches(1, 4, 36, 1)))
+  payoff = imitation(("agent", "opponent"))
+  frozen = {"b": base}
+  merged_apply = lambda p, *a, **k: lm.apply(cfg, p.with_frozen(frozen), *a, **k)
+  applies = {"merged": merged_apply,
+             "low_rank": game_step.bind_frozen(functools.partial(lm.apply, cfg), frozen)}
+  loss = {name: jax.jit(jax.value_and_grad(
+              lambda p, apply=apply: payoff(p, Play(apply, moves, {}, jax.random.key(0)))[0]))
+          for name, apply in applies.items()}
+  (v_m, g_m), (v_l, g_l) = (loss[name](adapters) for name in ("merged", "low_rank"))
+  np.testing.assert_allclose(v_l, v_m, rtol=1e-6)
+  for (path, pm), (_, pl) in zip(lora._pairs(g_m.adapters), lora._pairs(g_l.adapters)):
+    for k in ("a", "b"):
+      scale = np.abs(np.asarray(pm[k])).max()
+      np.testing.assert_allclose(pl[k], pm[k], atol=2e-5 * scale, err_msg=str(path + (k,)))
+  # At B = 0 the low-rank forward is the base model's, bit for bit.
+  fresh = lora.init(cfg, lora.LoraConfig(rank=4, alpha=8.0, targets=targets), jax.random.key(1),
+                    base="b")
+  args = (moves.tokens, moves.positions, moves.segment_ids)
+  np.testing.assert_array_equal(applies["low_rank"](fresh, *args), lm.apply(cfg, base, *args))
+
+  flops = {name: f.lower(adapters).compile().cost_analysis()["flops"] for name, f in loss.items()}
+  frozen_grads = 2 * moves.tokens.size * sum(
+      np.prod(pair["a"].shape[:1]) * np.prod(pair["b"].shape[1:])
+      for _, pair in lora._pairs(adapters.adapters))
+  assert flops["merged"] - flops["low_rank"] > 0.7 * frozen_grads, (flops, frozen_grads)
+
+
+def test_low_rank_weights_read_as_arrays_are_the_merged_ones(monkeypatch):
+  """Where a model reads a weight other than in its 2-D form (tensor parallelism's regrouped q |
+  k | v and split gate | up), a ``LowRank`` gives the adapted weight formed: the same logits as
+  the merged params."""
+  monkeypatch.setattr(partitioning, "split_count", lambda name: 2)
+  base = llama.init_params(CFG, jax.random.key(0))
+  adapters = _random_adapters(CFG, LOW_RANK_CASES["llama_all"][1])
+  moves = GameRecord(**jax.tree.map(lambda x: x[0], _batches(1, 2, 36, 1)))
+  args = (moves.tokens, moves.positions, moves.segment_ids)
+  want = lm.apply(CFG, lora.merge(base, adapters), *args)
+  got = lm.apply(CFG, lora.low_rank_params(base, adapters), *args)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  lr = lora.low_rank_params(base, adapters)["block_0"]["mlp"]["w_gate_up"]
+  np.testing.assert_array_equal(lr[:, 1], lora.merge(base, adapters)["block_0"]["mlp"]["w_gate_up"][:, 1])
+
+
 def _opt_bytes(rank):
   lcfg = lora.LoraConfig(rank=rank, alpha=8.0, targets=LCFG.targets)
   _, state, _ = _state(lcfg)
@@ -132,6 +209,10 @@ def test_merged_model_matches_peft_on_transformers_and_the_export_is_atomic(tmp_
     want = model(input_ids=torch.tensor(tokens, dtype=torch.long)).logits.numpy()
   positions = np.broadcast_to(np.arange(40, dtype=np.int32), tokens.shape)
   got = lm.apply(cfg, merged, tokens, positions, np.ones_like(tokens))
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+  # The training forward's low-rank weights (PEFT's own unmerged x W + s (x A) B) alike.
+  got = lm.apply(cfg, lora.low_rank_params(base, adapters), tokens, positions,
+                 np.ones_like(tokens))
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
 
 

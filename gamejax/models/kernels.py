@@ -7,6 +7,7 @@ Each is checked against autodiff and finite differences in tests/test_model.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -38,8 +39,103 @@ def dense(x, w, contract_w: int = 0, out_dtype=None):
   >>> x, w = jnp.ones((2, 3, 4)), jnp.ones((4, 5))
   >>> dense(x, w).shape, dense(x, w.T, 1).shape
   ((2, 3, 5), (2, 3, 5))
+
+  ``w`` may be a ``LowRank`` (a frozen weight and LoRA's deltas): see ``low_rank_dense``.
   """
+  if isinstance(w, LowRank):
+    if contract_w != 0:
+      w = w.materialize().T
+    else:
+      return low_rank_dense(x, w, out_dtype)
   return checkpoint_name(_dense(x, w, contract_w, out_dtype), DENSE_OUTPUT)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("w", "a", "b"),
+                   meta_fields=("cols", "scale"))
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+  """A weight ``w`` plus low-rank deltas: ``scale * a[i] @ b[i]`` (``a[i]: [n_in, r]``, ``b[i]:
+  [r, c1 - c0]``) added to columns ``cols[i] = (c0, c1)`` of its 2-D form ``w.reshape(n_in,
+  -1)``, where ``n_in`` is ``a``'s rows. LoRA's adapted weight as the training forward reads it
+  (``gamejax.models.lora.low_rank_params``): ``dense`` computes ``x w + scale (x a) b`` and never forms
+  the adapted weight, so its backward has no ``x^T dy`` GEMM for ``w`` (which is frozen).
+
+  A model reads its weights as arrays; a ``LowRank`` answers ``reshape`` to its 2-D form and
+  ``astype`` as one, and any other use (an index, a regrouping under tensor parallelism, a
+  ``jax.numpy`` function) gets ``materialize()``: the adapted weight, formed.
+
+  >>> w = jnp.ones((2, 3, 2))                    # n_in = 2, its 2-D form [2, 6]
+  >>> lr = LowRank(w, (jnp.ones((2, 1)),), (jnp.ones((1, 2)),), ((2, 4),), 0.5)
+  >>> lr.materialize().reshape(2, 6).tolist()[0]
+  [1.0, 1.0, 1.5, 1.5, 1.0, 1.0]
+  >>> x = jnp.ones((1, 2))
+  >>> bool((dense(x, lr.reshape(2, -1)) == x @ lr.materialize().reshape(2, 6)).all())
+  True
+  """
+  w: jax.Array
+  a: tuple
+  b: tuple
+  cols: tuple
+  scale: float
+
+  shape = property(lambda self: self.w.shape)
+  ndim = property(lambda self: self.w.ndim)
+  dtype = property(lambda self: self.w.dtype)
+  n_in = property(lambda self: self.a[0].shape[0])
+
+  def reshape(self, *shape):
+    """Its 2-D form ``[n_in, n_out]`` as a ``LowRank``; any other shape materialised."""
+    shape = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
+    n_out = self.w.size // self.n_in
+    if len(shape) == 2 and shape[0] == self.n_in and shape[1] in (n_out, -1):
+      return dataclasses.replace(self, w=self.w.reshape(self.n_in, n_out))
+    return self.materialize().reshape(shape)
+
+  def astype(self, dtype):
+    return dataclasses.replace(self, w=self.w.astype(dtype))
+
+  def materialize(self) -> jax.Array:
+    """``w`` with every delta added, in float32 then ``w``'s dtype: the adapted weight."""
+    w2 = self.w.reshape(self.n_in, -1)
+    for a, b, (c0, c1) in zip(self.a, self.b, self.cols):
+      ab = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision="highest")
+      w2 = w2.at[:, c0:c1].set((w2[:, c0:c1].astype(jnp.float32) + self.scale * ab)
+                               .astype(w2.dtype))
+    return w2.reshape(self.w.shape)
+
+  def __getitem__(self, index):
+    return self.materialize()[index]
+
+  def __jax_array__(self):
+    return self.materialize()
+
+  @property
+  def T(self):   # noqa: N802 (numpy's name)
+    return self.materialize().T
+
+
+def low_rank_dense(x, w: LowRank, out_dtype=None):
+  """``dense(x, w)`` of a ``LowRank`` in its 2-D form: ``x w + scale (x a) b``, each delta on its
+  columns. The base GEMM is ``dense``'s; the adapters' inputs ``x a`` are one GEMM over all of
+  them (``[n_in, sum r]``). Differentiated with respect to the adapters, the backward costs
+  ``dx = dy w^T`` and rank-sized GEMMs, where the adapted weight's would add ``x^T dy`` over the
+  whole weight (a third of a layer's training FLOPs)."""
+  if w.w.ndim != 2:
+    raise ValueError(f"dense reads a LowRank in its 2-D form [n_in, n_out]; got {w.w.shape}")
+  out_dtype = out_dtype or x.dtype
+  y = dense(x, w.w, 0, out_dtype)
+  ranks = np.cumsum([0] + [a.shape[1] for a in w.a])
+  xa = dense(x, jnp.concatenate([a.astype(x.dtype) for a in w.a], axis=1)) * w.scale
+  pieces, at = [], 0
+  for (c0, c1), b, r0, r1 in sorted(zip(w.cols, w.b, ranks[:-1], ranks[1:]),
+                                    key=lambda c: c[0][0]):
+    if c0 > at:
+      pieces.append(jnp.zeros(x.shape[:-1] + (c0 - at,), out_dtype))
+    pieces.append(dense(xa[..., r0:r1], b.astype(x.dtype), 0, out_dtype))
+    at = c1
+  if at < w.w.shape[1]:
+    pieces.append(jnp.zeros(x.shape[:-1] + (w.w.shape[1] - at,), out_dtype))
+  return y + jnp.concatenate(pieces, axis=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gamejax.models import families, fusion, lm
+from gamejax.models import families, fusion, kernels, lm
 
 Params = Any
 
@@ -107,12 +107,14 @@ class LoraParams:
   scale: float = flax.struct.field(pytree_node=False)
   fused: tuple = flax.struct.field(pytree_node=False, default=())
 
-  def with_frozen(self, frozen) -> Params:
-    """The adapted model's params: the base (``frozen[self.base]``) with every delta added."""
+  def with_frozen(self, frozen, low_rank: bool = False) -> Params:
+    """The adapted model's params: the base (``frozen[self.base]``) with every delta added, or
+    with ``low_rank`` each targeted weight a ``kernels.LowRank`` (the deltas not added: a
+    training forward's, whose backward then skips the frozen weights' GEMMs)."""
     if self.base not in frozen:
       raise KeyError(f"LoRA adapters need their base, the frozen player {self.base!r}; the "
                      f"frozen players are {sorted(frozen)}")
-    return merge(frozen[self.base], self)
+    return (low_rank_params if low_rank else merge)(frozen[self.base], self)
 
 
 @flax.struct.dataclass
@@ -149,31 +151,57 @@ def _pairs(adapters: dict, prefix=()):
     yield from _pairs(sub, prefix + (key,))
 
 
-def delta(pair: dict, scale: float, shape) -> jax.Array:
-  """``scale * A @ B`` (float32 accumulation) in the base weight's ``shape``."""
-  ab = jnp.matmul(pair["a"].astype(jnp.float32), pair["b"].astype(jnp.float32),
-                  precision="highest")
-  return (scale * ab).reshape(shape)
-
-
-def merge(base: Params, lora: LoraParams) -> Params:
-  """The base with every adapter's delta added (in the base's dtype); a weight stored fused gets
-  its delta on its part (``lora.fused``), the other parts untouched."""
-  out = jax.tree.map(lambda x: x, base)          # a new tree of the same leaves
+def _stored_low_ranks(base: Params, lora: LoraParams) -> dict:
+  """``{stored path: LowRank}``: each stored weight an adapter targets, with its adapters' deltas
+  on their columns of its 2-D form (a weight stored fused, ``lora.fused``, along its axis 1: one
+  column range per part; ``w_gate_up [D, 2, F]``'s ``w_up`` is columns ``F .. 2F``)."""
+  found: dict = {}
   for path, pair in _pairs(lora.adapters):
     stored, spec, i = fusion.locate(path, lora.fused)
+    w = base
+    for part in stored:
+      w = w[part]
+    n_out = w.size // pair["a"].shape[0]
+    if spec is None:
+      cols = (0, n_out)
+    else:
+      if spec.axis != 1 or w.shape[0] != pair["a"].shape[0]:
+        raise NotImplementedError(f"LoRA on {path}: a part of {stored} fused along axis "
+                                  f"{spec.axis} of {w.shape}")
+      at = spec.index(i, w.ndim)[1]
+      start, stop = (at.start, at.stop) if isinstance(at, slice) else (at, at + 1)
+      inner = n_out // w.shape[1]
+      cols = (start * inner, stop * inner)
+    lr = found.get(stored, kernels.LowRank(w, (), (), (), lora.scale))
+    found[stored] = dataclasses.replace(lr, a=lr.a + (pair["a"],), b=lr.b + (pair["b"],),
+                                        cols=lr.cols + (cols,))
+  return found
+
+
+def _replace(base: Params, leaves: dict) -> Params:
+  """``base`` with the leaves at ``{path: value}`` replaced (a new tree; ``base`` untouched)."""
+  out = jax.tree.map(lambda x: x, base)          # a new tree of the same leaves
+  for stored, value in leaves.items():
     node = out
     for part in stored[:-1]:
       node[part] = dict(node[part])
       node = node[part]
-    w = node[stored[-1]]
-    if spec is None:
-      node[stored[-1]] = (w.astype(jnp.float32) + delta(pair, lora.scale, w.shape)).astype(w.dtype)
-    else:
-      x = fusion.part(w, spec, i)
-      x = (x.astype(jnp.float32) + delta(pair, lora.scale, x.shape)).astype(w.dtype)
-      node[stored[-1]] = fusion.set_part(w, spec, i, x)
+    node[stored[-1]] = value
   return out
+
+
+def low_rank_params(base: Params, lora: LoraParams) -> Params:
+  """The base with every targeted weight a ``kernels.LowRank``: the adapted model as a training
+  forward reads it, its deltas never added to the weights (``kernels.low_rank_dense``)."""
+  return _replace(base, _stored_low_ranks(base, lora))
+
+
+def merge(base: Params, lora: LoraParams) -> Params:
+  """The base with every adapter's delta added (``scale * A @ B`` in float32, then the base's
+  dtype); a weight stored fused gets its delta on its part (``lora.fused``), the other parts
+  untouched."""
+  return _replace(base, {path: lr.materialize()
+                         for path, lr in _stored_low_ranks(base, lora).items()})
 
 
 def resolve(params, frozen) -> Params:
