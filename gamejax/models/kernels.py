@@ -115,27 +115,21 @@ class LowRank:
 
 
 def low_rank_dense(x, w: LowRank, out_dtype=None):
-  """``dense(x, w)`` of a ``LowRank`` in its 2-D form: ``x w + scale (x a) b``, each delta on its
-  columns. The base GEMM is ``dense``'s; the adapters' inputs ``x a`` are one GEMM over all of
-  them (``[n_in, sum r]``). Differentiated with respect to the adapters, the backward costs
-  ``dx = dy w^T`` and rank-sized GEMMs, where the adapted weight's would add ``x^T dy`` over the
-  whole weight (a third of a layer's training FLOPs)."""
+  """``dense(x, w)`` of a ``LowRank`` in its 2-D form: ``x w + scale (x a) b``. Two GEMMs beside
+  ``dense``'s of ``w``: ``x`` by all the ``a`` side by side (``[n_in, sum r]``), then by one
+  ``[sum r, n_out]`` holding each ``b`` at its rows and columns (zeros elsewhere: one GEMM, not
+  one per delta and a concatenation). Differentiated with respect to the adapters, the backward
+  costs ``dx = dy w^T`` and rank-sized GEMMs, where the adapted weight's would add ``x^T dy``
+  over the whole weight (a third of a layer's training FLOPs)."""
   if w.w.ndim != 2:
     raise ValueError(f"dense reads a LowRank in its 2-D form [n_in, n_out]; got {w.w.shape}")
   out_dtype = out_dtype or x.dtype
-  y = dense(x, w.w, 0, out_dtype)
   ranks = np.cumsum([0] + [a.shape[1] for a in w.a])
   xa = dense(x, jnp.concatenate([a.astype(x.dtype) for a in w.a], axis=1)) * w.scale
-  pieces, at = [], 0
-  for (c0, c1), b, r0, r1 in sorted(zip(w.cols, w.b, ranks[:-1], ranks[1:]),
-                                    key=lambda c: c[0][0]):
-    if c0 > at:
-      pieces.append(jnp.zeros(x.shape[:-1] + (c0 - at,), out_dtype))
-    pieces.append(dense(xa[..., r0:r1], b.astype(x.dtype), 0, out_dtype))
-    at = c1
-  if at < w.w.shape[1]:
-    pieces.append(jnp.zeros(x.shape[:-1] + (w.w.shape[1] - at,), out_dtype))
-  return y + jnp.concatenate(pieces, axis=-1)
+  b_full = jnp.zeros((int(ranks[-1]), w.w.shape[1]), x.dtype)
+  for b, (c0, c1), r0, r1 in zip(w.b, w.cols, ranks[:-1], ranks[1:]):
+    b_full = b_full.at[r0:r1, c0:c1].set(b.astype(x.dtype))
+  return dense(x, w.w, 0, out_dtype) + dense(xa, b_full, 0, out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
