@@ -2,6 +2,7 @@
 never in the optimizer, the gradient at ``B = 0`` is the full gradient projected through the
 adapter, optimizer memory scales with the rank, and a PEFT export loaded by ``peft`` onto the
 transformers model gives gamejax's logits."""
+import dataclasses
 import functools
 import json
 import os
@@ -132,6 +133,14 @@ def test_the_training_forward_reads_low_rank_weights_and_forms_no_frozen_gradien
     for k in ("a", "b"):
       scale = np.abs(np.asarray(pm[k])).max()
       np.testing.assert_allclose(pl[k], pm[k], atol=2e-5 * scale, err_msg=str(path + (k,)))
+  if case == "llama_all":   # rematerialised blocks ("dots" saves each dense output) alike
+    dots = dataclasses.replace(cfg, remat="dots")
+    remat = game_step.bind_frozen(functools.partial(lm.apply, dots), frozen)
+    v_r, g_r = jax.value_and_grad(
+        lambda p: payoff(p, Play(remat, moves, {}, jax.random.key(0)))[0])(adapters)
+    np.testing.assert_allclose(v_r, v_l, rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+                 g_r.adapters, g_l.adapters)
   # At B = 0 the low-rank forward is the base model's, bit for bit.
   fresh = lora.init(cfg, lora.LoraConfig(rank=4, alpha=8.0, targets=targets), jax.random.key(1),
                     base="b")

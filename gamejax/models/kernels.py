@@ -125,11 +125,13 @@ def low_rank_dense(x, w: LowRank, out_dtype=None):
     raise ValueError(f"dense reads a LowRank in its 2-D form [n_in, n_out]; got {w.w.shape}")
   out_dtype = out_dtype or x.dtype
   ranks = np.cumsum([0] + [a.shape[1] for a in w.a])
-  xa = dense(x, jnp.concatenate([a.astype(x.dtype) for a in w.a], axis=1)) * w.scale
+  xa = _dense(x, jnp.concatenate([a.astype(x.dtype) for a in w.a], axis=1), 0, None) * w.scale
   b_full = jnp.zeros((int(ranks[-1]), w.w.shape[1]), x.dtype)
   for b, (c0, c1), r0, r1 in zip(w.b, w.cols, ranks[:-1], ranks[1:]):
     b_full = b_full.at[r0:r1, c0:c1].set(b.astype(x.dtype))
-  return dense(x, w.w, 0, out_dtype) + dense(xa, b_full, 0, out_dtype)
+  # One named output, as a plain ``dense``'s: rematerialisation's "dots" saves the sum alone.
+  return checkpoint_name(_dense(x, w.w, 0, out_dtype) + _dense(xa, b_full, 0, out_dtype),
+                         DENSE_OUTPUT)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
