@@ -9,7 +9,9 @@ tokens/s of an imported checkpoint (SmolLM2-135M-Instruct by default), printed a
   ``seq_len`` tokens of next-token loss. gamejax: the compiled game step (``imitation`` payoff,
   the forward reading the adapters unmerged on the frozen base, ``kernels.LowRank``); transformers:
   a PEFT LoRA model of the same targets, forward, backward and ``torch.optim.AdamW`` step.
-  tokens/s = ``batch * seq_len / seconds``.
+  tokens/s = ``batch * seq_len / seconds``. ``gamejax_merged``: gamejax's step with
+  ``LoraConfig.merged`` (the forward reads ``W + s A B`` formed, its backward forms each targeted
+  weight's gradient); ``train_low_rank_speedup``: its seconds over the default's.
 
 Each figure is the median of ``--calls`` timed calls after warm-up (gamejax's first call
 compiles). ``ratio`` = gamejax tokens/s / transformers tokens/s, both measured in this process.
@@ -25,6 +27,7 @@ import json
 import statistics
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -45,22 +48,27 @@ def _gamejax(cfg, params, args, prompt_BP, tokens_BT):
   sample = statistics.median(common.time_calls(
       lambda: jax.block_until_ready(gen(params, prompt_BP, lengths, key)), args.calls, warmup=1))
 
-  lcfg = lora.LoraConfig(rank=8, alpha=16.0, targets=TARGETS)
-  adapters = lora.init(cfg, lcfg, jax.random.PRNGKey(1), base="base")
-  learner = game_step.Learner(functools.partial(lm.apply, cfg), imitation(("agent", "opponent")),
-                              optax.adamw(1e-4))
-  game = game_step.Game(learners={"agent": learner})
-  state = game_step.init_state(game, {"agent": adapters}, jax.random.PRNGKey(2),
-                               frozen={"base": params})
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  step, shardings = game_step.make_step(game, mesh, jax.eval_shape(lambda: state))
   b, t = tokens_BT.shape
   batch = {"tokens": tokens_BT[None], "positions": np.broadcast_to(np.arange(t, dtype=np.int32),
                                                                      (1, b, t)),
            "segment_ids": np.ones((1, b, t), np.int32),
            "players": np.full((1, b, t), 2, np.int32)}
-  train, _ = common.median_step_seconds(step, jax.device_put(state, shardings), batch, args.calls)
-  return sample, train
+
+  def train(merged: bool) -> float:
+    lcfg = lora.LoraConfig(rank=8, alpha=16.0, targets=TARGETS, merged=merged)
+    adapters = lora.init(cfg, lcfg, jax.random.PRNGKey(1), base="base")
+    learner = game_step.Learner(functools.partial(lm.apply, cfg),
+                                imitation(("agent", "opponent")), optax.adamw(1e-4))
+    game = game_step.Game(learners={"agent": learner})
+    # The step donates its state: each run gets its own copy of the base.
+    state = game_step.init_state(game, {"agent": adapters}, jax.random.PRNGKey(2),
+                                 frozen={"base": jax.tree.map(jnp.copy, params)})
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    step, shardings = game_step.make_step(game, mesh, jax.eval_shape(lambda: state))
+    return common.median_step_seconds(step, jax.device_put(state, shardings), batch,
+                                      args.calls)[0]
+
+  return sample, train(merged=False), train(merged=True)
 
 
 def _transformers(path, args, prompt_BP, tokens_BT):
@@ -119,11 +127,13 @@ def main(argv=None):
          "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
          "train_batch": args.train_batch, "seq_len": args.seq_len,
          "sample_tokens_per_s": {"gamejax": sampled / ours[0], "transformers": sampled / theirs[0]},
-         "train_tokens_per_s": {"gamejax": trained / ours[1], "transformers": trained / theirs[1]}}
+         "train_tokens_per_s": {"gamejax": trained / ours[1], "gamejax_merged": trained / ours[2],
+                                "transformers": trained / theirs[1]}}
   out["sample_ratio"] = out["sample_tokens_per_s"]["gamejax"] / out["sample_tokens_per_s"][
       "transformers"]
   out["train_ratio"] = out["train_tokens_per_s"]["gamejax"] / out["train_tokens_per_s"][
       "transformers"]
+  out["train_low_rank_speedup"] = ours[2] / ours[1]
   print(json.dumps(out))
 
 

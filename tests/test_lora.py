@@ -44,6 +44,8 @@ def test_targets_follow_the_regex_and_a_regex_matching_nothing_lists_the_weights
     lora.targets(CFG, lora.LoraConfig(targets="query_key_value"))
   with pytest.raises(lora.LoraConfigError, match="rank=0"):
     lora.LoraConfig(rank=0)
+  with pytest.raises(lora.LoraConfigError, match="merged='yes' must be True or False"):
+    lora.LoraConfig(merged="yes")
 
 
 def test_a_compiled_step_changes_only_the_adapters():
@@ -121,13 +123,13 @@ def test_the_training_forward_reads_low_rank_weights_and_forms_no_frozen_gradien
   moves = GameRecord(**jax.tree.map(lambda x: x[0], _batches(1, 4, 36, 1)))
   payoff = imitation(("agent", "opponent"))
   frozen = {"b": base}
-  merged_apply = lambda p, *a, **k: lm.apply(cfg, p.with_frozen(frozen), *a, **k)
-  applies = {"merged": merged_apply,
-             "low_rank": game_step.bind_frozen(functools.partial(lm.apply, cfg), frozen)}
-  loss = {name: jax.jit(jax.value_and_grad(
-              lambda p, apply=apply: payoff(p, Play(apply, moves, {}, jax.random.key(0)))[0]))
-          for name, apply in applies.items()}
-  (v_m, g_m), (v_l, g_l) = (loss[name](adapters) for name in ("merged", "low_rank"))
+  bound = game_step.bind_frozen(functools.partial(lm.apply, cfg), frozen)
+  loss = jax.jit(jax.value_and_grad(lambda p: payoff(p, Play(bound, moves, {},
+                                                                jax.random.key(0)))[0]))
+  # ``LoraConfig.merged``: the same apply reads the adapted weights formed (lora.merge; the
+  # FLOPs below tell the two apart).
+  as_merged = dataclasses.replace(adapters, merged=True)
+  (v_m, g_m), (v_l, g_l) = loss(as_merged), loss(adapters)
   np.testing.assert_allclose(v_l, v_m, rtol=1e-6)
   for (path, pm), (_, pl) in zip(lora._pairs(g_m.adapters), lora._pairs(g_l.adapters)):
     for k in ("a", "b"):
@@ -136,8 +138,8 @@ def test_the_training_forward_reads_low_rank_weights_and_forms_no_frozen_gradien
   if case == "llama_all":   # rematerialised blocks ("dots" saves each dense output) alike
     dots = dataclasses.replace(cfg, remat="dots")
     remat = game_step.bind_frozen(functools.partial(lm.apply, dots), frozen)
-    v_r, g_r = jax.value_and_grad(
-        lambda p: payoff(p, Play(remat, moves, {}, jax.random.key(0)))[0])(adapters)
+    v_r, g_r = jax.jit(jax.value_and_grad(
+        lambda p: payoff(p, Play(remat, moves, {}, jax.random.key(0)))[0]))(adapters)
     np.testing.assert_allclose(v_r, v_l, rtol=1e-6)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
                  g_r.adapters, g_l.adapters)
@@ -145,9 +147,10 @@ def test_the_training_forward_reads_low_rank_weights_and_forms_no_frozen_gradien
   fresh = lora.init(cfg, lora.LoraConfig(rank=4, alpha=8.0, targets=targets), jax.random.key(1),
                     base="b")
   args = (moves.tokens, moves.positions, moves.segment_ids)
-  np.testing.assert_array_equal(applies["low_rank"](fresh, *args), lm.apply(cfg, base, *args))
+  np.testing.assert_array_equal(bound(fresh, *args), lm.apply(cfg, base, *args))
 
-  flops = {name: f.lower(adapters).compile().cost_analysis()["flops"] for name, f in loss.items()}
+  flops = {name: loss.lower(p).compile().cost_analysis()["flops"]
+           for name, p in (("merged", as_merged), ("low_rank", adapters))}
   frozen_grads = 2 * moves.tokens.size * sum(
       np.prod(pair["a"].shape[:1]) * np.prod(pair["b"].shape[1:])
       for _, pair in lora._pairs(adapters.adapters))

@@ -58,10 +58,14 @@ class LoraConfigError(ValueError):
 class LoraConfig:
   """Adapter rank, ``alpha`` (the delta is scaled by ``alpha / rank``) and ``targets``: a regex
   searched in the family's HF names of its dense weights (``q_proj``, ``mlp.down_proj``,
-  ``c_attn``, ...)."""
+  ``c_attn``, ...). ``merged``: the training forward reads the adapted weights formed (``W +
+  s A B``), whose backward forms each targeted weight's whole gradient; by default it reads them
+  low-rank (``kernels.LowRank``, ``x W + s (x A) B``), which is faster and rounds differently
+  (runs made before the low-rank forward are reproduced with ``merged = True``)."""
   rank: int = 8
   alpha: float = 16.0
   targets: str = "q_proj|k_proj|v_proj|o_proj"
+  merged: bool = False
 
   def __post_init__(self):
     if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -72,6 +76,8 @@ class LoraConfig:
       re.compile(self.targets)
     except (re.error, TypeError) as e:
       raise LoraConfigError(f"LoraConfig.targets={self.targets!r} is not a regex ({e})") from None
+    if not isinstance(self.merged, bool):
+      raise LoraConfigError(f"LoraConfig.merged={self.merged!r} must be True or False")
 
   @property
   def scale(self) -> float:
@@ -99,22 +105,24 @@ def targets(cfg, lcfg: LoraConfig) -> list:
 class LoraParams:
   """A learner's adapters (``{path...: {"a": [in, r], "b": [r, out]}}`` along the standard
   layout's param paths, ``hf_tensors``' ``path``), the frozen player holding its base (``base``),
-  the delta's scale and the family's weights stored fused (``lm.fused_storage``: an adapter of
-  ``wq`` adds its delta to ``wq``'s part of the stored ``wqkv``); all but ``adapters`` are
-  static (not leaves)."""
+  the delta's scale, the family's weights stored fused (``lm.fused_storage``: an adapter of
+  ``wq`` adds its delta to ``wq``'s part of the stored ``wqkv``) and ``LoraConfig.merged``; all
+  but ``adapters`` are static (not leaves)."""
   adapters: dict
   base: str = flax.struct.field(pytree_node=False)
   scale: float = flax.struct.field(pytree_node=False)
   fused: tuple = flax.struct.field(pytree_node=False, default=())
+  merged: bool = flax.struct.field(pytree_node=False, default=False)
 
   def with_frozen(self, frozen, low_rank: bool = False) -> Params:
     """The adapted model's params: the base (``frozen[self.base]``) with every delta added, or
     with ``low_rank`` each targeted weight a ``kernels.LowRank`` (the deltas not added: a
-    training forward's, whose backward then skips the frozen weights' GEMMs)."""
+    training forward's, whose backward then skips the frozen weights' GEMMs; not with
+    ``LoraConfig.merged``)."""
     if self.base not in frozen:
       raise KeyError(f"LoRA adapters need their base, the frozen player {self.base!r}; the "
                      f"frozen players are {sorted(frozen)}")
-    return (low_rank_params if low_rank else merge)(frozen[self.base], self)
+    return (low_rank_params if low_rank and not self.merged else merge)(frozen[self.base], self)
 
 
 @flax.struct.dataclass
@@ -139,7 +147,8 @@ def init(cfg, lcfg: LoraConfig, rng, base: str) -> LoraParams:
       node = node.setdefault(part, {})
     node["a"] = jax.random.uniform(key, (fan_in, lcfg.rank), jnp.float32, -bound, bound).astype(dtype)
     node["b"] = jnp.zeros((lcfg.rank, fan_out), dtype)
-  return LoraParams(adapters=adapters, base=base, scale=lcfg.scale, fused=lm.fused_storage(cfg))
+  return LoraParams(adapters=adapters, base=base, scale=lcfg.scale, fused=lm.fused_storage(cfg),
+                    merged=lcfg.merged)
 
 
 def _pairs(adapters: dict, prefix=()):
