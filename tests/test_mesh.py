@@ -225,6 +225,22 @@ def run_sft(mesh):
   return np.concatenate(losses), jax.device_get(state.params)
 
 
+def run_lora_sft(mesh):
+  """One call of 2 SFT steps of LoRA adapters on every projection of Llama on ``mesh``: ``(losses,
+  adapters)``. Under tensor parallelism q | k | v and gate | up are read regrouped (their
+  ``kernels.LowRank`` formed merged there), the output and down projections low-rank."""
+  learner = game_step.Learner(functools.partial(llama.apply, LLAMA), imitation(("agent",)),
+                              optax.adam(3e-3, eps=1e-3))
+  game = game_step.Game(learners={"agent": learner})
+  lcfg = lora.LoraConfig(rank=4, targets="q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj")
+  adapters = lora.init(LLAMA, lcfg, jax.random.key(2), base="base")
+  state = game_step.init_state(game, {"agent": adapters}, jax.random.key(1),
+                               frozen={"base": llama.init_params(LLAMA, jax.random.key(0))})
+  fn, shardings = game_step.make_step(game, mesh, jax.eval_shape(lambda: state))
+  state, metrics = fn(jax.device_put(state, shardings), _sft_batches(2, 8, 16, 0))
+  return np.asarray(metrics["loss"]), jax.device_get(state.params["agent"].adapters)
+
+
 def _even_tokens(moves, facts):
   """A reward that differs within groups from the first step (the arena's is 0 for an untrained
   model, and a gradient of rounding noise alone tells meshes apart under Adam)."""
@@ -293,6 +309,7 @@ import eight_devices, test_mesh as T
 from gamejax import cli, sharding
 assert len(jax.devices()) == 8
 for run, meshes in ((T.run_sft, eight_devices.DATA_AND_ALL_AXES),
+                    (T.run_lora_sft, eight_devices.MESHES[-1:]),
                     (T.run_grpo, eight_devices.MESHES)):
   one = run(sharding.make_mesh(devices=jax.devices()[:1]))
   for shape in meshes:
