@@ -14,7 +14,7 @@ import pytest
 
 from gamejax import sharding, step as game_step
 from gamejax.interop import hf
-from gamejax.models import fusion, llama, lm, lora, partitioning
+from gamejax.models import fusion, kernels, llama, lm, lora, partitioning
 from gamejax.payoffs import imitation
 from gamejax.payoffs.base import Play
 from gamejax.records import GameRecord
@@ -170,7 +170,14 @@ def test_low_rank_weights_read_as_arrays_are_the_merged_ones(monkeypatch):
   got = lm.apply(CFG, lora.low_rank_params(base, adapters), *args)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   lr = lora.low_rank_params(base, adapters)["block_0"]["mlp"]["w_gate_up"]
-  np.testing.assert_array_equal(lr[:, 1], lora.merge(base, adapters)["block_0"]["mlp"]["w_gate_up"][:, 1])
+  merged = lora.merge(base, adapters)["block_0"]["mlp"]["w_gate_up"]
+  np.testing.assert_array_equal(lr[:, 1], merged[:, 1])
+  # Read contracting its second axis (as a tied embedding is for the LM head): formed too.
+  wo = lora.low_rank_params(base, adapters)["block_0"]["attn"]["wo"]
+  wo = wo.reshape(wo.n_in, CFG.d_model)                  # [H K, D], square here
+  assert isinstance(wo, kernels.LowRank)
+  x = jax.random.normal(jax.random.key(3), (3, CFG.d_model))
+  np.testing.assert_array_equal(kernels.dense(x, wo, 1), kernels.dense(x, wo.materialize(), 1))
 
 
 def _opt_bytes(rank):

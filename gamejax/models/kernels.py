@@ -43,10 +43,9 @@ def dense(x, w, contract_w: int = 0, out_dtype=None):
   ``w`` may be a ``LowRank`` (a frozen weight and LoRA's deltas): see ``low_rank_dense``.
   """
   if isinstance(w, LowRank):
-    if contract_w != 0:
-      w = w.materialize().T
-    else:
+    if contract_w == 0:
       return low_rank_dense(x, w, out_dtype)
+    w = w.materialize()          # read transposed (``[F, D]``): the adapted weight, formed
   return checkpoint_name(_dense(x, w, contract_w, out_dtype), DENSE_OUTPUT)
 
 
